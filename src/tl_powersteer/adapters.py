@@ -1,0 +1,256 @@
+"""The one module that knows TransformerLens internals.
+
+It turns (layer, site) pairs into hook names checked against ``model.hook_dict``, tells
+``HookedTransformer`` from ``TransformerBridge``, tokenizes prompts into a right-padded
+batch, and runs the model segment from a source hook to a target hook with a vector
+added at the source, stopping the forward pass as soon as the target hook has fired.
+
+Right padding keeps several prompts exact: attention is causal, so real tokens never
+see the pad tokens that follow them, and a batched run equals the separate runs.
+
+>>> import torch
+>>> from transformer_lens.config import TransformerBridgeConfig
+>>> from transformer_lens.model_bridge import TransformerBridge
+>>> from tl_powersteer.adapters import ModelAdapter
+>>> cfg = TransformerBridgeConfig(d_model=8, d_head=4, n_heads=2, n_layers=2, n_ctx=16,
+...                               d_vocab=20, d_mlp=16, act_fn="gelu", seed=0)
+>>> adapter = ModelAdapter(TransformerBridge.boot_native(cfg))
+>>> adapter.hook_name(-1, "hook_resid_post")
+'blocks.1.hook_resid_post'
+"""
+
+from __future__ import annotations
+
+import difflib
+import sys
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from jaxtyping import Bool, Float, Int
+from torch import Tensor, nn
+
+__all__ = ["ModelAdapter", "TokenBatch", "Prompts"]
+
+Prompts = str | Sequence[str] | Tensor
+ModelKind = Literal["hooked", "bridge"]
+
+
+@dataclass(frozen=True)
+class TokenBatch:
+    """Right-padded tokens; ``mask`` is True on real tokens."""
+
+    tokens: Int[Tensor, "batch seq"]
+    lengths: Int[Tensor, " batch"]
+    texts: list[str] | None
+
+    @property
+    def mask(self) -> Bool[Tensor, "batch seq"]:
+        positions = torch.arange(self.tokens.shape[1], device=self.tokens.device)
+        return positions[None, :] < self.lengths[:, None]
+
+
+class _StopForward(Exception):
+    """Raised by the target hook so that nothing after the target layer runs."""
+
+
+def _model_kind(model: Any) -> ModelKind:
+    # Only look for classes whose modules are already imported: a model of either class
+    # cannot exist otherwise, and importing TransformerLens here would be slow.
+    if "transformer_lens" in sys.modules:
+        bridge_mod = sys.modules.get("transformer_lens.model_bridge")
+        bridge_cls = getattr(bridge_mod, "TransformerBridge", None)
+        if bridge_cls is not None and isinstance(model, bridge_cls):
+            return "bridge"
+        hooked_mod = sys.modules.get("transformer_lens.HookedTransformer")
+        hooked_cls = getattr(hooked_mod, "HookedTransformer", None)
+        if hooked_cls is not None and isinstance(model, hooked_cls):
+            return "hooked"
+    raise TypeError(
+        "model must be a transformer_lens HookedTransformer or TransformerBridge, got "
+        f"{type(model).__module__}.{type(model).__name__}. Load one with "
+        "TransformerBridge.boot_transformers(...) or HookedTransformer.from_pretrained(...)."
+    )
+
+
+def _active_dropout(model: nn.Module) -> list[str]:
+    """Names of dropout layers (or dropout-configured HF models) that would fire now."""
+    found = [
+        name or "<root>"
+        for name, module in model.named_modules()
+        if isinstance(module, nn.modules.dropout._DropoutNd) and module.training and module.p > 0
+    ]
+    # HF attention often applies dropout functionally, gated on the module's training flag
+    # and a config rate rather than an nn.Dropout module.
+    hf_model = getattr(model, "original_model", None)
+    hf_config = getattr(hf_model, "config", None)
+    if isinstance(hf_model, nn.Module) and hf_model.training and hf_config is not None:
+        for key, value in vars(hf_config).items():
+            if "drop" in key and isinstance(value, float) and value > 0:
+                found.append(f"config.{key}={value}")
+    return found
+
+
+class ModelAdapter:
+    """A HookedTransformer or TransformerBridge seen through hook names and token batches."""
+
+    def __init__(self, model: Any):
+        self.kind: ModelKind = _model_kind(model)
+        self.model = model
+        dropout = _active_dropout(model)
+        if dropout:
+            raise ValueError(
+                "the model is in training mode with active dropout "
+                f"({', '.join(dropout[:3])}), which makes Jacobians random. "
+                "Call model.eval() first."
+            )
+
+    @property
+    def n_layers(self) -> int:
+        return int(self.model.cfg.n_layers)
+
+    @property
+    def d_model(self) -> int:
+        return int(self.model.cfg.d_model)
+
+    @property
+    def name(self) -> str:
+        return str(getattr(self.model.cfg, "model_name", None) or type(self.model).__name__)
+
+    @property
+    def dtype(self) -> torch.dtype:
+        param = next(self.model.parameters(), None)
+        return param.dtype if param is not None else torch.get_default_dtype()
+
+    @property
+    def device(self) -> torch.device:
+        param = next(self.model.parameters(), None)
+        return param.device if param is not None else torch.device("cpu")
+
+    def resolve_layer(self, layer: int, what: str) -> int:
+        """A block index, negative ones counted from the end as in Python."""
+        if isinstance(layer, bool) or not isinstance(layer, int):
+            raise TypeError(f"{what} must be an int layer index, got {type(layer).__name__}")
+        n = self.n_layers
+        if not -n <= layer < n:
+            raise ValueError(
+                f"{what}={layer} is out of range for a model with {n} layers: "
+                f"use 0..{n - 1} (or -{n}..-1 from the end)"
+            )
+        return layer % n
+
+    def hook_name(self, layer: int, site: str) -> str:
+        """``blocks.{layer}.{site}``, checked against ``model.hook_dict``."""
+        if not isinstance(site, str):
+            raise TypeError(f"site must be a string such as 'hook_mlp_out', got {site!r}")
+        layer = self.resolve_layer(layer, "layer")
+        prefix = f"blocks.{layer}."
+        name = prefix + site
+        hook_dict = self.model.hook_dict
+        if name in hook_dict:
+            return name
+        sites = sorted(n[len(prefix) :] for n in hook_dict if n.startswith(prefix))
+        close = difflib.get_close_matches(site, sites, n=5, cutoff=0.5)
+        hint = f" Did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+        common = [s for s in ("hook_mlp_out", "hook_resid_post", "hook_attn_out") if s in sites]
+        raise ValueError(
+            f"unknown site {site!r}: the model has no hook {name!r}.{hint} "
+            f"Sites are hook suffixes inside a block, e.g. {', '.join(common) or sites[:3]}; "
+            f"all {len(sites)} are listed by [n for n in model.hook_dict if n.startswith({prefix!r})]."
+        )
+
+    def tokenize(self, prompts: Prompts) -> TokenBatch:
+        """Tokenize one prompt, several, or take a token tensor, into a right-padded batch."""
+        if isinstance(prompts, Tensor):
+            return self._token_tensor(prompts)
+        texts = [prompts] if isinstance(prompts, str) else prompts
+        if not isinstance(texts, Sequence) or not all(isinstance(p, str) for p in texts):
+            raise TypeError(
+                "prompts must be a string, a list of strings, or an integer token tensor "
+                f"[batch, seq]; got {type(prompts).__name__}"
+            )
+        texts = list(texts)
+        if not texts:
+            raise ValueError("prompts is an empty list: give at least one prompt")
+        for i, text in enumerate(texts):
+            if not text.strip():
+                raise ValueError(f"prompt {i} is empty: every prompt needs some text")
+        if getattr(self.model, "tokenizer", None) is None:
+            raise ValueError(
+                "the model has no tokenizer, so string prompts cannot be tokenized: pass "
+                "an integer token tensor [batch, seq] instead"
+            )
+        rows = [self.model.to_tokens(text)[0].to(self.device) for text in texts]
+        lengths = torch.tensor([len(r) for r in rows], device=self.device)
+        pad_id = getattr(self.model.tokenizer, "pad_token_id", None) or 0
+        tokens = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)
+        tokens = tokens.to(self.device)
+        for i, row in enumerate(rows):
+            tokens[i, : len(row)] = row
+        return TokenBatch(tokens=tokens, lengths=lengths, texts=texts)
+
+    def _token_tensor(self, tokens: Tensor) -> TokenBatch:
+        if tokens.dtype.is_floating_point or tokens.dtype.is_complex or tokens.dtype == torch.bool:
+            raise TypeError(f"token tensors must hold integer ids, got dtype {tokens.dtype}")
+        if tokens.ndim == 1:
+            tokens = tokens[None]
+        if tokens.ndim != 2 or tokens.numel() == 0:
+            raise ValueError(
+                f"token tensors must be non-empty with shape [seq] or [batch, seq], "
+                f"got {tuple(tokens.shape)}"
+            )
+        tokens = tokens.to(self.device, torch.long)
+        lengths = torch.full((tokens.shape[0],), tokens.shape[1], device=self.device)
+        return TokenBatch(tokens=tokens, lengths=lengths, texts=None)
+
+    def segment(
+        self,
+        batch: TokenBatch,
+        source_hook: str,
+        target_hook: str,
+    ) -> Callable[[Float[Tensor, " d_model"], bool], Float[Tensor, "batch seq d_model"]]:
+        """``f(v, check)``: the target activation with ``v`` added at every real source position.
+
+        The forward pass stops as soon as the target hook fires. With ``check`` true, the
+        source and target activations are checked for NaN/inf on real tokens (use it only
+        outside ``vmap``, where the check cannot branch on data).
+        """
+        model, tokens = self.model, batch.tokens
+        # Pad positions get no vector: nothing at a pad position then depends on v.
+        weight = batch.mask.to(self.dtype)[..., None]
+
+        def check_finite(act: Tensor, hook_name: str) -> None:
+            if not bool(torch.isfinite(act[batch.mask]).all()):
+                raise ValueError(
+                    f"non-finite activations (NaN or inf) at {hook_name}: the model "
+                    "overflows on these prompts; try float32 or shorter prompts"
+                )
+
+        def run(v: Tensor, check: bool = False) -> Tensor:
+            captured: list[Tensor] = []
+
+            def add(act: Tensor, hook: Any) -> Tensor:
+                if check:
+                    check_finite(act, source_hook)
+                return act + weight * v
+
+            def capture(act: Tensor, hook: Any) -> None:
+                if check:
+                    check_finite(act, target_hook)
+                captured.append(act)
+                raise _StopForward
+
+            try:
+                with model.hooks(fwd_hooks=[(source_hook, add), (target_hook, capture)]):
+                    model(tokens)
+            except _StopForward:
+                pass
+            if not captured:
+                raise RuntimeError(
+                    f"the hook {target_hook!r} did not fire during the forward pass; "
+                    "choose another target_site"
+                )
+            return captured[0]
+
+        return run

@@ -1,0 +1,184 @@
+"""The layer-to-layer Jacobian as a matrix-free linear operator.
+
+Add a vector v (``d_model``) to the source activation ``blocks.{s}.{source_site}`` at
+every token position and read the target activation ``blocks.{t}.{target_site}`` at the
+last ``positions`` tokens of each prompt. The Jacobian at v = 0,
+
+    J = ∂ target / ∂ v,        shape (batch · positions · d_model) × d_model,
+
+stacks the prompts' Jacobians Jᵢ, so JᵀJ = Σᵢ JᵢᵀJᵢ. ``matvec`` is a forward-mode
+product (``torch.func.jvp``, vmapped over a block of vectors), ``rmatvec`` a reverse-mode
+one (``torch.func.vjp``, whose pullback is built once and reused), and ``dense()`` forms
+J column by column from JVPs of the identity, for tests and small models. Left vectors
+(length ``n_out``) are ordered as ``[prompt, position, d_model]`` flattened.
+
+>>> import torch
+>>> from transformer_lens.config import TransformerBridgeConfig
+>>> from transformer_lens.model_bridge import TransformerBridge
+>>> from tl_powersteer import LayerJacobian
+>>> cfg = TransformerBridgeConfig(d_model=8, d_head=4, n_heads=2, n_layers=3, n_ctx=16,
+...                               d_vocab=20, d_mlp=16, act_fn="gelu", seed=0)
+>>> model = TransformerBridge.boot_native(cfg, dtype=torch.float64)
+>>> op = LayerJacobian(model, torch.tensor([[1, 2, 3, 4, 5]]), source=0, target=2, positions=2)
+>>> op.shape
+(16, 8)
+>>> V = torch.randn(8, 3, dtype=torch.float64)
+>>> torch.allclose(op.matvec(V), op.dense() @ V)
+True
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+from torch.func import jvp, vjp, vmap
+
+from .adapters import ModelAdapter, Prompts
+
+__all__ = ["LayerJacobian"]
+
+
+class LayerJacobian:
+    """J = ∂ target / ∂ v for a vector v added at a source hook; see the module docstring.
+
+    Args:
+        model: a ``HookedTransformer`` or ``TransformerBridge`` (never modified).
+        prompts: a string, a list of strings, or an integer token tensor ``[batch, seq]``.
+        source: source block index (negative counts from the end).
+        target: target block index, after ``source``.
+        source_site: hook suffix inside the source block where v is added.
+        target_site: hook suffix inside the target block that is read.
+        positions: how many final tokens of each prompt are read at the target.
+        chunk_size: columns per vmapped JVP in :meth:`dense`.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        prompts: Prompts,
+        source: int,
+        target: int,
+        *,
+        source_site: str = "hook_mlp_out",
+        target_site: str = "hook_mlp_out",
+        positions: int = 4,
+        chunk_size: int = 64,
+    ):
+        adapter = ModelAdapter(model)
+        self.source = adapter.resolve_layer(source, "source")
+        self.target = adapter.resolve_layer(target, "target")
+        if self.target <= self.source:
+            raise ValueError(
+                f"target layer ({target} -> {self.target}) must come after source layer "
+                f"({source} -> {self.source}); choose target in "
+                f"{self.source + 1}..{adapter.n_layers - 1}"
+            )
+        self.source_hook = adapter.hook_name(self.source, source_site)
+        self.target_hook = adapter.hook_name(self.target, target_site)
+        self.source_site, self.target_site = source_site, target_site
+        if isinstance(positions, bool) or not isinstance(positions, int):
+            raise TypeError(f"positions must be an int, got {type(positions).__name__}")
+        if positions < 1:
+            raise ValueError(f"positions must be at least 1, got {positions}")
+        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        self.batch = adapter.tokenize(prompts)
+        shortest = int(self.batch.lengths.min())
+        if positions > shortest:
+            raise ValueError(
+                f"positions={positions} is longer than the shortest prompt "
+                f"({shortest} tokens); use positions <= {shortest} or longer prompts"
+            )
+        self.positions = positions
+        self.chunk_size = chunk_size
+        self.adapter = adapter
+        self.n_jvp = 0
+        self.n_vjp = 0
+
+        run = adapter.segment(self.batch, self.source_hook, self.target_hook)
+        last = (
+            self.batch.lengths[:, None] - positions + torch.arange(positions, device=adapter.device)
+        )
+        rows = torch.arange(last.shape[0], device=adapter.device)[:, None]
+
+        def readout(v: Tensor, check: bool = False) -> Tensor:
+            return run(v, check)[rows, last].reshape(-1)
+
+        self._readout = readout
+        zero = torch.zeros(adapter.d_model, dtype=adapter.dtype, device=adapter.device)
+        self._zero = zero
+        with torch.no_grad():
+            # One forward pass both validates the activations and builds the pullback
+            # that every later rmatvec reuses.
+            primal_and_pullback = vjp(lambda v: readout(v, True), zero)
+        target_value, self._pullback = primal_and_pullback[0], primal_and_pullback[1]
+        self.target_value: Float[Tensor, " n_out"] = target_value.detach()
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return int(self.target_value.numel()), self.adapter.d_model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.adapter.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.device
+
+    def _columns(self, X: Tensor, rows: int, name: str) -> tuple[Tensor, bool]:
+        if not isinstance(X, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(X).__name__}")
+        vector = X.ndim == 1
+        X2 = X[:, None] if vector else X
+        if X2.ndim != 2 or X2.shape[0] != rows:
+            raise ValueError(
+                f"{name} must have shape [{rows}] or [{rows}, b], got {tuple(X.shape)}"
+            )
+        return X2.to(self.device, self.dtype), vector
+
+    def _checked(self, out: Tensor, what: str) -> Tensor:
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError(
+                f"non-finite values in {what} between {self.source_hook} and "
+                f"{self.target_hook}: the model overflows in {self.dtype}; try float32"
+            )
+        return out
+
+    def matvec(self, V: Float[Tensor, "d_model b"]) -> Float[Tensor, "n_out b"]:
+        """J V by forward-mode AD, one vmapped JVP for the whole block of columns."""
+        V2, vector = self._columns(V, self.shape[1], "V")
+
+        def tangent(column: Tensor) -> Tensor:
+            return jvp(self._readout, (self._zero,), (column,))[1]
+
+        with torch.no_grad():
+            out = vmap(tangent)(V2.T).T
+        self.n_jvp += V2.shape[1]
+        out = self._checked(out, "J @ V")
+        return out[:, 0] if vector else out
+
+    def rmatvec(self, U: Float[Tensor, "n_out b"]) -> Float[Tensor, "d_model b"]:
+        """Jᵀ U by reverse-mode AD, reusing the pullback built at construction."""
+        U2, vector = self._columns(U, self.shape[0], "U")
+        with torch.no_grad():
+            out = vmap(self._pullback)(U2.T)[0].T
+        self.n_vjp += U2.shape[1]
+        out = self._checked(out, "J.T @ U")
+        return out[:, 0] if vector else out
+
+    def gram(self, V: Float[Tensor, "d_model b"]) -> Float[Tensor, "d_model b"]:
+        """JᵀJ V."""
+        return self.rmatvec(self.matvec(V))
+
+    def dense(self) -> Float[Tensor, "n_out d_model"]:
+        """The exact Jacobian, from chunked vmapped JVPs of the identity's columns."""
+        d = self.shape[1]
+        eye = torch.eye(d, dtype=self.dtype, device=self.device)
+        chunks = [
+            self.matvec(eye[:, i : i + self.chunk_size]) for i in range(0, d, self.chunk_size)
+        ]
+        return torch.cat(chunks, dim=1)

@@ -1,0 +1,160 @@
+"""Power Steering: the top right-singular vectors of a layer-to-layer Jacobian.
+
+With J = ∂ target / ∂ v (see :mod:`tl_powersteer.jacobian`) and its SVD
+J ≈ U diag(σ) Vᵀ, the rows of ``vectors`` are the right singular vectors vᵢ: the
+directions at the source hook that the target activation is most sensitive to, with
+J vᵢ ≈ σᵢ uᵢ. They come from block power iteration with Rayleigh-Ritz
+(:mod:`tl_powersteer.power`) using only JVPs and VJPs; J is never formed.
+
+Signs are arbitrary in an SVD; each vector's largest-magnitude entry is made positive.
+Anything that judges a vector's effect should try both +v and -v.
+
+>>> import torch
+>>> from transformer_lens.config import TransformerBridgeConfig
+>>> from transformer_lens.model_bridge import TransformerBridge
+>>> import tl_powersteer as tps
+>>> cfg = TransformerBridgeConfig(d_model=8, d_head=4, n_heads=2, n_layers=3, n_ctx=16,
+...                               d_vocab=20, d_mlp=16, act_fn="gelu", seed=0)
+>>> model = TransformerBridge.boot_native(cfg, dtype=torch.float64)
+>>> res = tps.power_steer(model, torch.tensor([[1, 2, 3, 4, 5]]), source=0, target=2, k=2)
+>>> res.vectors.shape, res.singular_values.shape
+(torch.Size([2, 8]), torch.Size([2]))
+>>> bool(res.singular_values[0] >= res.singular_values[1])
+True
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .adapters import ModelAdapter, Prompts
+from .jacobian import LayerJacobian
+from .power import block_power_iteration, check_iteration_args
+
+__all__ = ["PowerSteeringResult", "power_steer"]
+
+
+@dataclass
+class PowerSteeringResult:
+    """Top-k Power Steering vectors of one (source, target) pair: J ≈ U diag(σ) Vᵀ.
+
+    ``residuals[i]`` is the relative residual of the singular triplet,
+    ``max(‖J vᵢ − σᵢ uᵢ‖, ‖Jᵀ uᵢ − σᵢ vᵢ‖) / σᵢ``; ``history`` holds the top-k Ritz
+    values after every iteration. ``n_jvp`` / ``n_vjp`` count single-vector products.
+    """
+
+    vectors: Float[Tensor, "k d_model"]
+    singular_values: Float[Tensor, " k"]
+    left_vectors: Float[Tensor, "k n_out"]
+    residuals: Float[Tensor, " k"]
+    iterations: int
+    converged: bool
+    n_jvp: int
+    n_vjp: int
+    source: int
+    target: int
+    source_site: str
+    target_site: str
+    positions: int
+    model_name: str
+    prompts: list[str] | None
+    tokens: Tensor | None = None
+    seed: int = 0
+    history: Float[Tensor, "iterations k"] = field(default_factory=lambda: torch.empty(0, 0))
+
+    @property
+    def k(self) -> int:
+        return int(self.singular_values.shape[0])
+
+    def save(self, path: str) -> None:
+        """Write a ``.safetensors`` file (tensors, plus JSON metadata in its header)."""
+        from .io import save
+
+        save(self, path)
+
+    def to_pandas(self) -> Any:
+        """One row per vector: rank, singular value, residual."""
+        import pandas as pd
+
+        return pd.DataFrame(
+            {
+                "source": self.source,
+                "target": self.target,
+                "rank": range(self.k),
+                "singular_value": self.singular_values.double().cpu().numpy(),
+                "residual": self.residuals.double().cpu().numpy(),
+            }
+        )
+
+
+def power_steer(
+    model: Any,
+    prompts: Prompts,
+    source: int,
+    target: int,
+    *,
+    k: int = 8,
+    source_site: str = "hook_mlp_out",
+    target_site: str = "hook_mlp_out",
+    positions: int = 4,
+    block_size: int | None = None,
+    tol: float = 1e-4,
+    max_iters: int = 50,
+    seed: int = 0,
+) -> PowerSteeringResult:
+    """Top-``k`` Power Steering vectors for the pair ``source -> target``.
+
+    Args:
+        model: a ``HookedTransformer`` or ``TransformerBridge``.
+        prompts: a string, a list of strings (stacked Jacobian), or a token tensor.
+        source, target: block indices, ``target > source``; negatives count from the end.
+        k: number of vectors.
+        source_site, target_site: hook suffixes inside the blocks.
+        positions: final tokens of each prompt read at the target.
+        block_size: power-iteration block, default ``k + 4``.
+        tol: relative change of the top-k singular values that counts as converged.
+        max_iters: iteration cap.
+        seed: seeds the random start; equal seeds give equal vectors.
+    """
+    # Every option is checked before the first forward pass.
+    check_iteration_args(
+        k, ModelAdapter(model).d_model, block_size=block_size, tol=tol, max_iters=max_iters
+    )
+    op = LayerJacobian(
+        model,
+        prompts,
+        source,
+        target,
+        source_site=source_site,
+        target_site=target_site,
+        positions=positions,
+    )
+    found = block_power_iteration(
+        op, k, block_size=block_size, tol=tol, max_iters=max_iters, seed=seed
+    )
+    batch = op.batch
+    return PowerSteeringResult(
+        vectors=found.vectors,
+        singular_values=found.singular_values,
+        left_vectors=found.left_vectors,
+        residuals=found.residuals,
+        iterations=found.iterations,
+        converged=found.converged,
+        n_jvp=op.n_jvp,
+        n_vjp=op.n_vjp,
+        source=op.source,
+        target=op.target,
+        source_site=source_site,
+        target_site=target_site,
+        positions=positions,
+        model_name=op.adapter.name,
+        prompts=batch.texts,
+        tokens=None if batch.texts is not None else batch.tokens.cpu(),
+        seed=seed,
+        history=found.history,
+    )

@@ -1,0 +1,161 @@
+"""Tiny random-weight models built offline, session-scoped and read-only.
+
+Which model classes exist depends on the installed TransformerLens: ``HookedTransformer``
+up to 3.x, ``TransformerBridge`` from 3.x on. Tests that take ``model`` run once per
+class available here.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Iterator
+from typing import Any
+
+import pytest
+import torch
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+_TEXT = (
+    "the a cat dog sat on mat is was good bad movie film i liked it not very and but so "
+    "last night honestly watched"
+)
+WORDS = ["<pad>", "<bos>", "<eos>", "<unk>", *_TEXT.split()]
+N_LAYERS = 4
+D_MODEL = 16
+
+
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption("--run-slow", action="store_true", help="run tests on the real model")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if config.getoption("--run-slow"):
+        return
+    skip = pytest.mark.skip(reason="slow: needs --run-slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def seeded() -> Iterator[None]:
+    """Every test starts from the same global RNG state."""
+    torch.manual_seed(0)
+    yield
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        bos_token="<bos>",
+        eos_token="<eos>",
+        pad_token="<pad>",
+        unk_token="<unk>",
+    )
+    path = tmp_path_factory.mktemp("tokenizer")
+    fast.save_pretrained(path)
+    return str(path)
+
+
+def _hooked(tokenizer_dir: str) -> Any:
+    try:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    except ImportError:
+        return None
+    from transformers import AutoTokenizer
+
+    cfg = HookedTransformerConfig(
+        d_model=D_MODEL,
+        d_head=4,
+        n_heads=4,
+        n_layers=N_LAYERS,
+        n_ctx=32,
+        d_vocab=len(WORDS),
+        d_mlp=32,
+        act_fn="gelu",
+        seed=0,
+        dtype=torch.float64,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        return HookedTransformer(cfg, tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir))
+
+
+def _native() -> Any:
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    cfg = TransformerBridgeConfig(
+        d_model=D_MODEL,
+        d_head=4,
+        n_heads=4,
+        n_layers=N_LAYERS,
+        n_ctx=32,
+        d_vocab=len(WORDS),
+        d_mlp=32,
+        act_fn="gelu",
+        seed=0,
+    )
+    return TransformerBridge.boot_native(cfg, dtype=torch.float64)
+
+
+def _hf_gpt2(tokenizer_dir: str, root: str) -> Any:
+    from transformer_lens.model_bridge import TransformerBridge
+    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(1)
+    config = GPT2Config(
+        n_embd=D_MODEL,
+        n_layer=N_LAYERS,
+        n_head=4,
+        vocab_size=len(WORDS),
+        n_positions=32,
+        bos_token_id=1,
+        eos_token_id=2,
+        pad_token_id=0,
+    )
+    GPT2LMHeadModel(config).save_pretrained(root)
+    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(root)
+    model = TransformerBridge.boot_transformers(root, device="cpu", dtype=torch.float64)
+    return model.eval()
+
+
+@pytest.fixture(scope="session")
+def models(tokenizer_dir: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Every tiny model this TransformerLens version can build, by name."""
+    found: dict[str, Any] = {}
+    hooked = _hooked(tokenizer_dir)
+    if hooked is not None:
+        found["hooked"] = hooked
+    found["native_bridge"] = _native()
+    found["hf_bridge"] = _hf_gpt2(tokenizer_dir, str(tmp_path_factory.mktemp("gpt2")))
+    return found
+
+
+@pytest.fixture(params=["hooked", "native_bridge", "hf_bridge"])
+def model(request: pytest.FixtureRequest, models: dict[str, Any]) -> Any:
+    if request.param not in models:
+        pytest.skip(f"{request.param} is not available in this TransformerLens version")
+    return models[request.param]
+
+
+@pytest.fixture(params=["hooked", "hf_bridge"])
+def text_model(request: pytest.FixtureRequest, models: dict[str, Any]) -> Any:
+    """A tiny model with a tokenizer, for string prompts."""
+    if request.param not in models:
+        pytest.skip(f"{request.param} is not available in this TransformerLens version")
+    return models[request.param]
+
+
+@pytest.fixture
+def tokens() -> torch.Tensor:
+    return torch.tensor([[1, 4, 6, 8, 9, 4, 10, 5], [1, 5, 7, 13, 14, 15, 16, 17]])

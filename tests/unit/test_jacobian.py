@@ -1,0 +1,148 @@
+"""LayerJacobian against dense references from torch.func.jacfwd / jacrev in float64."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+
+import tl_powersteer as tps
+from tests.reference import reference_function, reference_jacobian
+
+ATOL = 1e-10
+
+
+def test_dense_matches_jacfwd(model: Any, tokens: torch.Tensor) -> None:
+    op = tps.LayerJacobian(model, tokens, source=1, target=3, positions=3)
+    ref = reference_jacobian(model, list(tokens), op.source_hook, op.target_hook, 3)
+    assert op.shape == (2 * 3 * 16, 16)
+    torch.testing.assert_close(op.dense(), ref, atol=ATOL, rtol=1e-8)
+    assert ref.abs().max() > 1e-3  # the pair is not trivially decoupled
+
+
+def test_matvec_rmatvec_match_jacobian(model: Any, tokens: torch.Tensor) -> None:
+    op = tps.LayerJacobian(model, tokens[:1], source=0, target=2, positions=2)
+    f = reference_function(model, tokens[0], op.source_hook, op.target_hook, 2)
+    zero = torch.zeros(16, dtype=torch.float64)
+    with torch.no_grad():
+        J = torch.func.jacrev(f)(zero)
+    V = torch.randn(16, 5, dtype=torch.float64)
+    U = torch.randn(op.shape[0], 3, dtype=torch.float64)
+    torch.testing.assert_close(op.matvec(V), J @ V, atol=ATOL, rtol=1e-8)
+    torch.testing.assert_close(op.rmatvec(U), J.T @ U, atol=ATOL, rtol=1e-8)
+    torch.testing.assert_close(op.matvec(V[:, 0]), J @ V[:, 0], atol=ATOL, rtol=1e-8)
+    torch.testing.assert_close(op.gram(V), J.T @ (J @ V), atol=ATOL, rtol=1e-8)
+
+
+def test_adjointness(model: Any, tokens: torch.Tensor) -> None:
+    op = tps.LayerJacobian(model, tokens, source=0, target=3)
+    v = torch.randn(16, dtype=torch.float64)
+    u = torch.randn(op.shape[0], dtype=torch.float64)
+    lhs = torch.dot(u, op.matvec(v))
+    rhs = torch.dot(op.rmatvec(u), v)
+    torch.testing.assert_close(lhs, rhs, atol=1e-12, rtol=1e-10)
+
+
+def test_counts_products(model: Any, tokens: torch.Tensor) -> None:
+    op = tps.LayerJacobian(model, tokens, source=0, target=1)
+    op.matvec(torch.randn(16, 3, dtype=torch.float64))
+    op.rmatvec(torch.randn(op.shape[0], 2, dtype=torch.float64))
+    op.gram(torch.randn(16, dtype=torch.float64))
+    assert (op.n_jvp, op.n_vjp) == (4, 3)
+
+
+def test_string_prompts_of_different_lengths_are_stacked(text_model: Any) -> None:
+    prompts = ["the cat sat on the mat", "i liked it", "the movie was not very good but so"]
+    op = tps.LayerJacobian(text_model, prompts, source=1, target=2, positions=2)
+    assert op.batch.lengths.tolist() == [7, 4, 9]  # BOS + words, right padded
+    single = [text_model.to_tokens(p)[0] for p in prompts]
+    ref = reference_jacobian(text_model, single, op.source_hook, op.target_hook, 2)
+    torch.testing.assert_close(op.dense(), ref, atol=ATOL, rtol=1e-8)
+    # JᵀJ of the batch is the sum of the single prompts' JᵀJ.
+    V = torch.randn(16, 4, dtype=torch.float64)
+    separate = sum(tps.LayerJacobian(text_model, p, 1, 2, positions=2).gram(V) for p in prompts)
+    torch.testing.assert_close(op.gram(V), separate, atol=ATOL, rtol=1e-8)
+
+
+def test_pad_positions_contribute_nothing(text_model: Any) -> None:
+    long, short = "the movie was not very good but so", "i liked it"
+    op = tps.LayerJacobian(text_model, [short, long], source=0, target=3, positions=1)
+    alone = tps.LayerJacobian(text_model, short, source=0, target=3, positions=1)
+    torch.testing.assert_close(op.dense()[:16], alone.dense(), atol=ATOL, rtol=1e-8)
+
+
+def test_other_sites(model: Any, tokens: torch.Tensor) -> None:
+    op = tps.LayerJacobian(
+        model,
+        tokens,
+        source=1,
+        target=2,
+        source_site="hook_resid_post",
+        target_site="hook_resid_post",
+        positions=1,
+    )
+    assert op.source_hook == "blocks.1.hook_resid_post"
+    ref = reference_jacobian(model, list(tokens), op.source_hook, op.target_hook, 1)
+    torch.testing.assert_close(op.dense(), ref, atol=ATOL, rtol=1e-8)
+
+
+def test_negative_layers_resolve_like_python(model: Any, tokens: torch.Tensor) -> None:
+    op = tps.LayerJacobian(model, tokens, source=-3, target=-1)
+    assert (op.source, op.target) == (1, 3)
+    assert op.target_hook == "blocks.3.hook_mlp_out"
+
+
+def test_dense_is_chunked_exactly(model: Any, tokens: torch.Tensor) -> None:
+    whole = tps.LayerJacobian(model, tokens, source=0, target=2, chunk_size=64).dense()
+    chunked = tps.LayerJacobian(model, tokens, source=0, target=2, chunk_size=5).dense()
+    torch.testing.assert_close(whole, chunked, atol=1e-13, rtol=0)
+
+
+def test_model_is_left_untouched(model: Any, tokens: torch.Tensor) -> None:
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    training = [m.training for m in model.modules()]
+    op = tps.LayerJacobian(model, tokens, source=0, target=2)
+    op.gram(torch.randn(16, 3, dtype=torch.float64))
+    op.dense()
+    for name, p in model.named_parameters():
+        assert p.grad is None, name
+        assert torch.equal(p, before[name]), name
+    assert [m.training for m in model.modules()] == training
+    for name, hook in model.hook_dict.items():
+        assert not hook._forward_hooks, f"hook left on {name}"
+
+
+def test_stops_after_target(model: Any, tokens: torch.Tensor) -> None:
+    fired: list[str] = []
+
+    def spy(act: torch.Tensor, hook: Any) -> None:
+        fired.append(hook.name)
+
+    names = ["blocks.1.hook_resid_mid", "blocks.1.hook_resid_post", "blocks.2.hook_resid_pre"]
+    with model.hooks(fwd_hooks=[(n, spy) for n in names]):
+        op = tps.LayerJacobian(model, tokens, source=0, target=1)
+        op.matvec(torch.randn(16, 2, dtype=torch.float64))
+    # The target is blocks.1.hook_mlp_out: what runs before it fires, nothing after it.
+    # Bridges report an alias by the name of the hook point it stands for.
+    mid, post, pre = (model.hook_dict[n].name for n in names)
+    assert mid in fired
+    assert post not in fired and pre not in fired
+
+
+def test_float32_model_runs_in_its_dtype(models: dict[str, Any], tokens: torch.Tensor) -> None:
+    import copy
+
+    model32 = copy.deepcopy(models["native_bridge"]).to(torch.float32)
+    op = tps.LayerJacobian(model32, tokens, source=0, target=2)
+    op64 = tps.LayerJacobian(models["native_bridge"], tokens, source=0, target=2)
+    dense = op.dense()
+    assert dense.dtype == torch.float32
+    torch.testing.assert_close(dense.double(), op64.dense(), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(15,), (16, 2, 1)])
+def test_matvec_shape_errors(models: dict[str, Any], tokens: torch.Tensor, shape: tuple) -> None:
+    op = tps.LayerJacobian(models["native_bridge"], tokens, source=0, target=1)
+    with pytest.raises(ValueError, match=r"V must have shape \[16\] or \[16, b\]"):
+        op.matvec(torch.zeros(shape, dtype=torch.float64))

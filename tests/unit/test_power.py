@@ -1,0 +1,130 @@
+"""Block power iteration on plain matrices, against torch.linalg.svd in float64."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tl_powersteer.power import MatrixOperator, block_power_iteration, canonical_signs
+
+
+def matrix_with_spectrum(singular_values: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
+    gen = torch.Generator().manual_seed(seed)
+    d = singular_values.numel()
+    U = torch.linalg.qr(torch.randn(n, d, generator=gen, dtype=torch.float64)).Q
+    V = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64)).Q
+    return U @ torch.diag(singular_values.double()) @ V.T
+
+
+def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Angles (radians) between the row spaces of A and B (rows orthonormal)."""
+    cos = torch.linalg.svdvals(A @ B.T).clamp(max=1.0)
+    return torch.arccos(cos)
+
+
+@pytest.fixture
+def decaying() -> torch.Tensor:
+    return matrix_with_spectrum(torch.logspace(1, -2, 40), n=60)
+
+
+def test_matches_exact_svd(decaying: torch.Tensor) -> None:
+    res = block_power_iteration(decaying, k=5, tol=1e-10, max_iters=200)
+    U, S, Vh = torch.linalg.svd(decaying, full_matrices=False)
+    torch.testing.assert_close(res.singular_values, S[:5], rtol=1e-9, atol=0)
+    assert principal_angles(res.vectors, Vh[:5]).max() < 1e-5
+    for i in range(5):
+        assert torch.allclose(res.vectors[i].abs(), Vh[i].abs(), atol=1e-6)
+        assert torch.allclose(res.left_vectors[i].abs(), U[:, i].abs(), atol=1e-6)
+
+
+def test_triplets_are_consistent(decaying: torch.Tensor) -> None:
+    res = block_power_iteration(decaying, k=4, tol=1e-8)
+    eye = torch.eye(4, dtype=torch.float64)
+    torch.testing.assert_close(res.vectors @ res.vectors.T, eye, atol=1e-12, rtol=0)
+    torch.testing.assert_close(res.left_vectors @ res.left_vectors.T, eye, atol=1e-12, rtol=0)
+    Jv = res.vectors @ decaying.T
+    torch.testing.assert_close(
+        Jv, res.singular_values[:, None] * res.left_vectors, atol=1e-10, rtol=0
+    )
+    # The reported residual is the adjoint-side one, computed here from the dense matrix.
+    JTu = res.left_vectors @ decaying
+    expected = (JTu - res.singular_values[:, None] * res.vectors).norm(dim=1) / res.singular_values
+    torch.testing.assert_close(res.residuals, expected, atol=1e-10, rtol=1e-6)
+
+
+def test_singular_values_descending(decaying: torch.Tensor) -> None:
+    res = block_power_iteration(decaying, k=6)
+    assert torch.all(res.singular_values[:-1] >= res.singular_values[1:])
+
+
+def test_deterministic_for_seed(decaying: torch.Tensor) -> None:
+    a = block_power_iteration(decaying, k=3, seed=7, max_iters=3)
+    b = block_power_iteration(decaying, k=3, seed=7, max_iters=3)
+    c = block_power_iteration(decaying, k=3, seed=8, max_iters=3)
+    assert torch.equal(a.vectors, b.vectors) and torch.equal(a.singular_values, b.singular_values)
+    assert not torch.equal(a.vectors, c.vectors)
+
+
+def test_sign_convention(decaying: torch.Tensor) -> None:
+    res = block_power_iteration(decaying, k=4, tol=1e-10)
+    pivots = res.vectors.gather(1, res.vectors.abs().argmax(1, keepdim=True))
+    assert torch.all(pivots > 0)
+    flipped = torch.tensor([[0.1, -0.9, 0.3], [0.5, 0.2, -0.1]])
+    assert canonical_signs(flipped).tolist() == [-1.0, 1.0]
+
+
+def test_oversampling_speeds_up_flat_spectrum() -> None:
+    flat = torch.cat([torch.linspace(2.0, 1.6, 8), torch.linspace(1.5, 0.1, 32)])
+    A = matrix_with_spectrum(flat, n=50, seed=3)
+    plain = block_power_iteration(A, k=8, block_size=8, tol=1e-6, max_iters=500)
+    over = block_power_iteration(A, k=8, block_size=12, tol=1e-6, max_iters=500)
+    assert over.converged and plain.converged
+    assert over.iterations < plain.iterations
+
+
+def test_stops_at_max_iters_and_counts_products(decaying: torch.Tensor) -> None:
+    res = block_power_iteration(decaying, k=3, block_size=5, tol=1e-15, max_iters=4)
+    assert res.iterations == 4 and not res.converged
+    assert res.n_matvec == res.n_rmatvec == 4 * 5
+    assert res.history.shape == (4, 3)
+
+
+def test_converges_and_reports_iterations(decaying: torch.Tensor) -> None:
+    res = block_power_iteration(decaying, k=3, tol=1e-6, max_iters=100)
+    assert res.converged and 2 <= res.iterations < 100
+    last, before = res.history[-1], res.history[-2]
+    assert ((last - before).abs() / last).max() < 1e-6
+
+
+def test_rank_deficient_operator() -> None:
+    A = matrix_with_spectrum(torch.tensor([3.0, 2.0, 0.0, 0.0, 0.0, 0.0]), n=8)
+    res = block_power_iteration(A, k=2, tol=1e-10)
+    torch.testing.assert_close(res.singular_values, torch.tensor([3.0, 2.0], dtype=torch.float64))
+
+
+def test_accepts_operator_objects(decaying: torch.Tensor) -> None:
+    a = block_power_iteration(MatrixOperator(decaying), k=2, seed=1)
+    b = block_power_iteration(decaying, k=2, seed=1)
+    assert torch.equal(a.vectors, b.vectors)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"k": 0}, "k must be between 1 and"),
+        ({"k": 41}, "k must be between 1 and"),
+        ({"k": 3, "block_size": 2}, "block_size must be"),
+        ({"k": 3, "tol": 0.0}, "tol must be a positive"),
+        ({"k": 3, "max_iters": 0}, "max_iters must be at least 1"),
+    ],
+)
+def test_bad_arguments(decaying: torch.Tensor, kwargs: dict, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        block_power_iteration(decaying, **kwargs)
+
+
+def test_bad_operator_type() -> None:
+    with pytest.raises(TypeError, match="matvec and rmatvec"):
+        block_power_iteration([[1.0, 2.0]], k=1)  # type: ignore[arg-type]
+    with pytest.raises(TypeError, match="k must be an int"):
+        block_power_iteration(torch.eye(3), k=1.5)  # type: ignore[arg-type]
