@@ -6,11 +6,18 @@ last ``positions`` tokens of each prompt. The Jacobian at v = 0,
 
     J = ∂ target / ∂ v,        shape (batch · positions · d_model) × d_model,
 
-stacks the prompts' Jacobians Jᵢ, so JᵀJ = Σᵢ JᵢᵀJᵢ. ``matvec`` is a forward-mode
-product (``torch.func.jvp``, vmapped over a block of vectors), ``rmatvec`` a reverse-mode
-one (``torch.func.vjp``, whose pullback is built once and reused), and ``dense()`` forms
-J column by column from JVPs of the identity, for tests and small models. Left vectors
-(length ``n_out``) are ordered as ``[prompt, position, d_model]`` flattened.
+stacks the prompts' Jacobians Jᵢ, so JᵀJ = Σᵢ JᵢᵀJᵢ. ``rmatvec`` is a reverse-mode
+product (``torch.func.vjp``, whose pullback u ↦ Jᵀu is built once and reused, vmapped
+over a block of vectors). ``matvec`` computes J V in one of two exact ways:
+
+* ``jvp_method="forward"``: forward-mode AD, ``torch.func.jvp`` vmapped over the block;
+* ``jvp_method="reverse"`` (default): the pullback is linear in u, so its own VJP is
+  u' ↦ J u'. This reverse-over-reverse product reuses the cached graph and, on CPU with
+  PyTorch 2.13, costs about half of the forward-mode one (``benchmarks/bench_products.py``).
+
+``dense()`` forms J column by column from products with the identity, for tests and small
+models. Left vectors (length ``n_out``) are ordered as ``[prompt, position, d_model]``
+flattened.
 
 >>> import torch
 >>> from transformer_lens.config import TransformerBridgeConfig
@@ -38,7 +45,9 @@ from torch.func import jvp, vjp, vmap
 
 from .adapters import ModelAdapter, Prompts
 
-__all__ = ["LayerJacobian"]
+__all__ = ["JVP_METHODS", "LayerJacobian"]
+
+JVP_METHODS = ("reverse", "forward")
 
 
 class LayerJacobian:
@@ -52,7 +61,8 @@ class LayerJacobian:
         source_site: hook suffix inside the source block where v is added.
         target_site: hook suffix inside the target block that is read.
         positions: how many final tokens of each prompt are read at the target.
-        chunk_size: columns per vmapped JVP in :meth:`dense`.
+        jvp_method: ``"reverse"`` or ``"forward"``, how :meth:`matvec` computes J V.
+        chunk_size: columns per vmapped product in :meth:`dense`.
     """
 
     def __init__(
@@ -65,16 +75,20 @@ class LayerJacobian:
         source_site: str = "hook_mlp_out",
         target_site: str = "hook_mlp_out",
         positions: int = 4,
+        jvp_method: str = "reverse",
         chunk_size: int = 64,
     ):
         adapter = ModelAdapter(model)
+        if jvp_method not in JVP_METHODS:
+            raise ValueError(f"jvp_method must be one of {JVP_METHODS}, got {jvp_method!r}")
+        self.jvp_method = jvp_method
         self.source = adapter.resolve_layer(source, "source")
         self.target = adapter.resolve_layer(target, "target")
         if self.target <= self.source:
+            shown = f"source={self.source}, target={self.target}"
             raise ValueError(
-                f"target layer ({target} -> {self.target}) must come after source layer "
-                f"({source} -> {self.source}); choose target in "
-                f"{self.source + 1}..{adapter.n_layers - 1}"
+                f"the target layer must come after the source layer, got {shown}; "
+                f"choose target in {self.source + 1}..{adapter.n_layers - 1}"
             )
         self.source_hook = adapter.hook_name(self.source, source_site)
         self.target_hook = adapter.hook_name(self.target, target_site)
@@ -115,7 +129,12 @@ class LayerJacobian:
             # that every later rmatvec reuses.
             primal_and_pullback = vjp(lambda v: readout(v, True), zero)
         target_value, self._pullback = primal_and_pullback[0], primal_and_pullback[1]
+        self._transpose_pullback: Any = None
         self.target_value: Float[Tensor, " n_out"] = target_value.detach()
+
+    def readout(self, v: Float[Tensor, " d_model"]) -> Float[Tensor, " n_out"]:
+        """The flattened target activation with ``v`` added at the source: J is its derivative."""
+        return self._readout(v)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -149,17 +168,26 @@ class LayerJacobian:
         return out
 
     def matvec(self, V: Float[Tensor, "d_model b"]) -> Float[Tensor, "n_out b"]:
-        """J V by forward-mode AD, one vmapped JVP for the whole block of columns."""
+        """J V for a block of columns at once (see ``jvp_method``)."""
         V2, vector = self._columns(V, self.shape[1], "V")
-
-        def tangent(column: Tensor) -> Tensor:
-            return jvp(self._readout, (self._zero,), (column,))[1]
-
         with torch.no_grad():
-            out = vmap(tangent)(V2.T).T
+            if self.jvp_method == "forward":
+                out = vmap(self._forward_product)(V2.T).T
+            else:
+                out = vmap(self._reverse_product())(V2.T)[0].T
         self.n_jvp += V2.shape[1]
         out = self._checked(out, "J @ V")
         return out[:, 0] if vector else out
+
+    def _forward_product(self, column: Tensor) -> Tensor:
+        return jvp(self._readout, (self._zero,), (column,))[1]
+
+    def _reverse_product(self) -> Any:
+        """The pullback of the pullback, u' ↦ J u', built on first use."""
+        if self._transpose_pullback is None:
+            cotangent = torch.zeros(self.shape[0], dtype=self.dtype, device=self.device)
+            self._transpose_pullback = vjp(lambda u: self._pullback(u)[0], cotangent)[1]
+        return self._transpose_pullback
 
     def rmatvec(self, U: Float[Tensor, "n_out b"]) -> Float[Tensor, "d_model b"]:
         """Jᵀ U by reverse-mode AD, reusing the pullback built at construction."""

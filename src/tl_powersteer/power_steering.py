@@ -102,6 +102,7 @@ def power_steer(
     source_site: str = "hook_mlp_out",
     target_site: str = "hook_mlp_out",
     positions: int = 4,
+    jvp_method: str = "reverse",
     block_size: int | None = None,
     tol: float = 1e-4,
     max_iters: int = 50,
@@ -116,6 +117,8 @@ def power_steer(
         k: number of vectors.
         source_site, target_site: hook suffixes inside the blocks.
         positions: final tokens of each prompt read at the target.
+        jvp_method: how J V is computed, ``"reverse"`` or ``"forward"`` (see
+            :class:`~tl_powersteer.LayerJacobian`); both are exact.
         block_size: power-iteration block, default ``k + 4``.
         tol: relative change of the top-k singular values that counts as converged.
         max_iters: iteration cap.
@@ -133,6 +136,7 @@ def power_steer(
         source_site=source_site,
         target_site=target_site,
         positions=positions,
+        jvp_method=jvp_method,
     )
     found = block_power_iteration(
         op, k, block_size=block_size, tol=tol, max_iters=max_iters, seed=seed

@@ -32,9 +32,10 @@ def no_forward_pass(model: Any) -> Iterator[None]:
         (
             {"source": 2, "target": 2},
             ValueError,
-            r"must come after source.*choose target in 3\.\.3",
+            r"must come after the source layer, got source=2, target=2; choose target in 3\.\.3",
         ),
-        ({"source": 3, "target": 1}, ValueError, "must come after source"),
+        ({"source": 3, "target": 1}, ValueError, "must come after the source layer"),
+        ({"source": -1, "target": 2}, ValueError, "got source=3, target=2"),
         ({"source": 0, "target": 4}, ValueError, r"target=4 is out of range .* 0\.\.3"),
         ({"source": -5, "target": 2}, ValueError, r"source=-5 is out of range.*-4\.\.-1"),
         ({"source": 1.0, "target": 2}, TypeError, "source must be an int"),
@@ -59,6 +60,11 @@ def no_forward_pass(model: Any) -> Iterator[None]:
         ({"source": 0, "target": 2, "tol": -1.0}, ValueError, "tol must be a positive"),
         ({"source": 0, "target": 2, "max_iters": 0}, ValueError, "max_iters must be at least 1"),
         ({"source": 0, "target": 2, "block_size": 3}, ValueError, "block_size must be"),
+        (
+            {"source": 0, "target": 2, "jvp_method": "fwd"},
+            ValueError,
+            r"jvp_method must be one of \('reverse', 'forward'\)",
+        ),
     ],
 )
 def test_bad_arguments(

@@ -13,16 +13,20 @@ from tests.reference import reference_function, reference_jacobian
 ATOL = 1e-10
 
 
-def test_dense_matches_jacfwd(model: Any, tokens: torch.Tensor) -> None:
-    op = tps.LayerJacobian(model, tokens, source=1, target=3, positions=3)
+@pytest.mark.parametrize("jvp_method", ["reverse", "forward"])
+def test_dense_matches_jacfwd(model: Any, tokens: torch.Tensor, jvp_method: str) -> None:
+    op = tps.LayerJacobian(model, tokens, source=1, target=3, positions=3, jvp_method=jvp_method)
     ref = reference_jacobian(model, list(tokens), op.source_hook, op.target_hook, 3)
     assert op.shape == (2 * 3 * 16, 16)
     torch.testing.assert_close(op.dense(), ref, atol=ATOL, rtol=1e-8)
     assert ref.abs().max() > 1e-3  # the pair is not trivially decoupled
 
 
-def test_matvec_rmatvec_match_jacobian(model: Any, tokens: torch.Tensor) -> None:
-    op = tps.LayerJacobian(model, tokens[:1], source=0, target=2, positions=2)
+@pytest.mark.parametrize("jvp_method", ["reverse", "forward"])
+def test_matvec_rmatvec_match_jacobian(model: Any, tokens: torch.Tensor, jvp_method: str) -> None:
+    op = tps.LayerJacobian(
+        model, tokens[:1], source=0, target=2, positions=2, jvp_method=jvp_method
+    )
     f = reference_function(model, tokens[0], op.source_hook, op.target_hook, 2)
     zero = torch.zeros(16, dtype=torch.float64)
     with torch.no_grad():
@@ -35,8 +39,9 @@ def test_matvec_rmatvec_match_jacobian(model: Any, tokens: torch.Tensor) -> None
     torch.testing.assert_close(op.gram(V), J.T @ (J @ V), atol=ATOL, rtol=1e-8)
 
 
-def test_adjointness(model: Any, tokens: torch.Tensor) -> None:
-    op = tps.LayerJacobian(model, tokens, source=0, target=3)
+@pytest.mark.parametrize("jvp_method", ["reverse", "forward"])
+def test_adjointness(model: Any, tokens: torch.Tensor, jvp_method: str) -> None:
+    op = tps.LayerJacobian(model, tokens, source=0, target=3, jvp_method=jvp_method)
     v = torch.randn(16, dtype=torch.float64)
     u = torch.randn(op.shape[0], dtype=torch.float64)
     lhs = torch.dot(u, op.matvec(v))
@@ -97,6 +102,17 @@ def test_dense_is_chunked_exactly(model: Any, tokens: torch.Tensor) -> None:
     whole = tps.LayerJacobian(model, tokens, source=0, target=2, chunk_size=64).dense()
     chunked = tps.LayerJacobian(model, tokens, source=0, target=2, chunk_size=5).dense()
     torch.testing.assert_close(whole, chunked, atol=1e-13, rtol=0)
+
+
+def test_readout_is_the_differentiated_function(model: Any, tokens: torch.Tensor) -> None:
+    op = tps.LayerJacobian(model, tokens, source=0, target=2, positions=2)
+    ref = reference_function(model, tokens[1], op.source_hook, op.target_hook, 2)
+    v = 0.1 * torch.randn(16, dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(op.readout(v)[2 * 16 :], ref(v), atol=1e-12, rtol=0)
+        torch.testing.assert_close(
+            op.readout(torch.zeros(16, dtype=torch.float64)), op.target_value
+        )
 
 
 def test_model_is_left_untouched(model: Any, tokens: torch.Tensor) -> None:
