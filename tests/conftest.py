@@ -108,10 +108,12 @@ def _native() -> Any:
     return TransformerBridge.boot_native(cfg, dtype=torch.float64)
 
 
-def _hf_gpt2(tokenizer_dir: str, root: str) -> Any:
-    from transformer_lens.model_bridge import TransformerBridge
+@pytest.fixture(scope="session")
+def gpt2_dir(tokenizer_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
+    """A tiny random GPT-2 saved as a local HuggingFace directory, with a tokenizer."""
     from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
 
+    root = str(tmp_path_factory.mktemp("gpt2"))
     torch.manual_seed(1)
     config = GPT2Config(
         n_embd=D_MODEL,
@@ -125,19 +127,21 @@ def _hf_gpt2(tokenizer_dir: str, root: str) -> Any:
     )
     GPT2LMHeadModel(config).save_pretrained(root)
     AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(root)
-    model = TransformerBridge.boot_transformers(root, device="cpu", dtype=torch.float64)
-    return model.eval()
+    return root
 
 
 @pytest.fixture(scope="session")
-def models(tokenizer_dir: str, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+def models(tokenizer_dir: str, gpt2_dir: str) -> dict[str, Any]:
     """Every tiny model this TransformerLens version can build, by name."""
     found: dict[str, Any] = {}
     hooked = _hooked(tokenizer_dir)
     if hooked is not None:
         found["hooked"] = hooked
     found["native_bridge"] = _native()
-    found["hf_bridge"] = _hf_gpt2(tokenizer_dir, str(tmp_path_factory.mktemp("gpt2")))
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge = TransformerBridge.boot_transformers(gpt2_dir, device="cpu", dtype=torch.float64)
+    found["hf_bridge"] = bridge.eval()
     return found
 
 

@@ -7,6 +7,7 @@ sensitive to. See :func:`power_steer` and :class:`LayerJacobian`.
 
 from .io import load, save
 from .jacobian import LayerJacobian
+from .models import load_model
 from .power import block_power_iteration
 from .power_steering import PowerSteeringResult, power_steer
 
@@ -17,6 +18,7 @@ __all__ = [
     "PowerSteeringResult",
     "block_power_iteration",
     "load",
+    "load_model",
     "power_steer",
     "save",
 ]

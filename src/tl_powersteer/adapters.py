@@ -31,7 +31,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-__all__ = ["ModelAdapter", "TokenBatch", "Prompts"]
+__all__ = ["ModelAdapter", "ModelKind", "Prompts", "TokenBatch", "boot"]
 
 Prompts = str | Sequence[str] | Tensor
 ModelKind = Literal["hooked", "bridge"]
@@ -254,3 +254,42 @@ class ModelAdapter:
             return captured[0]
 
         return run
+
+
+def boot(
+    name_or_path: str,
+    *,
+    kind: ModelKind,
+    device: str,
+    dtype: torch.dtype,
+    hooked_name: str | None = None,
+) -> Any:
+    """Load a TransformerLens model of the given class, in eval mode.
+
+    ``hooked_name`` is the official TransformerLens name for a local directory loaded as a
+    ``HookedTransformer``, which needs it to pick the architecture. Weights are never
+    processed (no folding or centering), so both classes give the same activations.
+    """
+    if kind == "bridge":
+        from transformer_lens.model_bridge import TransformerBridge
+
+        model = TransformerBridge.boot_transformers(name_or_path, device=device, dtype=dtype)
+        return model.eval()
+    try:
+        from transformer_lens import HookedTransformer
+    except ImportError as err:
+        raise ValueError(
+            "kind='hooked' needs TransformerLens 3.x: HookedTransformer was removed in 4.0. "
+            "Use kind='bridge'."
+        ) from err
+    if hooked_name is None:
+        return HookedTransformer.from_pretrained_no_processing(
+            name_or_path, device=device, dtype=dtype
+        ).eval()
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_model = AutoModelForCausalLM.from_pretrained(name_or_path, dtype=dtype)
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    return HookedTransformer.from_pretrained_no_processing(
+        hooked_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
+    ).eval()

@@ -25,6 +25,7 @@ True
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -71,7 +72,7 @@ class PowerSteeringResult:
     def k(self) -> int:
         return int(self.singular_values.shape[0])
 
-    def save(self, path: str) -> None:
+    def save(self, path: str | os.PathLike[str]) -> None:
         """Write a ``.safetensors`` file (tensors, plus JSON metadata in its header)."""
         from .io import save
 

@@ -1,0 +1,140 @@
+"""The command line, in-process through main(argv), on a tiny local model."""
+
+from __future__ import annotations
+
+import argparse
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+import tl_powersteer as tps
+from tl_powersteer.cli import build_parser, main
+
+
+def vectors_args(gpt2_dir: str, out: Path, *extra: str) -> list[str]:
+    return [
+        "vectors", "--prompt", "the cat sat on the mat", "--prompt", "i liked it",
+        "--source", "0", "--target", "2", "--k", "3", "--model", gpt2_dir,
+        "--dtype", "float64", "--device", "cpu", "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def test_vectors(gpt2_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "v.safetensors"
+    assert main(vectors_args(gpt2_dir, out)) == 0
+    printed = capsys.readouterr().out
+    assert "L0 hook_mlp_out -> L2 hook_mlp_out" in printed and "converged" in printed
+    assert "singular_value" in printed and f"saved {out}" in printed
+    saved = tps.load(out)
+    model = tps.load_model(gpt2_dir, device="cpu", dtype=torch.float64)
+    direct = tps.power_steer(model, ["the cat sat on the mat", "i liked it"], 0, 2, k=3)
+    torch.testing.assert_close(saved.vectors, direct.vectors, atol=1e-12, rtol=0)
+    assert saved.prompts == ["the cat sat on the mat", "i liked it"]
+    for line, sigma in zip(printed.splitlines()[3:6], direct.singular_values, strict=True):
+        assert f"{sigma:.4f}" in line
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["--k", "0"], "--k must be at least 1"),
+        (["--positions", "0"], "--positions must be at least 1"),
+        (["--target", "0"], r"--target \(0\) must come after --source \(0\)"),
+        (["--tol", "0"], "--tol must be positive"),
+        (["--source", "x"], "argument --source: invalid int value: 'x'"),
+        (["--kind", "other"], "argument --kind: invalid choice"),
+        (["--source-site", "hook_mlp"], "unknown site 'hook_mlp'"),
+        (["--target", "9"], "target=9 is out of range"),
+        (["--prompt", " "], "--prompt must not be empty"),
+    ],
+)
+def test_bad_arguments_one_line_exit_2_no_file(
+    gpt2_dir: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    change: list[str],
+    message: str,
+) -> None:
+    out = tmp_path / "v.safetensors"
+    assert main(vectors_args(gpt2_dir, out, *change)) == 2
+    err = capsys.readouterr().err
+    assert err.count("tl-powersteer: error: ") == 1 and err.endswith("\n"), err
+    line = err.splitlines()[-1]
+    assert line.startswith("tl-powersteer: error: ") and re.search(message, line), err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_bad_out_paths(gpt2_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(vectors_args(gpt2_dir, tmp_path / "v.pt")) == 2
+    assert main(vectors_args(gpt2_dir, tmp_path / "nope" / "v.safetensors")) == 2
+    err = capsys.readouterr().err
+    assert "--out must end in .safetensors" in err and "does not exist" in err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_missing_required(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["vectors", "--prompt", "hi"]) == 2
+    assert "required: --source, --target" in capsys.readouterr().err
+    assert main([]) == 2
+
+
+def test_unreachable_model_exit_1(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["vectors", "--prompt", "hi", "--source", "0", "--target", "1",
+            "--model", "no-such-org/none", "--out", str(tmp_path / "v.safetensors")]  # fmt: skip
+    assert main(args) == 1
+    assert "gemma-3-270m" in capsys.readouterr().err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_demo_writes_and_replaces_its_folder(
+    gpt2_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "demo"
+    args = ["demo", "--model", gpt2_dir, "--source", "0", "--target", "3", "--k", "2",
+            "--prompt", "the movie was not very good but so", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert sorted(p.name for p in out.iterdir()) == [
+        "summary.md",
+        "vectors.csv",
+        "vectors.safetensors",
+    ]
+    assert f"demo outputs written to {out.resolve()}" in capsys.readouterr().out
+    first = tps.load(out / "vectors.safetensors")
+    assert (first.source, first.target, first.k) == (0, 3, 2)
+    assert "the movie was not very good but so" in (out / "summary.md").read_text()
+    assert main([*args[:-1], str(out), "--seed", "1"]) == 0  # a previous demo is replaced
+    assert tps.load(out / "vectors.safetensors").seed == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["demo"]
+
+
+def test_demo_refuses_a_foreign_folder(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    assert main(["demo", "--out", str(tmp_path / "mine")]) == 2
+    assert "not a previous demo folder" in capsys.readouterr().err
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+
+
+def test_every_option_is_explained() -> None:
+    parser = build_parser()
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    assert set(sub.choices) == {"vectors", "demo"}
+    for name, subparser in sub.choices.items():
+        for action in subparser._actions:
+            if action.dest != "help":
+                assert action.help and len(action.help) > 10, f"{name} {action.dest}"
+        with pytest.raises(SystemExit) as info:
+            main([name, "--help"])
+        assert info.value.code == 0
+
+
+def test_python_dash_m() -> None:
+    done = subprocess.run(
+        [sys.executable, "-m", "tl_powersteer", "vectors", "--help"],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert done.returncode == 0 and "--source" in done.stdout and "--out" in done.stdout
