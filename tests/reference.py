@@ -47,6 +47,10 @@ def reference_jacobian(
 
 
 def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """Angles (radians) between the row spaces of A and B (rows orthonormal)."""
-    cos = torch.linalg.svdvals(A.double() @ B.double().T).clamp(max=1.0)
-    return torch.arccos(cos)
+    """Largest-first angles (radians) between the row spaces of A and B (rows orthonormal).
+
+    Computed from sines, which stay accurate for small angles where arccos does not.
+    """
+    A, B = A.double(), B.double()
+    sines = torch.linalg.svdvals(A - (A @ B.T) @ B).clamp(max=1.0)
+    return torch.arcsin(sines)

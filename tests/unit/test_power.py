@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from tests.reference import principal_angles
 from tl_powersteer.power import MatrixOperator, block_power_iteration, canonical_signs
 
 
@@ -14,12 +15,6 @@ def matrix_with_spectrum(singular_values: torch.Tensor, n: int, seed: int = 0) -
     U = torch.linalg.qr(torch.randn(n, d, generator=gen, dtype=torch.float64)).Q
     V = torch.linalg.qr(torch.randn(d, d, generator=gen, dtype=torch.float64)).Q
     return U @ torch.diag(singular_values.double()) @ V.T
-
-
-def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
-    """Angles (radians) between the row spaces of A and B (rows orthonormal)."""
-    cos = torch.linalg.svdvals(A @ B.T).clamp(max=1.0)
-    return torch.arccos(cos)
 
 
 @pytest.fixture
