@@ -25,6 +25,18 @@ _TEXT = (
 WORDS = ["<pad>", "<bos>", "<eos>", "<unk>", *_TEXT.split()]
 N_LAYERS = 4
 D_MODEL = 16
+# Shared by the HookedTransformer and the native TransformerBridge.
+TINY_CONFIG: dict[str, Any] = {
+    "d_model": D_MODEL,
+    "d_head": 4,
+    "n_heads": 4,
+    "n_layers": N_LAYERS,
+    "n_ctx": 32,
+    "d_vocab": len(WORDS),
+    "d_mlp": 32,
+    "act_fn": "gelu",
+    "seed": 0,
+}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -73,18 +85,7 @@ def _hooked(tokenizer_dir: str) -> Any:
         return None
     from transformers import AutoTokenizer
 
-    cfg = HookedTransformerConfig(
-        d_model=D_MODEL,
-        d_head=4,
-        n_heads=4,
-        n_layers=N_LAYERS,
-        n_ctx=32,
-        d_vocab=len(WORDS),
-        d_mlp=32,
-        act_fn="gelu",
-        seed=0,
-        dtype=torch.float64,
-    )
+    cfg = HookedTransformerConfig(**TINY_CONFIG, dtype=torch.float64)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         return HookedTransformer(cfg, tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir))
@@ -94,17 +95,7 @@ def _native() -> Any:
     from transformer_lens.config import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
 
-    cfg = TransformerBridgeConfig(
-        d_model=D_MODEL,
-        d_head=4,
-        n_heads=4,
-        n_layers=N_LAYERS,
-        n_ctx=32,
-        d_vocab=len(WORDS),
-        d_mlp=32,
-        act_fn="gelu",
-        seed=0,
-    )
+    cfg = TransformerBridgeConfig(**TINY_CONFIG)
     return TransformerBridge.boot_native(cfg, dtype=torch.float64)
 
 

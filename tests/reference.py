@@ -51,6 +51,10 @@ def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
 
     Computed from sines, which stay accurate for small angles where arccos does not.
     """
+    if A.shape != B.shape:
+        raise ValueError(
+            f"compare subspaces of equal size, got {tuple(A.shape)} and {tuple(B.shape)}"
+        )
     A, B = A.double(), B.double()
     sines = torch.linalg.svdvals(A - (A @ B.T) @ B).clamp(max=1.0)
     return torch.arcsin(sines)

@@ -182,7 +182,9 @@ def block_power_iteration(
 
     gen = torch.Generator().manual_seed(seed)
     start = torch.randn(d, b, generator=gen, dtype=torch.float64)
-    Q = torch.linalg.qr(start.to(device=op.device, dtype=op.dtype)).Q
+    # Half-precision operators still get float32 linear algebra (CPU QR/SVD need it).
+    work = torch.promote_types(op.dtype, torch.float32)
+    Q = torch.linalg.qr(start.to(device=op.device, dtype=work)).Q
 
     n_matvec = n_rmatvec = 0
     previous: Tensor | None = None
@@ -191,8 +193,8 @@ def block_power_iteration(
     iterations = 0
     while True:
         iterations += 1
-        Y = op.matvec(Q)
-        Z = op.rmatvec(Y)
+        Y = op.matvec(Q.to(op.dtype)).to(work)
+        Z = op.rmatvec(Y.to(op.dtype)).to(work)
         n_matvec += b
         n_rmatvec += b
         Uy, s, Wt = torch.linalg.svd(Y, full_matrices=False)

@@ -157,6 +157,18 @@ def test_float32_model_runs_in_its_dtype(models: dict[str, Any], tokens: torch.T
     torch.testing.assert_close(dense.double(), op64.dense(), atol=1e-5, rtol=1e-4)
 
 
+def test_bfloat16_model(models: dict[str, Any], tokens: torch.Tensor) -> None:
+    import copy
+
+    model16 = copy.deepcopy(models["native_bridge"]).to(torch.bfloat16)
+    res = tps.power_steer(model16, tokens, source=0, target=2, k=2)
+    exact = tps.power_steer(models["native_bridge"], tokens, source=0, target=2, k=2, tol=1e-8)
+    assert res.vectors.dtype == torch.float32
+    torch.testing.assert_close(
+        res.singular_values.double(), exact.singular_values, rtol=5e-2, atol=0
+    )
+
+
 @pytest.mark.parametrize("shape", [(15,), (16, 2, 1)])
 def test_matvec_shape_errors(models: dict[str, Any], tokens: torch.Tensor, shape: tuple) -> None:
     op = tps.LayerJacobian(models["native_bridge"], tokens, source=0, target=1)

@@ -123,3 +123,13 @@ def test_bad_operator_type() -> None:
         block_power_iteration([[1.0, 2.0]], k=1)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="k must be an int"):
         block_power_iteration(torch.eye(3), k=1.5)  # type: ignore[arg-type]
+
+
+def test_principal_angles_reference() -> None:
+    theta = 1e-4
+    A = torch.tensor([[1.0, 0.0, 0.0]], dtype=torch.float64)
+    B = torch.tensor([[torch.cos(torch.tensor(theta)), torch.sin(torch.tensor(theta)), 0.0]])
+    torch.testing.assert_close(principal_angles(A, B), torch.tensor([theta], dtype=torch.float64))
+    assert principal_angles(A, -A).item() == 0.0
+    with pytest.raises(ValueError, match="equal size"):
+        principal_angles(torch.eye(3)[:2], torch.eye(3)[:1])
