@@ -6,6 +6,8 @@ from typing import Any
 
 import torch
 
+from tl_powersteer.adapters import _tensor_attributes_kept
+
 
 def reference_function(
     model: Any, tokens: torch.Tensor, source_hook: str, target_hook: str, positions: int
@@ -21,7 +23,10 @@ def reference_function(
         def keep(act: torch.Tensor, hook: Any) -> None:
             store["target"] = act
 
-        model.run_with_hooks(tokens[None], fwd_hooks=[(source_hook, add), (target_hook, keep)])
+        # Bridges cache attention patterns on modules; under torch.func those caches are
+        # transform wrappers that must not outlive the call.
+        with _tensor_attributes_kept(model):
+            model.run_with_hooks(tokens[None], fwd_hooks=[(source_hook, add), (target_hook, keep)])
         return store["target"][0, -positions:].reshape(-1)
 
     return f

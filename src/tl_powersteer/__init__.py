@@ -5,6 +5,7 @@ singular vectors of the Jacobian between them: the directions the model is most
 sensitive to. See :func:`power_steer` and :class:`LayerJacobian`.
 """
 
+from .atlas import SensitivityAtlas, sensitivity_atlas
 from .io import load, save
 from .jacobian import LayerJacobian
 from .models import load_model
@@ -16,9 +17,11 @@ __version__ = "0.1.0"
 __all__ = [
     "LayerJacobian",
     "PowerSteeringResult",
+    "SensitivityAtlas",
     "block_power_iteration",
     "load",
     "load_model",
     "power_steer",
     "save",
+    "sensitivity_atlas",
 ]

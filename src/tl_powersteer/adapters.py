@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import difflib
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -31,7 +32,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-__all__ = ["ModelAdapter", "ModelKind", "Prompts", "TokenBatch", "boot"]
+__all__ = ["ModelAdapter", "ModelKind", "Prompts", "TokenBatch", "activation_norms", "boot"]
 
 Prompts = str | Sequence[str] | Tensor
 ModelKind = Literal["hooked", "bridge"]
@@ -53,6 +54,28 @@ class TokenBatch:
 
 class _StopForward(Exception):
     """Raised by the target hook so that nothing after the target layer runs."""
+
+
+@contextmanager
+def _tensor_attributes_kept(model: nn.Module) -> Iterator[None]:
+    """Undo tensors that a forward pass caches on modules (e.g. a bridge's last attention
+    pattern): under torch.func they are transform wrappers that must not outlive the call,
+    and the model must be left as it was."""
+    before = [
+        (module, {k: v for k, v in vars(module).items() if v is None or isinstance(v, Tensor)})
+        for module in model.modules()
+    ]
+    try:
+        yield
+    finally:
+        for module, kept in before:
+            for key, value in list(vars(module).items()):
+                if not isinstance(value, Tensor):
+                    continue
+                if key not in kept:
+                    delattr(module, key)
+                elif value is not kept[key]:
+                    setattr(module, key, kept[key])
 
 
 def _model_kind(model: Any) -> ModelKind:
@@ -207,18 +230,23 @@ class ModelAdapter:
     def segment(
         self,
         batch: TokenBatch,
-        source_hook: str,
-        target_hook: str,
-    ) -> Callable[[Float[Tensor, " d_model"], bool], Float[Tensor, "batch seq d_model"]]:
-        """``f(v, check)``: the target activation with ``v`` added at every real source position.
+        source_hooks: Sequence[str],
+        target_hooks: Sequence[str],
+    ) -> Callable[
+        [Float[Tensor, "n_sources d_model"], bool], list[Float[Tensor, "batch seq d_model"]]
+    ]:
+        """``f(v, check)``: target activations with ``v[i]`` added at every real position of
+        source hook i.
 
-        The forward pass stops as soon as the target hook fires. With ``check`` true, the
-        source and target activations are checked for NaN/inf on real tokens (use it only
-        outside ``vmap``, where the check cannot branch on data).
+        Returns one activation per target hook, in the order given; the forward pass stops
+        as soon as the last of them has fired. With ``check`` true, the source and target
+        activations are checked for NaN/inf on real tokens (only outside ``vmap``, where
+        the check cannot branch on data).
         """
         model, tokens = self.model, batch.tokens
         # Pad positions get no vector: nothing at a pad position then depends on v.
         weight = batch.mask.to(self.dtype)[..., None]
+        targets = list(target_hooks)
 
         def check_finite(act: Tensor, hook_name: str) -> None:
             if not bool(torch.isfinite(act[batch.mask]).all()):
@@ -227,31 +255,42 @@ class ModelAdapter:
                     "overflows on these prompts; try float32 or shorter prompts"
                 )
 
-        def run(v: Tensor, check: bool = False) -> Tensor:
-            captured: list[Tensor] = []
+        def run(v: Tensor, check: bool = False) -> list[Tensor]:
+            captured: dict[str, Tensor] = {}
 
-            def add(act: Tensor, hook: Any) -> Tensor:
-                if check:
-                    check_finite(act, source_hook)
-                return act + weight * v
+            def add_row(i: int, name: str) -> Callable[[Tensor, Any], Tensor]:
+                def add(act: Tensor, hook: Any) -> Tensor:
+                    if check:
+                        check_finite(act, name)
+                    return act + weight * v[i]
 
-            def capture(act: Tensor, hook: Any) -> None:
-                if check:
-                    check_finite(act, target_hook)
-                captured.append(act)
-                raise _StopForward
+                return add
 
+            def capture_as(name: str) -> Callable[[Tensor, Any], None]:
+                def capture(act: Tensor, hook: Any) -> None:
+                    if check:
+                        check_finite(act, name)
+                    captured[name] = act
+                    if len(captured) == len(targets):
+                        raise _StopForward
+
+                return capture
+
+            hooks: list[tuple[str, Callable[[Tensor, Any], Tensor | None]]]
+            hooks = [(name, add_row(i, name)) for i, name in enumerate(source_hooks)]
+            hooks += [(name, capture_as(name)) for name in targets]
             try:
-                with model.hooks(fwd_hooks=[(source_hook, add), (target_hook, capture)]):
+                with _tensor_attributes_kept(model), model.hooks(fwd_hooks=hooks):
                     model(tokens)
             except _StopForward:
                 pass
-            if not captured:
+            missing = [name for name in targets if name not in captured]
+            if missing:
                 raise RuntimeError(
-                    f"the hook {target_hook!r} did not fire during the forward pass; "
+                    f"the hooks {missing} did not fire during the forward pass; "
                     "choose another target_site"
                 )
-            return captured[0]
+            return [captured[name] for name in targets]
 
         return run
 
@@ -293,3 +332,12 @@ def boot(
     return HookedTransformer.from_pretrained_no_processing(
         hooked_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
     ).eval()
+
+
+def activation_norms(adapter: ModelAdapter, batch: TokenBatch, hooks: Sequence[str]) -> Tensor:
+    """Median L2 norm over real tokens of each hook's activation, from one forward pass."""
+    run = adapter.segment(batch, [hooks[0]], hooks)
+    zero = torch.zeros(1, adapter.d_model, dtype=adapter.dtype, device=adapter.device)
+    with torch.no_grad():
+        acts = run(zero, False)
+    return torch.stack([act[batch.mask].float().norm(dim=-1).median() for act in acts])

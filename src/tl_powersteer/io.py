@@ -32,13 +32,17 @@ from typing import Any
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
+from .atlas import SensitivityAtlas
 from .power_steering import PowerSteeringResult
 
 __all__ = ["save", "load", "SCHEMA_VERSION"]
 
 SCHEMA_VERSION = 1
 _HEADER_KEY = "tl_powersteer"
-_KINDS: dict[str, type] = {"PowerSteeringResult": PowerSteeringResult}
+_KINDS: dict[str, type] = {
+    "PowerSteeringResult": PowerSteeringResult,
+    "SensitivityAtlas": SensitivityAtlas,
+}
 
 
 def _version() -> str:

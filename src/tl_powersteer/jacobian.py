@@ -36,6 +36,7 @@ True
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 import torch
@@ -56,8 +57,10 @@ class LayerJacobian:
     Args:
         model: a ``HookedTransformer`` or ``TransformerBridge`` (never modified).
         prompts: a string, a list of strings, or an integer token tensor ``[batch, seq]``.
-        source: source block index (negative counts from the end).
-        target: target block index, after ``source``.
+        source: source block index (negative counts from the end); or several, each with
+            its own vector: J then has one block of columns per source (see :meth:`columns`).
+        target: target block index, after ``source``; or several, whose Jacobians are
+            stacked in the order given and captured in one forward pass (see :meth:`rows`).
         source_site: hook suffix inside the source block where v is added.
         target_site: hook suffix inside the target block that is read.
         positions: how many final tokens of each prompt are read at the target.
@@ -69,8 +72,8 @@ class LayerJacobian:
         self,
         model: Any,
         prompts: Prompts,
-        source: int,
-        target: int,
+        source: int | Sequence[int],
+        target: int | Sequence[int],
         *,
         source_site: str = "hook_mlp_out",
         target_site: str = "hook_mlp_out",
@@ -82,16 +85,34 @@ class LayerJacobian:
         if jvp_method not in JVP_METHODS:
             raise ValueError(f"jvp_method must be one of {JVP_METHODS}, got {jvp_method!r}")
         self.jvp_method = jvp_method
-        self.source = adapter.resolve_layer(source, "source")
-        self.target = adapter.resolve_layer(target, "target")
-        if self.target <= self.source:
-            shown = f"source={self.source}, target={self.target}"
+
+        def layers(value: Any, what: str) -> list[int]:
+            if not isinstance(value, (int, Sequence)) or isinstance(value, str):
+                raise TypeError(
+                    f"{what} must be an int layer index (or a list of them), "
+                    f"got {type(value).__name__}"
+                )
+            requested: list[Any] = [value] if isinstance(value, int) else list(value)
+            if not requested:
+                raise ValueError(f"{what} is an empty list: give at least one layer")
+            resolved = [adapter.resolve_layer(layer, what) for layer in requested]
+            if len(set(resolved)) != len(resolved):
+                raise ValueError(f"{what} layers repeat: {resolved}")
+            return resolved
+
+        self.sources = layers(source, "source")
+        self.targets = layers(target, "target")
+        if min(self.targets) <= max(self.sources):
+            shown = f"source={max(self.sources)}, target={min(self.targets)}"
             raise ValueError(
                 f"the target layer must come after the source layer, got {shown}; "
-                f"choose target in {self.source + 1}..{adapter.n_layers - 1}"
+                f"choose target in {max(self.sources) + 1}..{adapter.n_layers - 1}"
             )
-        self.source_hook = adapter.hook_name(self.source, source_site)
-        self.target_hook = adapter.hook_name(self.target, target_site)
+        self.source, self.target = min(self.sources), max(self.targets)
+        self.source_hooks = [adapter.hook_name(s, source_site) for s in self.sources]
+        self.target_hooks = [adapter.hook_name(t, target_site) for t in self.targets]
+        self.source_hook = self.source_hooks[0] if isinstance(source, int) else None
+        self.target_hook = self.target_hooks[0] if isinstance(target, int) else None
         self.source_site, self.target_site = source_site, target_site
         if isinstance(positions, bool) or not isinstance(positions, int):
             raise TypeError(f"positions must be an int, got {type(positions).__name__}")
@@ -112,17 +133,20 @@ class LayerJacobian:
         self.n_jvp = 0
         self.n_vjp = 0
 
-        run = adapter.segment(self.batch, self.source_hook, self.target_hook)
+        run = adapter.segment(self.batch, self.source_hooks, self.target_hooks)
         last = (
             self.batch.lengths[:, None] - positions + torch.arange(positions, device=adapter.device)
         )
         rows = torch.arange(last.shape[0], device=adapter.device)[:, None]
 
+        n_sources, d_model = len(self.sources), adapter.d_model
+
         def readout(v: Tensor, check: bool = False) -> Tensor:
-            return run(v, check)[rows, last].reshape(-1)
+            acts = run(v.reshape(n_sources, d_model), check)
+            return torch.cat([act[rows, last].reshape(-1) for act in acts])
 
         self._readout = readout
-        zero = torch.zeros(adapter.d_model, dtype=adapter.dtype, device=adapter.device)
+        zero = torch.zeros(n_sources * d_model, dtype=adapter.dtype, device=adapter.device)
         self._zero = zero
         with torch.no_grad():
             # One forward pass both validates the activations and builds the pullback
@@ -132,13 +156,28 @@ class LayerJacobian:
         self._transpose_pullback: Any = None
         self.target_value: Float[Tensor, " n_out"] = target_value.detach()
 
+    def rows(self, target: int) -> slice:
+        """The rows of J (and entries of left vectors) that belong to one target layer."""
+        if target not in self.targets:
+            raise ValueError(f"target {target} is not among this operator's {self.targets}")
+        size = self.shape[0] // len(self.targets)
+        start = self.targets.index(target) * size
+        return slice(start, start + size)
+
     def readout(self, v: Float[Tensor, " d_model"]) -> Float[Tensor, " n_out"]:
         """The flattened target activation with ``v`` added at the source: J is its derivative."""
         return self._readout(v)
 
+    def columns(self, source: int) -> slice:
+        """The columns of J (and entries of right vectors) that belong to one source layer."""
+        if source not in self.sources:
+            raise ValueError(f"source {source} is not among this operator's {self.sources}")
+        start = self.sources.index(source) * self.adapter.d_model
+        return slice(start, start + self.adapter.d_model)
+
     @property
     def shape(self) -> tuple[int, int]:
-        return int(self.target_value.numel()), self.adapter.d_model
+        return int(self.target_value.numel()), len(self.sources) * self.adapter.d_model
 
     @property
     def dtype(self) -> torch.dtype:
@@ -162,8 +201,8 @@ class LayerJacobian:
     def _checked(self, out: Tensor, what: str) -> Tensor:
         if not bool(torch.isfinite(out).all()):
             raise ValueError(
-                f"non-finite values in {what} between {self.source_hook} and "
-                f"{self.target_hook}: the model overflows in {self.dtype}; try float32"
+                f"non-finite values in {what} between {self.source_hooks} and "
+                f"{self.target_hooks}: the model overflows in {self.dtype}; try float32"
             )
         return out
 

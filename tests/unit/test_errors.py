@@ -38,7 +38,7 @@ def no_forward_pass(model: Any) -> Iterator[None]:
         ({"source": -1, "target": 2}, ValueError, "got source=3, target=2"),
         ({"source": 0, "target": 4}, ValueError, r"target=4 is out of range .* 0\.\.3"),
         ({"source": -5, "target": 2}, ValueError, r"source=-5 is out of range.*-4\.\.-1"),
-        ({"source": 1.0, "target": 2}, TypeError, "source must be an int"),
+        ({"source": 1.0, "target": 2}, TypeError, "source must be an int layer index"),
         ({"source": 0, "target": 2, "k": 17}, ValueError, "k must be between 1 and 16"),
         ({"source": 0, "target": 2, "k": 0}, ValueError, "k must be between 1 and 16"),
         ({"source": 0, "target": 2, "positions": 0}, ValueError, "positions must be at least 1"),

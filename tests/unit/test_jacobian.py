@@ -118,9 +118,22 @@ def test_readout_is_the_differentiated_function(model: Any, tokens: torch.Tensor
 def test_model_is_left_untouched(model: Any, tokens: torch.Tensor) -> None:
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     training = [m.training for m in model.modules()]
+
+    def cached_tensors() -> list[tuple[str, str, int]]:
+        return [
+            (name, key, id(value))
+            for name, module in model.named_modules()
+            for key, value in vars(module).items()
+            if isinstance(value, torch.Tensor)
+        ]
+
+    cached = cached_tensors()
     op = tps.LayerJacobian(model, tokens, source=0, target=2)
     op.gram(torch.randn(16, 3, dtype=torch.float64))
     op.dense()
+    tps.LayerJacobian(model, tokens, 0, 3, jvp_method="forward").matvec(torch.ones(16))
+    # Forward passes can cache tensors on modules; none of ours may stay behind.
+    assert cached_tensors() == cached
     for name, p in model.named_parameters():
         assert p.grad is None, name
         assert torch.equal(p, before[name]), name
@@ -174,3 +187,26 @@ def test_matvec_shape_errors(models: dict[str, Any], tokens: torch.Tensor, shape
     op = tps.LayerJacobian(models["native_bridge"], tokens, source=0, target=1)
     with pytest.raises(ValueError, match=r"V must have shape \[16\] or \[16, b\]"):
         op.matvec(torch.zeros(shape, dtype=torch.float64))
+
+
+def test_several_targets_stack_in_one_pass(model: Any, tokens: torch.Tensor) -> None:
+    op = tps.LayerJacobian(model, tokens, source=0, target=[3, 1, 2], positions=2)
+    assert op.targets == [3, 1, 2] and op.target_hook is None
+    dense = op.dense()
+    assert dense.shape == (3 * 2 * 2 * 16, 16)
+    for t in (1, 2, 3):
+        single = tps.LayerJacobian(model, tokens, source=0, target=t, positions=2).dense()
+        torch.testing.assert_close(dense[op.rows(t)], single, atol=ATOL, rtol=1e-8)
+    with pytest.raises(ValueError, match="not among"):
+        op.rows(0)
+
+
+@pytest.mark.parametrize(
+    ("target", "message"),
+    [([], "empty list"), ([2, 2], "repeat"), ([2, 0], "must come after the source")],
+)
+def test_bad_target_lists(
+    models: dict[str, Any], tokens: torch.Tensor, target: Any, message: str
+) -> None:
+    with pytest.raises(ValueError, match=message):
+        tps.LayerJacobian(models["native_bridge"], tokens, source=0, target=target)
