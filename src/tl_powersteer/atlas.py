@@ -12,7 +12,15 @@ Methods:
   Cost: about d_model products per source layer, whatever the number of targets.
 * ``"power"``: per pair, block power iteration (:func:`~tl_powersteer.power_steer`'s engine);
   about 2 · iterations · (k + 5) products per pair. Better for few pairs or a wide model.
-* ``"auto"``: the cheaper of the two by that count.
+* ``"sketch"``: a two-sided randomized sketch shared across pairs (single-pass low-rank
+  approximation, Tropp, Yurtsever, Udell & Cevher 2017). Per source layer, one vmapped JVP
+  of a random block Ω (r columns) gives J_{s,t} Ω for every later target; per target layer,
+  one vmapped VJP of a random block Ψ (l = 2r + 1 columns) gives Ψᵀ J_{s,t} for every
+  earlier source in the same backward pass. Each pair is then rebuilt as
+  Q (ΨᵀQ)⁺ (ΨᵀJ) with Q = orth(JΩ), whose SVD gives the top-k. Cost: about (r + l) products
+  per layer instead of d_model; the result is approximate (compare with ``"exact"``).
+* ``"auto"``: ``"exact"`` up to d_model 1024; beyond that ``"power"`` unless the sketch
+  needs under a quarter of its products; ``atlas.method`` says which ran.
 
 Finished source layers are written to ``checkpoint`` (atomically) as they complete, so an
 interrupted run resumes where it stopped; a checkpoint made with other arguments is refused.
@@ -47,9 +55,10 @@ from .adapters import ModelAdapter, Prompts, activation_norms
 from .jacobian import LayerJacobian
 from .power import block_power_iteration, canonical_signs
 
-__all__ = ["ATLAS_METHODS", "SensitivityAtlas", "sensitivity_atlas"]
+__all__ = ["ATLAS_METHODS", "SensitivityAtlas", "sensitivity_atlas", "sketch_reconstruct"]
 
-ATLAS_METHODS = ("auto", "exact", "power")
+ATLAS_METHODS = ("auto", "exact", "power", "sketch")
+_EXACT_UP_TO = 1024
 # Typical iterations of the power method at the default tolerance (measured on Gemma 3 270M).
 _POWER_ITERATIONS = 12
 
@@ -81,6 +90,10 @@ class SensitivityAtlas:
     prompts: list[str] | None
     tokens: Tensor | None = None
     completed_sources: list[int] = field(default_factory=list)
+    sketch_rank: int = 0
+    # Sketch method only, while running: Ψᵀ J_{s,t} per pair, and the targets done.
+    co_range_sketch: Tensor | None = None
+    completed_targets: list[int] = field(default_factory=list)
 
     @property
     def n_layers(self) -> int:
@@ -162,6 +175,7 @@ class SensitivityAtlas:
             "target_site": self.target_site,
             "positions": self.positions,
             "seed": self.seed,
+            "sketch_rank": self.sketch_rank,
             "prompts": self.prompts,
             "tokens": None if self.tokens is None else self.tokens.tolist(),
         }
@@ -180,10 +194,39 @@ def _layer_list(
     return resolved
 
 
-def _choose_method(d_model: int, n_sources: int, n_pairs: int, k: int) -> str:
-    exact_cost = d_model * n_sources
+def _choose_method(
+    d_model: int, n_sources: int, n_targets: int, n_pairs: int, k: int, sketch_rank: int
+) -> str:
+    if d_model <= _EXACT_UP_TO:
+        return "exact"
+    # The sketch is approximate: only worth it when it saves a lot over the power method.
     power_cost = n_pairs * 2 * _POWER_ITERATIONS * (k + 5)
-    return "exact" if exact_cost <= power_cost else "power"
+    sketch_cost = sketch_rank * n_sources + (2 * sketch_rank + 1) * n_targets
+    return "power" if power_cost <= 4 * sketch_cost else "sketch"
+
+
+def _test_matrix(rows: int, cols: int, seed: int, layer: int, dtype: torch.dtype) -> Tensor:
+    """The sketch's Gaussian test matrix for one layer, the same on every call."""
+    gen = torch.Generator().manual_seed(seed * 1_000_003 + layer)
+    return torch.randn(rows, cols, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def sketch_reconstruct(
+    range_sketch: Float[Tensor, "n r"],
+    co_range_sketch: Float[Tensor, "l d"],
+    psi: Float[Tensor, "n l"],
+    k: int,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Top-k of A ≈ Q (ΨᵀQ)⁺ (ΨᵀA) from Y = AΩ and W = ΨᵀA (Tropp et al. 2017, alg. 4).
+
+    Returns (σ_1..σ_k, σ_{k+1}, top-k right vectors with canonical signs), in float64.
+    """
+    Q = torch.linalg.qr(range_sketch.double()).Q
+    X = torch.linalg.lstsq(psi.double().T @ Q, co_range_sketch.double()).solution
+    _, S, Vh = torch.linalg.svd(X, full_matrices=False)
+    nxt = S[k] if S.numel() > k else torch.tensor(0.0, dtype=S.dtype)
+    V = Vh[:k]
+    return S[:k], nxt, V * canonical_signs(V)[:, None]
 
 
 def _top_k_svd(J: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -210,6 +253,7 @@ def sensitivity_atlas(
     tol: float = 1e-4,
     max_iters: int = 50,
     chunk_size: int = 64,
+    sketch_rank: int | None = None,
     progress: bool = True,
 ) -> SensitivityAtlas:
     """Top-``k`` Power Steering spectra for every pair ``s -> t`` (t > s) of the given layers.
@@ -226,6 +270,9 @@ def sensitivity_atlas(
         seed: random start of the power method.
         tol, max_iters: convergence of the power method.
         chunk_size: identity columns per vmapped product in the exact method.
+        sketch_rank: r, the range-sketch width of the sketch method (default 4k + 4, at
+            most d_model);
+            the co-range sketch has 2r + 1 columns.
         progress: show a progress bar over pairs.
     """
     adapter = ModelAdapter(model)
@@ -253,8 +300,16 @@ def sensitivity_atlas(
         raise ValueError(f"checkpoint must be a .safetensors path, got {str(ckpt)!r}")
     if ckpt is not None and not ckpt.parent.is_dir():
         raise ValueError(f"the folder of checkpoint does not exist: {str(ckpt.parent)!r}")
+    r = min(4 * k + 4, adapter.d_model) if sketch_rank is None else sketch_rank
+    if isinstance(r, bool) or not isinstance(r, int) or not k < r <= adapter.d_model:
+        raise ValueError(
+            f"sketch_rank must be an int between k + 1 = {k + 1} and d_model = "
+            f"{adapter.d_model}, got {r!r}"
+        )
     if method == "auto":
-        method = _choose_method(adapter.d_model, len(source_layers), len(pairs), k)
+        method = _choose_method(
+            adapter.d_model, len(source_layers), len(target_layers), len(pairs), k, r
+        )
 
     batch = adapter.tokenize(prompts)
     shortest = int(batch.lengths.min())
@@ -286,6 +341,7 @@ def sensitivity_atlas(
         model_name=adapter.name,
         prompts=batch.texts,
         tokens=None if batch.texts is not None else batch.tokens.cpu(),
+        sketch_rank=r if method == "sketch" else 0,
     )
     if ckpt is not None and ckpt.exists():
         atlas = _resume(atlas, ckpt)
@@ -293,6 +349,13 @@ def sensitivity_atlas(
 
     from tqdm.auto import tqdm
 
+    options: dict[str, Any] = {
+        "source_site": source_site,
+        "target_site": target_site,
+        "positions": positions,
+    }
+    if method == "sketch":
+        _co_range_phase(atlas, model, prompts, options, progress, ckpt)
     done = sum(1 for s, _ in pairs if s in atlas.completed_sources)
     with tqdm(
         total=len(pairs), initial=done, desc=f"atlas ({method})", unit="pair", disable=not progress
@@ -301,11 +364,22 @@ def sensitivity_atlas(
             if s in atlas.completed_sources:
                 continue
             later = [t for t in target_layers if t > s]
-            if method == "exact":
-                op = LayerJacobian(
-                    model, prompts, s, later, source_site=source_site, target_site=target_site,
-                    positions=positions, chunk_size=chunk_size,
-                )  # fmt: skip
+            if method == "sketch":
+                op = LayerJacobian(model, prompts, s, later, **options)
+                omega = _test_matrix(adapter.d_model, r, seed, s, dtype)
+                Y = op.matvec(omega.to(op.dtype)).to(dtype)
+                assert atlas.co_range_sketch is not None
+                for t in later:
+                    psi = _test_matrix(op.shape[0] // len(later), 2 * r + 1, seed, -1 - t, dtype)
+                    sig, nxt, V = sketch_reconstruct(
+                        Y[op.rows(t)], atlas.co_range_sketch[s, t], psi, k
+                    )
+                    atlas.singular_values[s, t] = sig.to(dtype)
+                    atlas.next_singular_value[s, t] = nxt.to(dtype)
+                    atlas.right_vectors[s, t] = V.to(dtype)
+                    bar.update(1)
+            elif method == "exact":
+                op = LayerJacobian(model, prompts, s, later, chunk_size=chunk_size, **options)
                 dense = op.dense()
                 for t in later:
                     sig, nxt, V = _top_k_svd(dense[op.rows(t)], k)
@@ -316,10 +390,7 @@ def sensitivity_atlas(
                     bar.update(1)
             else:
                 for t in later:
-                    op = LayerJacobian(
-                        model, prompts, s, t, source_site=source_site, target_site=target_site,
-                        positions=positions,
-                    )  # fmt: skip
+                    op = LayerJacobian(model, prompts, s, t, **options)
                     found = block_power_iteration(
                         op, k + 1, tol=tol, max_iters=max_iters, seed=seed
                     )
@@ -330,9 +401,47 @@ def sensitivity_atlas(
                     atlas.converged[s, t] = found.converged
                     bar.update(1)
             atlas.completed_sources.append(s)
+            if atlas.is_complete():
+                atlas.co_range_sketch = None  # only needed while running
             if ckpt is not None:
                 atlas.save(ckpt)
     return atlas
+
+
+def _co_range_phase(
+    atlas: SensitivityAtlas,
+    model: Any,
+    prompts: Prompts,
+    options: dict[str, Any],
+    progress: bool,
+    ckpt: Path | None,
+) -> None:
+    """Per target layer, one vmapped VJP sketches Ψᵀ J_{s,t} for every earlier source."""
+    from tqdm.auto import tqdm
+
+    n, d = atlas.n_layers, int(atlas.right_vectors.shape[-1])
+    width = 2 * atlas.sketch_rank + 1
+    dtype = atlas.singular_values.dtype
+    if atlas.co_range_sketch is None:
+        atlas.co_range_sketch = torch.full((n, n, width, d), float("nan"), dtype=dtype)
+    todo = [t for t in atlas.targets if any(s < t for s in atlas.sources)]
+    with tqdm(
+        total=len(todo), initial=len(atlas.completed_targets), desc="atlas (sketch, targets)",
+        unit="layer", disable=not progress,
+    ) as bar:  # fmt: skip
+        for t in todo:
+            if t in atlas.completed_targets:
+                continue
+            earlier = [s for s in atlas.sources if s < t]
+            op = LayerJacobian(model, prompts, earlier, t, **options)
+            psi = _test_matrix(op.shape[0], width, atlas.seed, -1 - t, dtype)
+            W = op.rmatvec(psi.to(op.dtype)).to(dtype)
+            for s in earlier:
+                atlas.co_range_sketch[s, t] = W[op.columns(s)].T
+            atlas.completed_targets.append(t)
+            if ckpt is not None:
+                atlas.save(ckpt)
+            bar.update(1)
 
 
 def _resume(fresh: SensitivityAtlas, path: Path) -> SensitivityAtlas:

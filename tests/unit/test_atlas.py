@@ -72,9 +72,16 @@ def test_table_gap_and_norms(models: dict[str, Any], tokens: torch.Tensor) -> No
     assert atlas.source_norms[:3].isfinite().all() and atlas.source_norms[3].isnan()
 
 
-def test_auto_picks_the_cheaper_method() -> None:
-    assert atlas_module._choose_method(d_model=640, n_sources=17, n_pairs=153, k=4) == "exact"
-    assert atlas_module._choose_method(d_model=8192, n_sources=2, n_pairs=2, k=4) == "power"
+def test_auto_picks_a_method() -> None:
+    choose = atlas_module._choose_method
+    assert (
+        choose(d_model=640, n_sources=17, n_targets=17, n_pairs=153, k=4, sketch_rank=20) == "exact"
+    )
+    assert (
+        choose(d_model=2304, n_sources=25, n_targets=25, n_pairs=325, k=4, sketch_rank=20)
+        == "sketch"
+    )
+    assert choose(d_model=8192, n_sources=1, n_targets=1, n_pairs=1, k=4, sketch_rank=20) == "power"
 
 
 def test_save_load(models: dict[str, Any], tokens: torch.Tensor, tmp_path: Path) -> None:
@@ -135,7 +142,11 @@ def test_checkpoint_with_other_arguments_is_refused(
 @pytest.mark.parametrize(
     ("kwargs", "error", "message"),
     [
-        ({"method": "fast"}, ValueError, r"method must be one of \('auto', 'exact', 'power'\)"),
+        (
+            {"method": "fast"},
+            ValueError,
+            r"method must be one of \('auto', 'exact', 'power', 'sketch'\)",
+        ),
         ({"k": 0}, ValueError, "k must be an int between 1 and d_model - 1"),
         ({"sources": [3], "targets": [1]}, ValueError, "no pair with target > source"),
         ({"sources": 2}, TypeError, "sources must be a list"),
@@ -143,6 +154,7 @@ def test_checkpoint_with_other_arguments_is_refused(
         ({"target_site": "hook_mlp"}, ValueError, "unknown site"),
         ({"positions": 9}, ValueError, "positions must be an int between 1 and 8"),
         ({"checkpoint": "x.pt"}, ValueError, r"checkpoint must be a \.safetensors path"),
+        ({"sketch_rank": 2, "k": 2}, ValueError, "sketch_rank must be an int between k \\+ 1 = 3"),
     ],
 )
 def test_bad_arguments(
@@ -150,3 +162,79 @@ def test_bad_arguments(
 ) -> None:
     with pytest.raises(error, match=message):
         tps.sensitivity_atlas(models["native_bridge"], tokens, progress=False, **kwargs)
+
+
+def test_sketch_reconstruction_is_exact_for_low_rank() -> None:
+    gen = torch.Generator().manual_seed(0)
+    A = torch.randn(50, 5, generator=gen, dtype=torch.float64) @ torch.randn(
+        5, 30, generator=gen, dtype=torch.float64
+    )
+    omega = torch.randn(30, 7, generator=gen, dtype=torch.float64)
+    psi = torch.randn(50, 15, generator=gen, dtype=torch.float64)
+    sig, nxt, V = atlas_module.sketch_reconstruct(A @ omega, psi.T @ A, psi, k=3)
+    S, Vh = torch.linalg.svd(A, full_matrices=False)[1:]
+    torch.testing.assert_close(sig, S[:3], rtol=1e-10, atol=0)
+    torch.testing.assert_close(nxt, S[3], rtol=1e-10, atol=0)
+    assert principal_angles(V, Vh[:3]).max() < 1e-8
+
+
+def test_sketch_at_full_rank_equals_exact(models: dict[str, Any], tokens: torch.Tensor) -> None:
+    model = models["native_bridge"]
+    exact = tps.sensitivity_atlas(model, tokens, k=2, method="exact", progress=False)
+    sketch = tps.sensitivity_atlas(
+        model, tokens, k=2, method="sketch", sketch_rank=16, progress=False
+    )
+    assert sketch.method == "sketch" and sketch.sketch_rank == 16 and sketch.co_range_sketch is None
+    for s, t in exact.pairs():
+        torch.testing.assert_close(
+            sketch.singular_values[s, t], exact.singular_values[s, t], rtol=1e-8, atol=0
+        )
+        assert principal_angles(sketch.vectors(s, t), exact.vectors(s, t)).max() < 1e-6
+
+
+def test_sketch_error_shrinks_with_rank(models: dict[str, Any], tokens: torch.Tensor) -> None:
+    model = models["native_bridge"]
+    exact = tps.sensitivity_atlas(model, tokens, k=1, method="exact", progress=False)
+
+    def mean_error(rank: int) -> float:
+        sketch = tps.sensitivity_atlas(
+            model, tokens, k=1, method="sketch", sketch_rank=rank, progress=False
+        )
+        rel = (sketch.singular_values - exact.singular_values).abs() / exact.singular_values
+        return float(rel.nanmean())
+
+    errors = [mean_error(rank) for rank in (2, 8, 14)]
+    assert errors[0] > errors[1] > errors[2]
+
+
+def test_sketch_checkpoint_resumes(
+    models: dict[str, Any], tokens: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = models["native_bridge"]
+    ckpt = tmp_path / "sketch.safetensors"
+    real_matvec = tps.LayerJacobian.matvec
+    calls = {"matvec": 0}
+
+    def matvec_then_stop(self: tps.LayerJacobian, V: torch.Tensor) -> torch.Tensor:
+        if calls["matvec"] == 1:
+            raise Interrupt
+        calls["matvec"] += 1
+        return real_matvec(self, V)
+
+    monkeypatch.setattr(tps.LayerJacobian, "matvec", matvec_then_stop)
+    with pytest.raises(Interrupt):
+        tps.sensitivity_atlas(
+            model, tokens, k=2, method="sketch", sketch_rank=8, checkpoint=ckpt, progress=False
+        )
+    partial = tps.load(ckpt)
+    assert partial.completed_targets == [1, 2, 3] and partial.completed_sources == [0]
+    assert partial.co_range_sketch is not None
+    monkeypatch.setattr(tps.LayerJacobian, "matvec", real_matvec)
+    resumed = tps.sensitivity_atlas(
+        model, tokens, k=2, method="sketch", sketch_rank=8, checkpoint=ckpt, progress=False
+    )
+    fresh = tps.sensitivity_atlas(
+        model, tokens, k=2, method="sketch", sketch_rank=8, progress=False
+    )
+    torch.testing.assert_close(resumed.singular_values, fresh.singular_values, equal_nan=True)
+    assert tps.load(ckpt).co_range_sketch is None
