@@ -9,6 +9,17 @@ cd "$(dirname "$0")/.."
 source scripts/env.sh
 export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 
+# The atlas page is tested in Debian's Chromium (Playwright drives it; no browser download).
+if ! command -v chromium >/dev/null; then
+    if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null; then
+        echo "== installing chromium for the browser test"
+        apt-get install -y -q chromium >/dev/null 2>&1 \
+            || { apt-get update -q >/dev/null && apt-get install -y -q chromium >/dev/null; }
+    else
+        echo "chromium is missing, so the browser test is skipped: apt-get install chromium"
+    fi
+fi
+
 setup_venv .venv dev,gemma "$TL4_SPEC"
 setup_venv .venv-tl3 dev,gemma "$TL3_SPEC"
 

@@ -9,6 +9,7 @@ from .atlas import SensitivityAtlas, sensitivity_atlas
 from .io import load, save
 from .jacobian import LayerJacobian
 from .models import load_model
+from .plotting import plot_atlas
 from .power import block_power_iteration
 from .power_steering import PowerSteeringResult, power_steer
 
@@ -21,6 +22,7 @@ __all__ = [
     "block_power_iteration",
     "load",
     "load_model",
+    "plot_atlas",
     "power_steer",
     "save",
     "sensitivity_atlas",

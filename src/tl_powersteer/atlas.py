@@ -51,11 +51,17 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from .adapters import ModelAdapter, Prompts, activation_norms
+from .adapters import ModelAdapter, Prompts, TokenBatch, activation_norms
 from .jacobian import LayerJacobian
 from .power import block_power_iteration, canonical_signs
 
-__all__ = ["ATLAS_METHODS", "SensitivityAtlas", "sensitivity_atlas", "sketch_reconstruct"]
+__all__ = [
+    "ATLAS_METHODS",
+    "SensitivityAtlas",
+    "sensitivity_atlas",
+    "sketch_reconstruct",
+    "validate_atlas_arguments",
+]
 
 ATLAS_METHODS = ("auto", "exact", "power", "sketch")
 _EXACT_UP_TO = 1024
@@ -162,6 +168,12 @@ class SensitivityAtlas:
 
         save(self, path)
 
+    def to_html(self, path: str | os.PathLike[str]) -> Path:
+        """One self-contained HTML page: the heatmap and a panel per clicked pair."""
+        from .plotting import atlas_html
+
+        return atlas_html(self, path)
+
     def _fingerprint(self) -> dict[str, Any]:
         return {
             "model_name": self.model_name,
@@ -237,44 +249,34 @@ def _top_k_svd(J: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     return S[:k], nxt, V * canonical_signs(V)[:, None]
 
 
-def sensitivity_atlas(
+@dataclass
+class _Plan:
+    adapter: ModelAdapter
+    batch: TokenBatch
+    sources: list[int]
+    targets: list[int]
+    pairs: list[tuple[int, int]]
+    source_hooks: list[str]
+    checkpoint: Path | None
+    method: str
+    sketch_rank: int
+
+
+def _plan(
     model: Any,
     prompts: Prompts,
     *,
-    sources: Sequence[int] | None = None,
-    targets: Sequence[int] | None = None,
-    k: int = 4,
-    method: str = "auto",
-    source_site: str = "hook_mlp_out",
-    target_site: str = "hook_mlp_out",
-    positions: int = 4,
-    checkpoint: str | os.PathLike[str] | None = None,
-    seed: int = 0,
-    tol: float = 1e-4,
-    max_iters: int = 50,
-    chunk_size: int = 64,
-    sketch_rank: int | None = None,
-    progress: bool = True,
-) -> SensitivityAtlas:
-    """Top-``k`` Power Steering spectra for every pair ``s -> t`` (t > s) of the given layers.
-
-    Args:
-        model: a ``HookedTransformer`` or ``TransformerBridge``.
-        prompts: a string, a list of strings (stacked Jacobians), or a token tensor.
-        sources, targets: layer indices (negatives count from the end); default all.
-        k: singular values and vectors kept per pair.
-        method: ``"exact"``, ``"power"`` or ``"auto"`` (see the module docstring).
-        source_site, target_site, positions: as in :class:`LayerJacobian`.
-        checkpoint: a ``.safetensors`` path; finished source layers are saved there as
-            they complete and a rerun with the same arguments resumes from it.
-        seed: random start of the power method.
-        tol, max_iters: convergence of the power method.
-        chunk_size: identity columns per vmapped product in the exact method.
-        sketch_rank: r, the range-sketch width of the sketch method (default 4k + 4, at
-            most d_model);
-            the co-range sketch has 2r + 1 columns.
-        progress: show a progress bar over pairs.
-    """
+    sources: Sequence[int] | None,
+    targets: Sequence[int] | None,
+    k: int,
+    method: str,
+    source_site: str,
+    target_site: str,
+    positions: int,
+    checkpoint: str | os.PathLike[str] | None,
+    sketch_rank: int | None,
+) -> _Plan:
+    """Every check of :func:`sensitivity_atlas`'s arguments, before any forward pass."""
     adapter = ModelAdapter(model)
     n = adapter.n_layers
     if method not in ATLAS_METHODS:
@@ -321,6 +323,70 @@ def sensitivity_atlas(
         raise ValueError(
             f"positions must be an int between 1 and {shortest} (the shortest prompt), got {positions!r}"
         )
+    return _Plan(adapter, batch, source_layers, target_layers, pairs, source_hooks, ckpt, method, r)
+
+
+def validate_atlas_arguments(model: Any, prompts: Prompts, **options: Any) -> None:
+    """Raise the error :func:`sensitivity_atlas` would raise for these arguments, without
+    computing anything (for callers that must refuse bad input before writing files)."""
+    allowed = (
+        "sources", "targets", "k", "method", "source_site", "target_site", "positions",
+        "checkpoint", "sketch_rank",
+    )  # fmt: skip
+    defaults: dict[str, Any] = {
+        "sources": None, "targets": None, "k": 4, "method": "auto",
+        "source_site": "hook_mlp_out", "target_site": "hook_mlp_out", "positions": 4,
+        "checkpoint": None, "sketch_rank": None,
+    }  # fmt: skip
+    _plan(model, prompts, **{**defaults, **{k: v for k, v in options.items() if k in allowed}})
+
+
+def sensitivity_atlas(
+    model: Any,
+    prompts: Prompts,
+    *,
+    sources: Sequence[int] | None = None,
+    targets: Sequence[int] | None = None,
+    k: int = 4,
+    method: str = "auto",
+    source_site: str = "hook_mlp_out",
+    target_site: str = "hook_mlp_out",
+    positions: int = 4,
+    checkpoint: str | os.PathLike[str] | None = None,
+    seed: int = 0,
+    tol: float = 1e-4,
+    max_iters: int = 50,
+    chunk_size: int = 64,
+    sketch_rank: int | None = None,
+    progress: bool = True,
+) -> SensitivityAtlas:
+    """Top-``k`` Power Steering spectra for every pair ``s -> t`` (t > s) of the given layers.
+
+    Args:
+        model: a ``HookedTransformer`` or ``TransformerBridge``.
+        prompts: a string, a list of strings (stacked Jacobians), or a token tensor.
+        sources, targets: layer indices (negatives count from the end); default all.
+        k: singular values and vectors kept per pair.
+        method: ``"exact"``, ``"power"``, ``"sketch"`` or ``"auto"`` (see the module
+            docstring).
+        source_site, target_site, positions: as in :class:`LayerJacobian`.
+        checkpoint: a ``.safetensors`` path; finished source layers are saved there as
+            they complete and a rerun with the same arguments resumes from it.
+        seed: random start of the power method.
+        tol, max_iters: convergence of the power method.
+        chunk_size: identity columns per vmapped product in the exact method.
+        sketch_rank: r, the range-sketch width of the sketch method (default 4k + 4, at
+            most d_model); the co-range sketch has 2r + 1 columns.
+        progress: show a progress bar over pairs.
+    """
+    plan = _plan(
+        model, prompts, sources=sources, targets=targets, k=k, method=method,
+        source_site=source_site, target_site=target_site, positions=positions,
+        checkpoint=checkpoint, sketch_rank=sketch_rank,
+    )  # fmt: skip
+    adapter, batch, method, r = plan.adapter, plan.batch, plan.method, plan.sketch_rank
+    source_layers, target_layers, pairs = plan.sources, plan.targets, plan.pairs
+    source_hooks, ckpt, n = plan.source_hooks, plan.checkpoint, plan.adapter.n_layers
     nan = float("nan")
     # Results keep the model's precision (at least float32).
     dtype = torch.promote_types(adapter.dtype, torch.float32)

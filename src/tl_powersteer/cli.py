@@ -4,6 +4,7 @@ Subcommands:
 
 * ``vectors``: Power Steering vectors for one (source, target) pair; prints a table and
   saves them to a ``.safetensors`` file.
+* ``atlas``: the sensitivity atlas of every layer pair, with its HTML browser.
 * ``demo``: the main job on the embedded model (Gemma 3 270M) with a built-in prompt that
   has a decision fork, writing its outputs to a folder it names at the end.
 
@@ -29,6 +30,7 @@ from typing import Any, NoReturn
 
 import torch
 
+from .atlas import ATLAS_METHODS, sensitivity_atlas, validate_atlas_arguments
 from .jacobian import JVP_METHODS
 from .models import EMBEDDED_MODEL, KINDS, load_model
 from .power_steering import PowerSteeringResult, power_steer
@@ -151,6 +153,62 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(vectors)
     vectors.set_defaults(run=_run_vectors)
 
+    atlas = sub.add_parser(
+        "atlas",
+        help="map every (source, target) layer pair into a sensitivity atlas",
+        description="Compute the top-k singular values and vectors of every layer pair and "
+        "write atlas.safetensors, atlas.csv and atlas.html (an offline heatmap browser) to "
+        "--out. Finished source layers are kept in --out/atlas.safetensors as they complete; "
+        "rerunning the same command resumes.",
+    )
+    atlas.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        help="prompt text; repeat for several prompts (their Jacobians are stacked)",
+    )
+    atlas.add_argument(
+        "--sources",
+        type=_layer_range,
+        default=None,
+        help="source layers as start:stop (Python slice) or a comma list (default: all)",
+    )
+    atlas.add_argument(
+        "--targets",
+        type=_layer_range,
+        default=None,
+        help="target layers as start:stop (Python slice) or a comma list (default: all)",
+    )
+    atlas.add_argument(
+        "--method",
+        choices=ATLAS_METHODS,
+        default="auto",
+        help="exact, power, sketch, or auto by model size (default: %(default)s)",
+    )
+    atlas.add_argument(
+        "--k", type=int, default=4, help="singular values kept per pair (default: %(default)s)"
+    )
+    atlas.add_argument(
+        "--positions",
+        type=int,
+        default=4,
+        help="final tokens of each prompt read at the target (default: %(default)s)",
+    )
+    atlas.add_argument(
+        "--source-site",
+        default="hook_mlp_out",
+        help="hook suffix in each source block where vectors are added (default: %(default)s)",
+    )
+    atlas.add_argument(
+        "--target-site",
+        default="hook_mlp_out",
+        help="hook suffix in each target block that is read (default: %(default)s)",
+    )
+    atlas.add_argument("--seed", type=int, default=0, help="random start (default: %(default)s)")
+    atlas.add_argument("--out", required=True, help="output folder (created if missing)")
+    _model_options(atlas)
+    atlas.set_defaults(run=_run_atlas)
+
     demo = sub.add_parser(
         "demo",
         help="run the main job on the embedded model",
@@ -168,6 +226,67 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(demo)
     demo.set_defaults(run=_run_demo)
     return parser
+
+
+def _layer_range(text: str) -> list[int] | slice:
+    """``"2:10"`` as a slice (resolved against the model later) or ``"1,3,5"`` as a list."""
+    try:
+        if ":" in text:
+            start, _, stop = text.partition(":")
+            return slice(int(start) if start else None, int(stop) if stop else None)
+        return [int(part) for part in text.split(",")]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(
+            f"expected start:stop or a comma list of layers, got {text!r}"
+        ) from err
+
+
+def _resolve_layers(value: list[int] | slice | None, n_layers: int) -> list[int] | None:
+    if isinstance(value, slice):
+        layers = list(range(n_layers))[value]
+        if not layers:
+            raise UsageError(f"the layer range selects no layer of the {n_layers}")
+        return layers
+    return value
+
+
+def _run_atlas(args: argparse.Namespace) -> int:
+    if args.k < 1:
+        raise UsageError(f"--k must be at least 1, got {args.k}")
+    if args.positions < 1:
+        raise UsageError(f"--positions must be at least 1, got {args.positions}")
+    if any(not p.strip() for p in args.prompt):
+        raise UsageError("--prompt must not be empty")
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} exists and is not a folder")
+    if not out.parent.is_dir():
+        raise UsageError(f"the folder of --out does not exist: {str(out.parent)!r}")
+    model = _load(args)
+    n_layers = int(model.cfg.n_layers)
+    options = {
+        "sources": _resolve_layers(args.sources, n_layers),
+        "targets": _resolve_layers(args.targets, n_layers),
+        "k": args.k,
+        "method": args.method,
+        "source_site": args.source_site,
+        "target_site": args.target_site,
+        "positions": args.positions,
+        "seed": args.seed,
+    }
+    # A dry run of the checks: bad layers or sites fail here, before the folder exists.
+    validate_atlas_arguments(model, args.prompt, **options)
+    out.mkdir(exist_ok=True)
+    start = time.perf_counter()
+    result = sensitivity_atlas(model, args.prompt, checkpoint=out / "atlas.safetensors", **options)
+    seconds = time.perf_counter() - start
+    result.to_pandas().to_csv(out / "atlas.csv", index=False)
+    result.to_html(out / "atlas.html")
+    print(
+        f"atlas of {len(result.pairs())} pairs ({result.method}) in {seconds:.1f} s; "
+        f"open {(out / 'atlas.html').resolve()}"
+    )
+    return 0
 
 
 def _check_numbers(args: argparse.Namespace) -> None:

@@ -33,3 +33,13 @@ def test_bench_products(capsys: pytest.CaptureFixture[str]) -> None:
     assert "forward-mode / reverse-over-reverse matvec" in out
     agree = float(out.split("methods agree to ")[1].split()[0])
     assert agree < 1e-4
+
+
+def test_bench_atlas(capsys: pytest.CaptureFixture[str]) -> None:
+    import bench_atlas
+
+    assert bench_atlas.main(["--d-model", "16", "--layers", "3", "--k", "2"]) == 0
+    out = capsys.readouterr().out
+    exact_row = next(line for line in out.splitlines() if line.strip().startswith("exact"))
+    assert "1.00x" in exact_row and exact_row.split()[-1] == "0.00e+00"
+    assert any(line.strip().startswith("sketch") for line in out.splitlines())

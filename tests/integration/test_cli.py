@@ -122,7 +122,7 @@ def test_demo_refuses_a_foreign_folder(tmp_path: Path, capsys: pytest.CaptureFix
 def test_every_option_is_explained() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"vectors", "demo"}
+    assert set(sub.choices) == {"vectors", "atlas", "demo"}
     for name, subparser in sub.choices.items():
         for action in subparser._actions:
             if action.dest != "help":
@@ -138,3 +138,50 @@ def test_python_dash_m() -> None:
         capture_output=True, text=True, check=False,
     )  # fmt: skip
     assert done.returncode == 0 and "--source" in done.stdout and "--out" in done.stdout
+
+
+def test_atlas(gpt2_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "atlas"
+    args = ["atlas", "--prompt", "the cat sat on the mat", "--sources", "0:2", "--targets",
+            "2,3", "--k", "2", "--model", gpt2_dir, "--dtype", "float64", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["atlas.csv", "atlas.html", "atlas.safetensors"]
+    assert "atlas of 4 pairs (exact)" in capsys.readouterr().out
+    atlas = tps.load(out / "atlas.safetensors")
+    assert atlas.pairs() == [(0, 2), (0, 3), (1, 2), (1, 3)] and atlas.is_complete()
+    assert len((out / "atlas.csv").read_text().splitlines()) == 1 + 4 * 2
+    assert main(args) == 0  # a rerun resumes from the finished checkpoint
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["--sources", "a:b"], "expected start:stop or a comma list"),
+        (["--sources", "3:3"], "selects no layer"),
+        (["--sources", "3", "--targets", "1"], "no pair with target > source"),
+        (["--target-site", "nope"], "unknown site 'nope'"),
+        (["--k", "0"], "--k must be at least 1"),
+        (["--method", "fastest"], "invalid choice"),
+    ],
+)
+def test_atlas_bad_arguments_leave_nothing(
+    gpt2_dir: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    change: list[str],
+    message: str,
+) -> None:
+    args = [
+        "atlas",
+        "--prompt",
+        "the cat sat",
+        "--model",
+        gpt2_dir,
+        "--out",
+        str(tmp_path / "a"),
+        *change,
+    ]
+    assert main(args) == 2
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith("tl-powersteer: error: ") and message in line
+    assert list(tmp_path.iterdir()) == []

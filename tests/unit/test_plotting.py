@@ -1,0 +1,94 @@
+"""Atlas figures and pages, checked on the figure object and the page text."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+import tl_powersteer as tps
+from tl_powersteer.plotting import GAP_WARNING, atlas_html
+
+
+@pytest.fixture(scope="module")
+def atlas(models: dict[str, Any]) -> tps.SensitivityAtlas:
+    tokens = torch.tensor([[1, 4, 6, 8, 9, 4, 10, 5]])
+    return tps.sensitivity_atlas(models["native_bridge"], tokens, k=2, progress=False)
+
+
+def test_heatmap_traces_and_axes(atlas: tps.SensitivityAtlas) -> None:
+    fig = tps.plot_atlas(atlas, rank=1)
+    assert len(fig.data) == 2 * 2  # (raw, normalised) x ranks
+    assert [trace.visible for trace in fig.data] == [False, True, False, False]
+    assert fig.layout.xaxis.title.text == "source layer"
+    assert fig.layout.yaxis.title.text == "target layer"
+    trace = fig.data[1]
+    assert list(trace.x) == ["L0", "L1", "L2"] and list(trace.y) == ["L1", "L2", "L3"]
+    # Row = target, column = source; log10 of σ2; below the diagonal is empty.
+    assert trace.z[2][1] == pytest.approx(float(torch.log10(atlas.singular_values[1, 3, 1])))
+    assert trace.z[0][1] is None and trace.z[0][2] is None
+    labels = [b.label for b in fig.layout.updatemenus[0].buttons]
+    assert labels == ["σ1", "σ2", "σ1 ÷ source norm", "σ2 ÷ source norm"]
+    assert fig.layout.updatemenus[0].buttons[2].args[0]["visible"] == [False, False, True, False]
+
+
+def test_normalised_view_and_linear_scale(atlas: tps.SensitivityAtlas) -> None:
+    fig = tps.plot_atlas(atlas, log=False)
+    expected = atlas.singular_values[0, 2, 0] / atlas.source_norms[0]
+    assert fig.data[2].z[1][0] == pytest.approx(float(expected))
+    assert fig.data[0].z[1][0] == pytest.approx(float(atlas.singular_values[0, 2, 0]))
+
+
+def test_hover_names_pair_values_and_gap(atlas: tps.SensitivityAtlas) -> None:
+    text = tps.plot_atlas(atlas).data[0].text
+    cell = text[2][0]  # L0 -> L3
+    sig = atlas.singular_values[0, 3]
+    assert cell.startswith("L0 -> L3<br>")
+    assert f"σ1={float(sig[0]):.4g}" in cell and f"σ2={float(sig[1]):.4g}" in cell
+    assert f"gap σ2/σ3 = {float(atlas.spectral_gap()[0, 3]):.3f}" in cell
+    assert text[0][1] == ""  # L1 -> L1 is no pair
+
+
+def test_unseparated_pairs_are_flagged(atlas: tps.SensitivityAtlas) -> None:
+    flat = tps.SensitivityAtlas(**{**atlas.__dict__})
+    flat.next_singular_value = atlas.singular_values[..., -1] / (GAP_WARNING - 0.01)
+    assert "not separated" in tps.plot_atlas(flat).data[0].text[2][0]
+    wide = tps.SensitivityAtlas(**{**atlas.__dict__})
+    wide.next_singular_value = atlas.singular_values[..., -1] / (GAP_WARNING + 0.01)
+    assert "not separated" not in tps.plot_atlas(wide).data[0].text[2][0]
+
+
+def test_bad_arguments(atlas: tps.SensitivityAtlas, tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match=r"rank must be an int in 0\.\.1"):
+        tps.plot_atlas(atlas, rank=2)
+    with pytest.raises(TypeError, match="needs a SensitivityAtlas"):
+        tps.plot_atlas("atlas")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match=r"\.html"):
+        atlas_html(atlas, tmp_path / "a.txt")
+    with pytest.raises(ValueError, match="does not exist"):
+        atlas.to_html(tmp_path / "missing" / "a.html")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_html_is_self_contained_and_escaped(atlas: tps.SensitivityAtlas, tmp_path: Path) -> None:
+    hostile = tps.SensitivityAtlas(**{**atlas.__dict__})
+    hostile.prompts = ["<script>alert('x')</script>"]
+    hostile.model_name = "<b>model</b>"
+    page = hostile.to_html(tmp_path / "a.html").read_text()
+    assert "<script>alert" not in page and "<b>model</b>" not in page
+    assert "&lt;b&gt;model&lt;/b&gt;" in page
+    assert re.search(r"<script[^>]*\ssrc=", page) is None  # nothing loaded from elsewhere
+    assert "Plotly" in page and len(page) > 1_000_000  # plotly.js inlined
+    data = json.loads(
+        re.search(
+            r'<script id="atlas-data" type="application/json">(.*?)</script>', page, re.S
+        ).group(1)
+    )
+    assert data["k"] == 2 and data["pairs"]["0,3"]["sigma"][0] == pytest.approx(
+        float(atlas.singular_values[0, 3, 0])
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["a.html"]
