@@ -32,7 +32,16 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
-__all__ = ["ModelAdapter", "ModelKind", "Prompts", "TokenBatch", "activation_norms", "boot"]
+__all__ = [
+    "ModelAdapter",
+    "ModelKind",
+    "Prompts",
+    "TokenBatch",
+    "activation_norms",
+    "boot",
+    "decode_token",
+    "last_token_logits",
+]
 
 Prompts = str | Sequence[str] | Tensor
 ModelKind = Literal["hooked", "bridge"]
@@ -341,3 +350,42 @@ def activation_norms(adapter: ModelAdapter, batch: TokenBatch, hooks: Sequence[s
     with torch.no_grad():
         acts = run(zero, False)
     return torch.stack([act[batch.mask].float().norm(dim=-1).median() for act in acts])
+
+
+def last_token_logits(
+    adapter: ModelAdapter,
+    batch: TokenBatch,
+    hook: str,
+    deltas: Float[Tensor, "m d_model"],
+    *,
+    chunk: int = 8,
+) -> Float[Tensor, "m batch vocab"]:
+    """Full-model logits at each prompt's last token, with ``deltas[i]`` added at ``hook``
+    on every real position, for each i; a zero delta gives the unsteered logits.
+
+    Runs ``chunk`` deltas per forward pass: logits over a large vocabulary at every position
+    dominate memory.
+    """
+    model, tokens, mask = adapter.model, batch.tokens, batch.mask
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    last = batch.lengths - 1
+    out = []
+    for start in range(0, deltas.shape[0], chunk):
+        block = deltas[start : start + chunk].to(adapter.device, adapter.dtype)
+        m = block.shape[0]
+        shift = (block[:, None, None, :] * mask[None, :, :, None].to(adapter.dtype)).flatten(0, 1)
+
+        def add(act: Tensor, hook: Any, shift: Tensor = shift) -> Tensor:
+            return act + shift
+
+        with torch.no_grad(), _tensor_attributes_kept(model), model.hooks(fwd_hooks=[(hook, add)]):
+            logits = model(tokens.repeat(m, 1))
+        logits = logits.view(m, tokens.shape[0], tokens.shape[1], -1)
+        out.append(logits[:, rows, last].float().cpu())
+    return torch.cat(out)
+
+
+def decode_token(model: Any, token: int) -> str:
+    """The text of one token id, or ``#id`` for a model without a tokenizer."""
+    tokenizer = getattr(model, "tokenizer", None)
+    return f"#{token}" if tokenizer is None else str(tokenizer.decode([token]))

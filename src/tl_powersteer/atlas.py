@@ -51,7 +51,14 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from .adapters import ModelAdapter, Prompts, TokenBatch, activation_norms
+from .adapters import (
+    ModelAdapter,
+    Prompts,
+    TokenBatch,
+    activation_norms,
+    decode_token,
+    last_token_logits,
+)
 from .jacobian import LayerJacobian
 from .power import block_power_iteration, canonical_signs
 
@@ -60,6 +67,7 @@ __all__ = [
     "SensitivityAtlas",
     "sensitivity_atlas",
     "sketch_reconstruct",
+    "token_effects",
     "validate_atlas_arguments",
 ]
 
@@ -168,11 +176,28 @@ class SensitivityAtlas:
 
         save(self, path)
 
-    def to_html(self, path: str | os.PathLike[str]) -> Path:
-        """One self-contained HTML page: the heatmap and a panel per clicked pair."""
+    def to_html(
+        self,
+        path: str | os.PathLike[str],
+        *,
+        model: Any = None,
+        scale: float = 0.1,
+        top: int = 5,
+        progress: bool = True,
+    ) -> Path:
+        """One self-contained HTML page: the heatmap and a panel per clicked pair.
+
+        With ``model`` (the one the atlas was computed on), the panel also lists, for every
+        vector and both signs, the ``top`` next tokens most promoted and most suppressed
+        when the vector is added at ``scale`` times the source activation's median norm
+        (see :func:`token_effects`).
+        """
         from .plotting import atlas_html
 
-        return atlas_html(self, path)
+        effects = None
+        if model is not None:
+            effects = token_effects(model, self, scale=scale, top=top, progress=progress)
+        return atlas_html(self, path, effects=effects)
 
     def _fingerprint(self) -> dict[str, Any]:
         return {
@@ -527,3 +552,68 @@ def _resume(fresh: SensitivityAtlas, path: Path) -> SensitivityAtlas:
             "rerun with the same arguments or use another checkpoint path"
         )
     return saved
+
+
+def token_effects(
+    model: Any,
+    atlas: SensitivityAtlas,
+    *,
+    scale: float = 0.1,
+    top: int = 5,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Next-token effects of every atlas vector, both signs, for the atlas browser.
+
+    For each pair's vector v and sign ±, v is added at the source hook on every real token
+    with norm ``scale`` × the source activation's median norm; the change in logits at each
+    prompt's last token (averaged over prompts) gives the ``top`` most promoted and most
+    suppressed tokens. Returns ``{"scale": scale, "pairs": {"s,t": [per vector: {"+": {
+    "promoted": [[text, Δlogit], ...], "suppressed": [...]}, "-": {...}}]}}``.
+    """
+    adapter = ModelAdapter(model)
+    if (adapter.n_layers, adapter.d_model) != (atlas.n_layers, int(atlas.right_vectors.shape[-1])):
+        raise ValueError(
+            f"the model ({adapter.n_layers} layers, d_model {adapter.d_model}) is not the one "
+            f"the atlas was computed on ({atlas.model_name})"
+        )
+    if not (isinstance(scale, (int, float)) and scale > 0):
+        raise ValueError(f"scale must be a positive number, got {scale!r}")
+    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+        raise ValueError(f"top must be a positive int, got {top!r}")
+    prompts = atlas.prompts if atlas.prompts is not None else atlas.tokens
+    if prompts is None:
+        raise ValueError("the atlas records no prompts or tokens to measure effects on")
+    batch = adapter.tokenize(prompts)
+    from tqdm.auto import tqdm
+
+    pairs: dict[str, Any] = {}
+    for s in tqdm(
+        atlas.completed_sources, desc="token effects", unit="layer", disable=not progress
+    ):
+        later = [t for t in atlas.targets if t > s]
+        V = torch.cat([atlas.right_vectors[s, t] for t in later]).float()
+        size = scale * float(atlas.source_norms[s])
+        deltas = torch.cat([size * V, -size * V, torch.zeros(1, V.shape[1])])
+        logits = last_token_logits(adapter, batch, adapter.hook_name(s, atlas.source_site), deltas)
+        change = (logits[:-1] - logits[-1:]).mean(dim=1)  # [2 * vectors, vocab]
+        n_vec = V.shape[0]
+
+        def listed(row: Tensor, largest: bool) -> list[list[Any]]:
+            values, ids = row.topk(top, largest=largest)
+            return [
+                [decode_token(model, int(i)), round(float(v), 4)]
+                for v, i in zip(values, ids, strict=True)
+            ]
+
+        for j, t in enumerate(later):
+            pairs[f"{s},{t}"] = [
+                {
+                    sign: {
+                        "promoted": listed(change[offset + j * atlas.k + r], True),
+                        "suppressed": listed(change[offset + j * atlas.k + r], False),
+                    }
+                    for sign, offset in (("+", 0), ("-", n_vec))
+                }
+                for r in range(atlas.k)
+            ]
+    return {"scale": scale, "pairs": pairs}

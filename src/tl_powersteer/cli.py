@@ -281,7 +281,7 @@ def _run_atlas(args: argparse.Namespace) -> int:
     result = sensitivity_atlas(model, args.prompt, checkpoint=out / "atlas.safetensors", **options)
     seconds = time.perf_counter() - start
     result.to_pandas().to_csv(out / "atlas.csv", index=False)
-    result.to_html(out / "atlas.html")
+    result.to_html(out / "atlas.html", model=model)
     print(
         f"atlas of {len(result.pairs())} pairs ({result.method}) in {seconds:.1f} s; "
         f"open {(out / 'atlas.html').resolve()}"

@@ -8,8 +8,9 @@ the spectral gap σ_k/σ_{k+1}; pairs whose gap is under ``GAP_WARNING`` are fla
 their k-th vector is not separated from the next and should not be trusted on its own.
 
 ``atlas_html`` writes one self-contained page (plotly.js inlined, works offline): the
-heatmap, and a side panel that shows the clicked pair's spectrum as a bar chart. All text
-from prompts and model names is HTML-escaped.
+heatmap, and a side panel that shows the clicked pair's spectrum as a bar chart and, when
+token effects are given, each vector's most promoted and suppressed next tokens for both
+signs. Prompt, model and token text is HTML-escaped or set as plain text, never as markup.
 
 >>> import torch
 >>> from tl_powersteer.plotting import plot_atlas
@@ -116,8 +117,8 @@ def plot_atlas(atlas: SensitivityAtlas, rank: int = 0, *, log: bool = True) -> A
     more = f" (+{len(atlas.prompts) - 1} more)" if atlas.prompts and len(atlas.prompts) > 1 else ""
     fig.update_layout(
         title={
-            "text": f"{html.escape(atlas.model_name)}: {atlas.source_site} -> "
-            f"{atlas.target_site}, {atlas.method}<br><sub>{html.escape(prompt[:80])}{more}</sub>"
+            "text": f"{html.escape(atlas.model_name, quote=False)}: {atlas.source_site} -> "
+            f"{atlas.target_site}, {atlas.method}<br><sub>{html.escape(prompt[:80], quote=False)}{more}</sub>"
         },
         xaxis={"title": {"text": "source layer"}, "type": "category"},
         yaxis={"title": {"text": "target layer"}, "type": "category"},
@@ -132,11 +133,15 @@ _PAGE = """<!DOCTYPE html>
 body {{ font-family: sans-serif; margin: 1em; display: flex; gap: 1em; }}
 #heatmap {{ width: 64%; }}
 #panel {{ width: 34%; border-left: 1px solid #ccc; padding-left: 1em; }}
+table.effect {{ font-size: 0.85em; margin-bottom: 0.8em; border-collapse: collapse; }}
+table.effect td {{ padding: 1px 6px; vertical-align: top; }}
+table.effect caption {{ text-align: left; font-weight: bold; }}
 </style></head>
 <body>
 <div id="heatmap">{figure}</div>
 <div id="panel"><h2 id="panel-title">Click a cell</h2>
-<p id="panel-text">Click a pair to see its spectrum.</p><div id="spectrum"></div></div>
+<p id="panel-text">Click a pair to see its spectrum.</p><div id="spectrum"></div>
+<div id="effects"></div></div>
 <script id="atlas-data" type="application/json">{data}</script>
 <script>
 (function () {{
@@ -152,6 +157,29 @@ body {{ font-family: sans-serif; margin: 1em; display: flex; gap: 1em; }}
     text.textContent = "gap σ" + data.k + "/σ" + (data.k + 1) + " = " + pair.gap.toFixed(3);
     Plotly.newPlot("spectrum", [{{type: "bar", x: pair.sigma.map((_, i) => "σ" + (i + 1)),
       y: pair.sigma}}], {{title: {{text: "singular values"}}, height: 320}});
+    const box = document.getElementById("effects");
+    box.replaceChildren();
+    const vectors = data.effects && data.effects.pairs[s + "," + t];
+    if (!vectors) {{ return; }}
+    const note = document.createElement("p");
+    note.textContent = "Next-token logit changes with each vector added at " +
+      data.effects.scale + " x the source norm:";
+    box.appendChild(note);
+    vectors.forEach(function (effect, i) {{
+      const table = document.createElement("table");
+      table.className = "effect";
+      const caption = table.createCaption();
+      caption.textContent = "v" + (i + 1);
+      ["+", "-"].forEach(function (sign) {{
+        ["promoted", "suppressed"].forEach(function (kind) {{
+          const row = table.insertRow();
+          row.insertCell().textContent = sign + "v " + kind;
+          row.insertCell().textContent = effect[sign][kind]
+            .map(([text, delta]) => JSON.stringify(text) + " " + delta.toPrecision(3)).join(", ");
+        }});
+      }});
+      box.appendChild(table);
+    }});
   }});
 }})();
 </script>
@@ -159,8 +187,17 @@ body {{ font-family: sans-serif; margin: 1em; display: flex; gap: 1em; }}
 """
 
 
-def atlas_html(atlas: SensitivityAtlas, path: str | os.PathLike[str]) -> Path:
-    """Write the atlas browser (see the module docstring) to ``path``, atomically."""
+def atlas_html(
+    atlas: SensitivityAtlas,
+    path: str | os.PathLike[str],
+    *,
+    effects: dict[str, Any] | None = None,
+) -> Path:
+    """Write the atlas browser (see the module docstring) to ``path``, atomically.
+
+    ``effects`` (from :func:`~tl_powersteer.atlas.token_effects`) adds each vector's most
+    promoted and suppressed next tokens, both signs, to the panel.
+    """
     import plotly.io as pio
 
     path = Path(path)
@@ -177,7 +214,8 @@ def atlas_html(atlas: SensitivityAtlas, path: str | os.PathLike[str]) -> Path:
         if not sig.isnan().any():
             pairs[f"{s},{t}"] = {"sigma": [float(v) for v in sig], "gap": float(gaps[s, t])}
     # "</" would end the <script> element early; JSON allows the escaped form.
-    data = json.dumps({"k": atlas.k, "pairs": pairs}).replace("</", "<\\/")
+    payload = {"k": atlas.k, "pairs": pairs, "effects": effects}
+    data = json.dumps(payload).replace("</", "<\\/")
     title = html.escape(f"Sensitivity atlas: {atlas.model_name}")
     page = _PAGE.format(title=title, figure=figure, data=data)
     tmp = path.with_name(f".{path.name}.tmp")

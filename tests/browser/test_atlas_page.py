@@ -8,7 +8,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 
 import tl_powersteer as tps
 
@@ -31,10 +30,12 @@ pytestmark = pytest.mark.skipif(
 
 @pytest.fixture(scope="module")
 def page_file(models: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) -> Path:
-    tokens = torch.tensor([[1, 4, 6, 8, 9, 4, 10, 5]])
-    atlas = tps.sensitivity_atlas(models["native_bridge"], tokens, k=3, progress=False)
-    atlas.prompts = ['<script>document.title="pwned"</script> & more']
-    return atlas.to_html(tmp_path_factory.mktemp("page") / "atlas.html")
+    model = models["hf_bridge"]
+    prompt = "the cat sat on the mat <script>"  # "<script>" is a real token here
+    atlas = tps.sensitivity_atlas(model, prompt, k=3, progress=False)
+    atlas.model_name = '<script>document.title="pwned"</script>'
+    folder = tmp_path_factory.mktemp("page")
+    return atlas.to_html(folder / "atlas.html", model=model, progress=False)
 
 
 def cell_centre(page: Any, source: int, target: int) -> tuple[float, float]:
@@ -62,8 +63,12 @@ def test_page_renders_hovers_and_clicks(page_file: Path, tmp_path: Path) -> None
         page.on("pageerror", lambda exc: errors.append(str(exc)))
         page.goto(page_file.as_uri())
         page.wait_for_selector("#heatmap .heatmaplayer image, #heatmap .hm image", state="attached")
-        assert page.title() == "Sensitivity atlas: native"  # the prompt's script did not run
-        assert "<script>" in page.text_content("#heatmap .gtitle")
+        # The model name's script is shown as text and never runs.
+        assert page.title() == 'Sensitivity atlas: <script>document.title="pwned"</script>'
+        assert '<script>document.title="pwned"</script>' in (
+            page.text_content("#heatmap .gtitle") or ""
+        )
+        assert "<script>" in (page.text_content("#heatmap .gtitle") or "")
 
         x, y = cell_centre(page, 1, 3)
         page.mouse.move(x, y)
@@ -76,6 +81,11 @@ def test_page_renders_hovers_and_clicks(page_file: Path, tmp_path: Path) -> None
         assert page.inner_text("#panel-title") == "L1 -> L3"
         assert "gap" in page.inner_text("#panel-text")
         assert page.locator("#spectrum .bars path").count() == 3
+        tables = page.locator("#effects table.effect")
+        assert tables.count() == 3
+        first = tables.first.inner_text()
+        assert "+v promoted" in first and "-v suppressed" in first
+        assert '"' in first  # token texts are listed, quoted
         page.screenshot(path=str(tmp_path / "atlas.png"))
         browser.close()
     assert errors == []

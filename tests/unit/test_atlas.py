@@ -238,3 +238,53 @@ def test_sketch_checkpoint_resumes(
     )
     torch.testing.assert_close(resumed.singular_values, fresh.singular_values, equal_nan=True)
     assert tps.load(ckpt).co_range_sketch is None
+
+
+def test_token_effects_match_a_direct_steered_run(models: dict[str, Any]) -> None:
+    model = models["hf_bridge"]
+    prompts = ["the cat sat on the mat", "i liked it"]
+    atlas = tps.sensitivity_atlas(model, prompts, sources=[0], targets=[2, 3], k=2, progress=False)
+    effects = atlas_module.token_effects(model, atlas, scale=0.5, top=3, progress=False)
+    assert effects["scale"] == 0.5 and sorted(effects["pairs"]) == ["0,2", "0,3"]
+
+    def delta_logits(vector: torch.Tensor) -> torch.Tensor:
+        rows = []
+        for prompt in prompts:
+            tokens = model.to_tokens(prompt)
+            with torch.no_grad():
+                base = model(tokens)[0, -1]
+                steered = model.run_with_hooks(
+                    tokens, fwd_hooks=[("blocks.0.hook_mlp_out", lambda act, hook: act + vector)]
+                )[0, -1]
+            rows.append(steered - base)
+        return torch.stack(rows).mean(0)
+
+    v = atlas.vectors(0, 3)[1] * 0.5 * atlas.source_norms[0]
+    for sign, direction in (("+", v), ("-", -v)):
+        expected = delta_logits(direction.to(torch.float64))
+        listed = effects["pairs"]["0,3"][1][sign]
+        top_ids = expected.topk(3).indices.tolist()
+        assert [text for text, _ in listed["promoted"]] == [
+            model.tokenizer.decode([i]) for i in top_ids
+        ]
+        assert [d for _, d in listed["promoted"]] == pytest.approx(
+            expected.topk(3).values.tolist(), abs=1e-4
+        )
+        low = expected.topk(3, largest=False)
+        assert [d for _, d in listed["suppressed"]] == pytest.approx(low.values.tolist(), abs=1e-4)
+
+
+def test_token_effects_refuse_another_model(models: dict[str, Any], tokens: torch.Tensor) -> None:
+    atlas = tps.sensitivity_atlas(models["native_bridge"], tokens, k=2, progress=False)
+    with pytest.raises(ValueError, match="scale must be a positive"):
+        atlas_module.token_effects(models["native_bridge"], atlas, scale=0)
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    other = TransformerBridge.boot_native(
+        TransformerBridgeConfig(
+            d_model=8, d_head=4, n_heads=2, n_layers=2, n_ctx=16, d_vocab=20, d_mlp=16
+        )
+    )
+    with pytest.raises(ValueError, match="not the one the atlas was computed on"):
+        atlas_module.token_effects(other, atlas)
