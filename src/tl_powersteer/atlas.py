@@ -327,7 +327,10 @@ def _plan(
         raise ValueError(f"checkpoint must be a .safetensors path, got {str(ckpt)!r}")
     if ckpt is not None and not ckpt.parent.is_dir():
         raise ValueError(f"the folder of checkpoint does not exist: {str(ckpt.parent)!r}")
-    r = min(4 * k + 4, adapter.d_model) if sketch_rank is None else sketch_rank
+    # Layer Jacobians have flat spectra: on Gemma 3 270M (d_model 640, k = 4) the worst
+    # σ error of a pair was 58% at r = 20, 34% at 40, 4% at 80 and 2% at 160.
+    default_rank = min(max(4 * k + 4, adapter.d_model // 8), adapter.d_model)
+    r = default_rank if sketch_rank is None else sketch_rank
     if isinstance(r, bool) or not isinstance(r, int) or not k < r <= adapter.d_model:
         raise ValueError(
             f"sketch_rank must be an int between k + 1 = {k + 1} and d_model = "
@@ -400,8 +403,9 @@ def sensitivity_atlas(
         seed: random start of the power method.
         tol, max_iters: convergence of the power method.
         chunk_size: identity columns per vmapped product in the exact method.
-        sketch_rank: r, the range-sketch width of the sketch method (default 4k + 4, at
-            most d_model); the co-range sketch has 2r + 1 columns.
+        sketch_rank: r, the range-sketch width of the sketch method (default the larger
+            of 4k + 4 and d_model / 8, at most d_model); the co-range sketch has 2r + 1
+            columns. Larger is slower and more accurate.
         progress: show a progress bar over pairs.
     """
     plan = _plan(

@@ -86,3 +86,20 @@ def test_hooked_transformer_matches_bridge(gemma: Any) -> None:
     b = tps.power_steer(gemma, DEMO_PROMPT, source=8, target=16, k=4, tol=1e-6)
     torch.testing.assert_close(a.singular_values, b.singular_values, rtol=1e-4, atol=0)
     assert principal_angles(a.vectors, b.vectors).max() < 1e-2
+
+
+def test_atlas_methods_on_real_pairs(gemma: Any) -> None:
+    pairs = {"sources": [3, 8], "targets": [10, 16], "k": 4, "progress": False}
+    exact = tps.sensitivity_atlas(gemma, DEMO_PROMPT, method="exact", **pairs)
+    power = tps.sensitivity_atlas(gemma, DEMO_PROMPT, method="power", **pairs)
+    sketch = tps.sensitivity_atlas(gemma, DEMO_PROMPT, method="sketch", **pairs)
+    assert sketch.sketch_rank == 80  # d_model / 8
+    for s, t in exact.pairs():
+        J = tps.LayerJacobian(gemma, DEMO_PROMPT, source=s, target=t).dense()
+        S, Vh = torch.linalg.svd(J.double(), full_matrices=False)[1:]
+        torch.testing.assert_close(exact.singular_values[s, t].double(), S[:4], rtol=1e-5, atol=0)
+        assert principal_angles(exact.vectors(s, t), Vh[:4]).max() < 1e-3
+        rel = (power.singular_values[s, t] - exact.singular_values[s, t]).abs()
+        assert (rel / exact.singular_values[s, t]).max() < 1e-3
+        rel = (sketch.singular_values[s, t] - exact.singular_values[s, t]).abs()
+        assert (rel / exact.singular_values[s, t]).max() < 0.1
