@@ -88,23 +88,7 @@ def _steer_options(
             help=f"{name} layer, a block index; negatives count from the end"
             + ("" if default is None else " (default: %(default)s)"),
         )
-    group.add_argument("--k", type=int, default=8, help="number of vectors (default: %(default)s)")
-    group.add_argument(
-        "--positions",
-        type=int,
-        default=4,
-        help="final tokens of each prompt read at the target (default: %(default)s)",
-    )
-    group.add_argument(
-        "--source-site",
-        default="hook_mlp_out",
-        help="hook suffix in the source block where vectors are added (default: %(default)s)",
-    )
-    group.add_argument(
-        "--target-site",
-        default="hook_mlp_out",
-        help="hook suffix in the target block that is read (default: %(default)s)",
-    )
+    _jacobian_options(group, k=8, k_help="number of vectors")
     group.add_argument(
         "--tol",
         type=float,
@@ -121,7 +105,37 @@ def _steer_options(
         default="reverse",
         help="how J V is computed; both are exact (default: %(default)s)",
     )
+
+
+def _jacobian_options(group: Any, *, k: int, k_help: str) -> None:
+    """Options shared by every subcommand that forms layer Jacobians."""
+    group.add_argument("--k", type=int, default=k, help=f"{k_help} (default: %(default)s)")
+    group.add_argument(
+        "--positions",
+        type=int,
+        default=4,
+        help="final tokens of each prompt read at the target (default: %(default)s)",
+    )
+    group.add_argument(
+        "--source-site",
+        default="hook_mlp_out",
+        help="hook suffix in the source block where vectors are added (default: %(default)s)",
+    )
+    group.add_argument(
+        "--target-site",
+        default="hook_mlp_out",
+        help="hook suffix in the target block that is read (default: %(default)s)",
+    )
     group.add_argument("--seed", type=int, default=0, help="random start (default: %(default)s)")
+
+
+def _prompts_option(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--prompt",
+        action="append",
+        required=True,
+        help="prompt text; repeat for several prompts (their Jacobians are stacked)",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -138,12 +152,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Compute the top-k Power Steering vectors of one (source, target) pair, "
         "print a table (singular values, residuals, passes) and save them.",
     )
-    vectors.add_argument(
-        "--prompt",
-        action="append",
-        required=True,
-        help="prompt text; repeat for several prompts (their Jacobians are stacked)",
-    )
+    _prompts_option(vectors)
     _steer_options(vectors, source=None, target=None)
     vectors.add_argument(
         "--out",
@@ -161,12 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--out. Finished source layers are kept in --out/atlas.safetensors as they complete; "
         "rerunning the same command resumes.",
     )
-    atlas.add_argument(
-        "--prompt",
-        action="append",
-        required=True,
-        help="prompt text; repeat for several prompts (their Jacobians are stacked)",
-    )
+    _prompts_option(atlas)
     atlas.add_argument(
         "--sources",
         type=_layer_range,
@@ -185,26 +189,7 @@ def build_parser() -> argparse.ArgumentParser:
         default="auto",
         help="exact, power, sketch, or auto by model size (default: %(default)s)",
     )
-    atlas.add_argument(
-        "--k", type=int, default=4, help="singular values kept per pair (default: %(default)s)"
-    )
-    atlas.add_argument(
-        "--positions",
-        type=int,
-        default=4,
-        help="final tokens of each prompt read at the target (default: %(default)s)",
-    )
-    atlas.add_argument(
-        "--source-site",
-        default="hook_mlp_out",
-        help="hook suffix in each source block where vectors are added (default: %(default)s)",
-    )
-    atlas.add_argument(
-        "--target-site",
-        default="hook_mlp_out",
-        help="hook suffix in each target block that is read (default: %(default)s)",
-    )
-    atlas.add_argument("--seed", type=int, default=0, help="random start (default: %(default)s)")
+    _jacobian_options(atlas, k=4, k_help="singular values kept per pair")
     atlas.add_argument("--out", required=True, help="output folder (created if missing)")
     _model_options(atlas)
     atlas.set_defaults(run=_run_atlas)
