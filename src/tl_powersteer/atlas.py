@@ -8,7 +8,8 @@ right singular vectors, in tensors indexed by layer number: ``singular_values[s,
 Methods:
 
 * ``"exact"``: per source layer, one chunked, vmapped product with the identity captures
-  J_{s,t} for every later target in the same forward pass; then one SVD per pair (float64).
+  J_{s,t} for every later target in the same forward pass; then the top of each pair's
+  spectrum from its float64 Gram matrix JᵀJ.
   Cost: about d_model products per source layer, whatever the number of targets.
 * ``"power"``: per pair, block power iteration (:func:`~tl_powersteer.power_steer`'s engine);
   about 2 · iterations · (k + 5) products per pair. Better for few pairs or a wide model.
@@ -267,11 +268,18 @@ def sketch_reconstruct(
 
 
 def _top_k_svd(J: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(σ_1..σ_k, σ_{k+1}, top-k right vectors with canonical signs), from a float64 SVD."""
-    _, S, Vh = torch.linalg.svd(J.double(), full_matrices=False)
-    nxt = S[k] if S.numel() > k else torch.tensor(0.0, dtype=S.dtype)
-    V = Vh[:k]
-    return S[:k], nxt, V * canonical_signs(V)[:, None]
+    """(σ_1..σ_k, σ_{k+1}, top-k right vectors with canonical signs) of J.
+
+    From the eigendecomposition of the float64 Gram JᵀJ (d x d): four times cheaper than an
+    SVD of the tall J, and for the top of the spectrum just as accurate in float64 (the
+    relative error of σ_i grows like eps · (σ_1 / σ_i)², far below float32 rounding here).
+    """
+    J64 = J.double()
+    evals, evecs = torch.linalg.eigh(J64.T @ J64)
+    order = evals.argsort(descending=True)[: k + 1]
+    S = evals[order].clamp_min(0).sqrt()  # k < d_model, so S holds σ_{k+1} too
+    V = evecs[:, order[:k]].T
+    return S[:k], S[k], V * canonical_signs(V)[:, None]
 
 
 @dataclass
