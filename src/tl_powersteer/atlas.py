@@ -200,6 +200,13 @@ class SensitivityAtlas:
             effects = token_effects(model, self, scale=scale, top=top, progress=progress)
         return atlas_html(self, path, effects=effects)
 
+    def _store(self, s: int, t: int, sig: Tensor, nxt: Tensor, vectors: Tensor) -> None:
+        """Record one pair's top-k, σ_{k+1} and vectors in the atlas's dtype, on the CPU."""
+        dtype = self.singular_values.dtype
+        self.singular_values[s, t] = sig.to("cpu", dtype)
+        self.next_singular_value[s, t] = nxt.to("cpu", dtype)
+        self.right_vectors[s, t] = vectors.to("cpu", dtype)
+
     def _fingerprint(self) -> dict[str, Any]:
         return {
             "model_name": self.model_name,
@@ -474,18 +481,14 @@ def sensitivity_atlas(
                     sig, nxt, V = sketch_reconstruct(
                         Y[op.rows(t)], atlas.co_range_sketch[s, t], psi, k
                     )
-                    atlas.singular_values[s, t] = sig.to(dtype)
-                    atlas.next_singular_value[s, t] = nxt.to(dtype)
-                    atlas.right_vectors[s, t] = V.to(dtype)
+                    atlas._store(s, t, sig, nxt, V)
                     bar.update(1)
             elif method == "exact":
                 op = LayerJacobian(model, prompts, s, later, chunk_size=chunk_size, **options)
                 dense = op.dense()
                 for t in later:
                     sig, nxt, V = _top_k_svd(dense[op.rows(t)], k)
-                    atlas.singular_values[s, t] = sig.to(dtype)
-                    atlas.next_singular_value[s, t] = nxt.to(dtype)
-                    atlas.right_vectors[s, t] = V.to(dtype)
+                    atlas._store(s, t, sig, nxt, V)
                     atlas.converged[s, t] = True
                     bar.update(1)
             else:
@@ -494,9 +497,8 @@ def sensitivity_atlas(
                     found = block_power_iteration(
                         op, k + 1, tol=tol, max_iters=max_iters, seed=seed
                     )
-                    atlas.singular_values[s, t] = found.singular_values[:k].cpu()
-                    atlas.next_singular_value[s, t] = found.singular_values[k].cpu()
-                    atlas.right_vectors[s, t] = found.vectors[:k].cpu()
+                    sig = found.singular_values
+                    atlas._store(s, t, sig[:k], sig[k], found.vectors[:k])
                     atlas.iterations[s, t] = found.iterations
                     atlas.converged[s, t] = found.converged
                     bar.update(1)
