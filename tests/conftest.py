@@ -59,6 +59,15 @@ def seeded() -> Iterator[None]:
     yield
 
 
+@pytest.fixture
+def no_grad() -> Iterator[None]:
+    """For tests that call the shared models directly: a bridge caches its last attention
+    pattern on its modules, and one with an autograd graph would make the model
+    impossible to deepcopy in later tests."""
+    with torch.no_grad():
+        yield
+
+
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
     from tokenizers import Tokenizer, models, pre_tokenizers

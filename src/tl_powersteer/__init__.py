@@ -2,28 +2,48 @@
 
 Add a vector at a source hook, read a later target activation, and take the top right
 singular vectors of the Jacobian between them: the directions the model is most
-sensitive to. See :func:`power_steer` and :class:`LayerJacobian`.
+sensitive to. See :func:`power_steer` and :class:`LayerJacobian`; map every layer pair
+with :func:`sensitivity_atlas`; apply vectors with :func:`steer` and measure them with
+:func:`effect`, beside the baselines :func:`caa_vector`, :func:`probe` and :func:`melbo`.
 """
 
 from .atlas import SensitivityAtlas, sensitivity_atlas
+from .baselines import MelboResult, caa_layer_sweep, caa_vector, melbo, probe
+from .compare import compare_methods, cosine_table
+from .effects import effect, rank_vectors
 from .io import load, save
 from .jacobian import LayerJacobian
 from .models import load_model
 from .plotting import plot_atlas
 from .power import block_power_iteration
 from .power_steering import PowerSteeringResult, power_steer
+from .steering import SteeringVector, generate_steered, random_vectors, steer, typical_norm
 
 __version__ = "0.1.0"
 
 __all__ = [
     "LayerJacobian",
+    "MelboResult",
     "PowerSteeringResult",
     "SensitivityAtlas",
+    "SteeringVector",
     "block_power_iteration",
+    "caa_layer_sweep",
+    "caa_vector",
+    "compare_methods",
+    "cosine_table",
+    "effect",
+    "generate_steered",
     "load",
     "load_model",
+    "melbo",
     "plot_atlas",
     "power_steer",
+    "probe",
+    "random_vectors",
+    "rank_vectors",
     "save",
     "sensitivity_atlas",
+    "steer",
+    "typical_norm",
 ]

@@ -38,9 +38,11 @@ __all__ = [
     "Prompts",
     "TokenBatch",
     "activation_norms",
+    "activations",
     "boot",
     "decode_token",
     "last_token_logits",
+    "steered_logits",
 ]
 
 Prompts = str | Sequence[str] | Tensor
@@ -303,6 +305,74 @@ class ModelAdapter:
 
         return run
 
+    @contextmanager
+    def hooks(self, fwd_hooks: Sequence[tuple[str, Callable[..., Any]]]) -> Iterator[None]:
+        """Forward hooks that live exactly as long as the ``with`` block, exceptions included.
+
+        Both model classes remove only the hooks of this context on exit, so contexts nest
+        and compose with hooks the user added.
+        """
+        with self.model.hooks(fwd_hooks=list(fwd_hooks)):
+            yield
+
+    def sequence_hooks(self) -> tuple[str, str | None]:
+        """Hooks that tell where a forward pass sits in its sequence: the first block's
+        input (seen first in every pass) and, where the model has it, the first block's
+        attention scores, whose key axis is longer than the query axis exactly when a KV
+        cache holds earlier tokens."""
+        scores = "blocks.0.attn.hook_attn_scores"
+        return "blocks.0.hook_resid_pre", scores if scores in self.model.hook_dict else None
+
+    def generate(
+        self,
+        tokens: Int[Tensor, "batch seq"],
+        *,
+        max_new_tokens: int,
+        greedy: bool,
+        use_cache: bool = True,
+        stop_at_eos: bool = True,
+    ) -> Int[Tensor, "batch total"]:
+        """The prompt tokens followed by the generated ones (sampling uses torch's RNG)."""
+        with torch.no_grad(), _tensor_attributes_kept(self.model):
+            out = self.model.generate(
+                tokens.to(self.device),
+                max_new_tokens=max_new_tokens,
+                do_sample=not greedy,
+                use_past_kv_cache=use_cache,
+                stop_at_eos=stop_at_eos,
+                verbose=False,
+            )
+        # HookedTransformer generates under inference mode; a clone made outside it is an
+        # ordinary tensor that later autograd-tracked passes may use.
+        return out.clone()
+
+    def decode(self, tokens: Int[Tensor, " seq"]) -> str:
+        """Text of a token sequence (``#id`` per token for a model without a tokenizer)."""
+        tokenizer = getattr(self.model, "tokenizer", None)
+        if tokenizer is None:
+            return " ".join(f"#{int(t)}" for t in tokens)
+        return str(tokenizer.decode(tokens.tolist()))
+
+    def single_token(self, answer: str | int, what: str) -> int:
+        """The id of an answer given as one token's text or id."""
+        if isinstance(answer, bool) or not isinstance(answer, (str, int)):
+            raise TypeError(f"{what} must be a token's text or id, got {answer!r}")
+        vocab = int(self.model.cfg.d_vocab)
+        if isinstance(answer, int):
+            if not 0 <= answer < vocab:
+                raise ValueError(f"{what}={answer} is not a token id (0..{vocab - 1})")
+            return answer
+        if getattr(self.model, "tokenizer", None) is None:
+            raise ValueError(f"{what}={answer!r}: the model has no tokenizer, give a token id")
+        ids = self.model.to_tokens(answer, prepend_bos=False)[0].tolist()
+        if len(ids) != 1:
+            pieces = [self.model.tokenizer.decode([i]) for i in ids]
+            raise ValueError(
+                f"{what}={answer!r} is {len(ids)} tokens {pieces}, not one; answers are "
+                "compared as single next tokens (mind the leading space, e.g. ' great')"
+            )
+        return int(ids[0])
+
 
 def boot(
     name_or_path: str,
@@ -345,11 +415,69 @@ def boot(
 
 def activation_norms(adapter: ModelAdapter, batch: TokenBatch, hooks: Sequence[str]) -> Tensor:
     """Median L2 norm over real tokens of each hook's activation, from one forward pass."""
-    run = adapter.segment(batch, [hooks[0]], hooks)
-    zero = torch.zeros(1, adapter.d_model, dtype=adapter.dtype, device=adapter.device)
-    with torch.no_grad():
-        acts = run(zero, False)
+    acts = activations(adapter, batch, hooks)
     return torch.stack([act[batch.mask].float().norm(dim=-1).median() for act in acts])
+
+
+def steered_logits(
+    adapter: ModelAdapter,
+    batch: TokenBatch,
+    hook: str,
+    deltas: Float[Tensor, "m d_model"],
+    *,
+    weights: Float[Tensor, "batch seq"] | None = None,
+    last_only: bool = True,
+    chunk: int = 8,
+) -> Float[Tensor, "m batch *rest"]:
+    """Full-model logits with ``deltas[i]`` added at ``hook``, for each i; a zero delta gives
+    the unsteered logits.
+
+    ``weights`` multiplies the delta at each position (default: 1 on real tokens, 0 on
+    pads). With ``last_only`` only each prompt's last real token is returned
+    (``[m, batch, vocab]``), else every position (``[m, batch, seq, vocab]``). Runs
+    ``chunk`` deltas per forward pass: logits over a large vocabulary dominate memory.
+    """
+    model, tokens = adapter.model, batch.tokens
+    if weights is None:
+        weights = batch.mask.to(adapter.dtype)
+    weights = weights.to(adapter.device, adapter.dtype)
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    last = batch.lengths - 1
+    # With a large vocabulary the unembedding of every position costs more than the
+    # blocks: for the last token only, stop at the unembedding's input and apply it there.
+    unembed_in = "unembed.hook_in" if last_only and "unembed.hook_in" in model.hook_dict else None
+    out = []
+    for start in range(0, deltas.shape[0], chunk):
+        block = deltas[start : start + chunk].to(adapter.device, adapter.dtype)
+        m = block.shape[0]
+        shift = (block[:, None, None, :] * weights[None, :, :, None]).flatten(0, 1)
+        seen: dict[str, Tensor] = {}
+
+        def add(act: Tensor, hook: Any, shift: Tensor = shift) -> Tensor:
+            return act + shift
+
+        def grab(act: Tensor, hook: Any, seen: dict[str, Tensor] = seen) -> None:
+            seen["x"] = act
+            raise _StopForward
+
+        fwd: list[tuple[str, Callable[..., Any]]] = [(hook, add)]
+        if unembed_in is not None:
+            fwd.append((unembed_in, grab))
+        with torch.no_grad(), _tensor_attributes_kept(model):
+            try:
+                with model.hooks(fwd_hooks=fwd):
+                    logits = model(tokens.repeat(m, 1))
+            except _StopForward:
+                x = seen["x"].view(m, tokens.shape[0], tokens.shape[1], -1)[:, rows, last]
+                logits = model.unembed(x.reshape(-1, 1, x.shape[-1]))
+        if unembed_in is not None:
+            picked = logits.view(m, tokens.shape[0], -1)
+        else:
+            logits = logits.view(m, tokens.shape[0], tokens.shape[1], -1)
+            picked = logits[:, rows, last] if last_only else logits
+        # Half-precision logits are widened; float64 models keep their precision.
+        out.append((picked if picked.dtype == torch.float64 else picked.float()).cpu())
+    return torch.cat(out)
 
 
 def last_token_logits(
@@ -360,29 +488,18 @@ def last_token_logits(
     *,
     chunk: int = 8,
 ) -> Float[Tensor, "m batch vocab"]:
-    """Full-model logits at each prompt's last token, with ``deltas[i]`` added at ``hook``
-    on every real position, for each i; a zero delta gives the unsteered logits.
+    """Logits at each prompt's last token with ``deltas[i]`` added on every real position."""
+    return steered_logits(adapter, batch, hook, deltas, chunk=chunk)
 
-    Runs ``chunk`` deltas per forward pass: logits over a large vocabulary at every position
-    dominate memory.
-    """
-    model, tokens, mask = adapter.model, batch.tokens, batch.mask
-    rows = torch.arange(tokens.shape[0], device=tokens.device)
-    last = batch.lengths - 1
-    out = []
-    for start in range(0, deltas.shape[0], chunk):
-        block = deltas[start : start + chunk].to(adapter.device, adapter.dtype)
-        m = block.shape[0]
-        shift = (block[:, None, None, :] * mask[None, :, :, None].to(adapter.dtype)).flatten(0, 1)
 
-        def add(act: Tensor, hook: Any, shift: Tensor = shift) -> Tensor:
-            return act + shift
-
-        with torch.no_grad(), _tensor_attributes_kept(model), model.hooks(fwd_hooks=[(hook, add)]):
-            logits = model(tokens.repeat(m, 1))
-        logits = logits.view(m, tokens.shape[0], tokens.shape[1], -1)
-        out.append(logits[:, rows, last].float().cpu())
-    return torch.cat(out)
+def activations(
+    adapter: ModelAdapter, batch: TokenBatch, hooks: Sequence[str]
+) -> list[Float[Tensor, "batch seq d_model"]]:
+    """Unsteered activations at ``hooks`` from one forward pass (stopped after the last)."""
+    run = adapter.segment(batch, [hooks[0]], hooks)
+    zero = torch.zeros(1, adapter.d_model, dtype=adapter.dtype, device=adapter.device)
+    with torch.no_grad():
+        return [act.detach() for act in run(zero, False)]
 
 
 def decode_token(model: Any, token: int) -> str:

@@ -62,6 +62,8 @@ from .adapters import (
 )
 from .jacobian import LayerJacobian
 from .power import block_power_iteration, canonical_signs
+from .power_steering import power_steering_vector
+from .steering import SteeringVector
 
 __all__ = [
     "ATLAS_METHODS",
@@ -135,6 +137,39 @@ class SensitivityAtlas:
         if source not in self.completed_sources:
             raise ValueError(f"source layer {source} has not been computed yet")
         return self.right_vectors[source, target]
+
+    def steering_vectors(
+        self, pairs: Sequence[tuple[int, int]] | None = None, *, top: int | None = None
+    ) -> list[SteeringVector]:
+        """The top vectors of the given pairs (default every computed pair) as
+        :class:`SteeringVector` objects, e.g. to screen with :func:`rank_vectors`."""
+        top = self.k if top is None else top
+        if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= self.k:
+            raise ValueError(f"top must be an int between 1 and k = {self.k}, got {top!r}")
+        chosen = (
+            [(s, t) for s, t in self.pairs() if s in self.completed_sources]
+            if pairs is None
+            else list(pairs)
+        )
+        out = []
+        for s, t in chosen:
+            V = self.vectors(s, t)
+            for rank in range(top):
+                out.append(
+                    power_steering_vector(
+                        V[rank],
+                        source=s,
+                        target=t,
+                        source_site=self.source_site,
+                        target_site=self.target_site,
+                        positions=self.positions,
+                        rank=rank,
+                        singular_value=float(self.singular_values[s, t, rank]),
+                        model_name=self.model_name,
+                        atlas_method=self.method,
+                    )
+                )
+        return out
 
     def spectral_gap(self) -> Float[Tensor, "n_layers n_layers"]:
         """σ_k / σ_{k+1} per pair: near 1, the k-th vector is not separated from the next."""

@@ -5,8 +5,11 @@ Subcommands:
 * ``vectors``: Power Steering vectors for one (source, target) pair; prints a table and
   saves them to a ``.safetensors`` file.
 * ``atlas``: the sensitivity atlas of every layer pair, with its HTML browser.
+* ``steer``: vectors from Power Steering, MELBO and (given contrast pairs) CAA for one
+  pair, steered generations for both signs, and a table of measured effects.
 * ``demo``: the main job on the embedded model (Gemma 3 270M) with a built-in prompt that
-  has a decision fork, writing its outputs to a folder it names at the end.
+  has a decision fork: vectors, steered generations and effects, written to a folder it
+  names at the end.
 
 Every subcommand runs in-process through :func:`main`, which returns the exit code: bad
 arguments print one line and return 2, before any model is loaded where possible, and
@@ -30,20 +33,26 @@ from typing import Any, NoReturn
 
 import torch
 
+from .adapters import ModelAdapter
 from .atlas import ATLAS_METHODS, sensitivity_atlas, validate_atlas_arguments
+from .baselines import caa_vector, melbo
+from .effects import effect
 from .jacobian import JVP_METHODS
 from .models import EMBEDDED_MODEL, KINDS, load_model
 from .power_steering import PowerSteeringResult, power_steer
+from .steering import SCALE_MODES, SteeringVector, generations, typical_norm
 
-__all__ = ["DEMO_PAIR", "DEMO_PROMPT", "main"]
+__all__ = ["DEMO_ANSWERS", "DEMO_PAIR", "DEMO_PROMPT", "main"]
 
 PROG = "tl-powersteer"
 # A sentiment fork: Gemma 3 270M continues it with " a bit of a letdown", and a few of
 # the (8, 16) vectors at small scales turn it warm, while random directions do not.
 DEMO_PROMPT = "I watched the film last night. Honestly, the movie was"
 DEMO_PAIR = (8, 16)
+DEMO_ANSWERS = (" great", " terrible")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
-_DEMO_MARKER = "summary.md"
+_MARKER = "summary.md"
+STEER_METHODS = ("power_steering", "melbo", "caa")
 
 
 class UsageError(Exception):
@@ -129,6 +138,45 @@ def _jacobian_options(group: Any, *, k: int, k_help: str) -> None:
     group.add_argument("--seed", type=int, default=0, help="random start (default: %(default)s)")
 
 
+def _steering_options(
+    parser: argparse.ArgumentParser, *, answers: list[str] | None, scales: list[float]
+) -> None:
+    """Options of the steered generations and the effect table (``steer`` and ``demo``)."""
+    group = parser.add_argument_group("steering and effects")
+    group.add_argument(
+        "--scales",
+        type=_number_list,
+        default=scales,
+        help="comma list of scales, in --scale-mode units (default: "
+        + ",".join(f"{x:g}" for x in scales)
+        + ")",
+    )
+    group.add_argument(
+        "--scale-mode",
+        choices=SCALE_MODES,
+        default="kl",
+        help="kl: next-token KL in nats; relative: times the activation's typical norm; "
+        "absolute (default: %(default)s)",
+    )
+    group.add_argument(
+        "--answers",
+        nargs=2,
+        default=answers,
+        metavar=("A", "B"),
+        help="two single-token answers of a decision fork; effects are logit(A) - logit(B)"
+        + (" (default: %(default)s)" if answers else ", else the next-token KL"),
+    )
+    group.add_argument(
+        "--max-new-tokens", type=int, default=30, help="tokens generated (default: %(default)s)"
+    )
+    group.add_argument(
+        "--controls",
+        type=int,
+        default=2,
+        help="random directions measured beside the vectors (default: %(default)s)",
+    )
+
+
 def _prompts_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prompt",
@@ -194,20 +242,72 @@ def build_parser() -> argparse.ArgumentParser:
     _model_options(atlas)
     atlas.set_defaults(run=_run_atlas)
 
+    steer = sub.add_parser(
+        "steer",
+        help="find vectors for one pair with several methods, steer, and measure",
+        description="Find steering vectors for one (source, target) pair with Power Steering, "
+        "MELBO and, given --positive/--negative pairs, CAA; generate from the first prompt "
+        "with each vector at each scale and both signs; measure each vector's effect on every "
+        "prompt (the logit difference of --answers, else the next-token KL), with random "
+        "directions as control. Writes vectors/, generations.csv, effects.csv and summary.md "
+        "to --out.",
+    )
+    _prompts_option(steer)
+    _steer_options(steer, source=None, target=None)
+    group = steer.add_argument_group("methods and steering")
+    group.add_argument(
+        "--methods",
+        type=_method_list,
+        default=None,
+        help=f"comma list from {', '.join(STEER_METHODS)} (default: power_steering,melbo, "
+        "and caa when --positive/--negative are given)",
+    )
+    group.add_argument(
+        "--positive", action="append", default=None, help="CAA positive prompt; repeat"
+    )
+    group.add_argument(
+        "--negative", action="append", default=None, help="CAA negative prompt, paired; repeat"
+    )
+    group.add_argument(
+        "--melbo-radius",
+        type=float,
+        default=None,
+        help="MELBO vector norm (default: the source activation's robust typical norm)",
+    )
+    group.add_argument(
+        "--melbo-steps", type=int, default=200, help="MELBO steps per vector (default: %(default)s)"
+    )
+    _steering_options(steer, answers=None, scales=[0.5, 2.0])
+    steer.add_argument(
+        "--out",
+        required=True,
+        help="output folder; must be new, empty, or a previous output of this command",
+    )
+    _model_options(steer)
+    steer.set_defaults(run=_run_steer)
+
     demo = sub.add_parser(
         "demo",
         help="run the main job on the embedded model",
         description=f"Compute Power Steering vectors of Gemma 3 270M for the pair "
         f"{DEMO_PAIR[0]} -> {DEMO_PAIR[1]} on a built-in decision-fork prompt "
-        f"({DEMO_PROMPT!r}) and write them, with a table and a summary, to a folder.",
+        f"({DEMO_PROMPT!r}), steer generations with them (both signs, at matched KL), "
+        f"measure how they move logit({DEMO_ANSWERS[0]!r}) - logit({DEMO_ANSWERS[1]!r}) "
+        "against random directions, and write it all, with a summary, to a folder.",
     )
     demo.add_argument(
         "--out",
         default="powersteer-demo",
         help="output folder; a previous demo folder there is replaced (default: %(default)s)",
     )
-    demo.add_argument("--prompt", default=DEMO_PROMPT, help="prompt (default: the built-in one)")
+    demo.add_argument(
+        "--prompt",
+        action="append",
+        default=None,
+        help="prompt; repeat for several (default: the built-in one)",
+    )
     _steer_options(demo, source=DEMO_PAIR[0], target=DEMO_PAIR[1])
+    _steering_options(demo, answers=list(DEMO_ANSWERS), scales=[1.0])
     _model_options(demo)
     demo.set_defaults(run=_run_demo)
     return parser
@@ -224,6 +324,26 @@ def _layer_range(text: str) -> list[int] | slice:
         raise argparse.ArgumentTypeError(
             f"expected start:stop or a comma list of layers, got {text!r}"
         ) from err
+
+
+def _method_list(text: str) -> list[str]:
+    methods = [part.strip() for part in text.split(",") if part.strip()]
+    unknown = [m for m in methods if m not in STEER_METHODS]
+    if unknown or not methods:
+        raise argparse.ArgumentTypeError(
+            f"unknown method(s) {unknown or text!r}; choose from {', '.join(STEER_METHODS)}"
+        )
+    return methods
+
+
+def _number_list(text: str) -> list[float]:
+    try:
+        values = [float(part) for part in text.split(",")]
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(f"expected a comma list of numbers, got {text!r}") from err
+    if any(not v == v or v in (float("inf"), float("-inf")) or v < 0 for v in values):
+        raise argparse.ArgumentTypeError(f"scales must be finite and non-negative, got {text!r}")
+    return values
 
 
 def _resolve_layers(value: list[int] | slice | None, n_layers: int) -> list[int] | None:
@@ -349,7 +469,7 @@ def _run_vectors(args: argparse.Namespace) -> int:
     return 0
 
 
-def _summary(res: PowerSteeringResult, seconds: float, prompt: str) -> str:
+def _summary(res: PowerSteeringResult, seconds: float, prompt: str, steering: list[str]) -> str:
     return "\n".join(
         [
             "# Power Steering demo",
@@ -360,42 +480,234 @@ def _summary(res: PowerSteeringResult, seconds: float, prompt: str) -> str:
             _report(res, seconds),
             "```",
             "",
+            *steering,
             "Files:",
             "- `vectors.safetensors`: the vectors and their metadata; load with "
             "`tl_powersteer.load(path)`.",
-            "- `vectors.csv`: the table above.",
+            "- `vectors.csv`: the table of singular values above.",
+            "- `effects.csv`, `generations.csv`: the steering tables above, per prompt.",
             "",
-            "Each row of `vectors` is a unit direction at the source hook. Add it, times a "
-            "scale, to that hook during generation and compare with the unsteered text; "
-            "try both signs, since singular vectors have none of their own.",
+            "Each vector is a unit direction at the source hook, added times a scale during "
+            "generation; both signs are tried, since singular vectors have none of their own. "
+            "Random directions at the same KL are the control.",
             "",
         ]
     )
 
 
-def _run_demo(args: argparse.Namespace) -> int:
-    _check_numbers(args)
-    out = Path(args.out)
-    if out.exists() and not (out.is_dir() and (out / _DEMO_MARKER).is_file()):
+def _check_out_folder(out: Path) -> None:
+    """Refuse an ``--out`` that holds anything but a previous output of this program."""
+    if out.exists() and not (
+        out.is_dir() and ((out / _MARKER).is_file() or not any(out.iterdir()))
+    ):
         raise UsageError(
-            f"--out {str(out)!r} exists and is not a previous demo folder; choose another --out"
+            f"--out {str(out)!r} exists and is not a previous output folder; choose another --out"
         )
     if not out.parent.is_dir():
         raise UsageError(f"the folder of --out does not exist: {str(out.parent)!r}")
-    model = _load(args)
-    res, seconds = _compute(model, [args.prompt], args)
-    print(_report(res, seconds))
-    # Written beside the destination and renamed at the end: no half-written folder.
+
+
+def _write_folder(out: Path, write: Any) -> None:
+    """``write(folder)`` into a temporary folder beside ``out``, then swap it in: an
+    interrupted run leaves the previous output (or nothing), never a half-written one."""
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
-        res.save(tmp / "vectors.safetensors")
-        res.to_pandas().to_csv(tmp / "vectors.csv", index=False)
-        (tmp / _DEMO_MARKER).write_text(_summary(res, seconds, args.prompt))
+        write(tmp)
         if out.exists():
             shutil.rmtree(out)
         tmp.rename(out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _steering_methods(args: argparse.Namespace) -> list[str]:
+    pairs = args.positive is not None or args.negative is not None
+    if pairs and (args.positive is None or args.negative is None):
+        raise UsageError("CAA needs both --positive and --negative prompts")
+    if pairs and len(args.positive) != len(args.negative):
+        raise UsageError(
+            f"got {len(args.positive)} --positive and {len(args.negative)} --negative prompts; "
+            "CAA pairs them, give the same number"
+        )
+    methods = args.methods or ["power_steering", "melbo"] + (["caa"] if pairs else [])
+    if "caa" in methods and not pairs:
+        raise UsageError("--methods caa needs --positive and --negative prompt pairs")
+    if args.melbo_radius is not None and not args.melbo_radius > 0:
+        raise UsageError(f"--melbo-radius must be positive, got {args.melbo_radius}")
+    if args.melbo_steps < 1:
+        raise UsageError(f"--melbo-steps must be at least 1, got {args.melbo_steps}")
+    return methods
+
+
+def _check_steering(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.controls < 0:
+        raise UsageError(f"--controls must be non-negative, got {args.controls}")
+
+
+def _find_vectors(
+    model: Any, args: argparse.Namespace, methods: list[str]
+) -> tuple[list[SteeringVector], list[str]]:
+    """Every requested method's vectors, and one report line per method."""
+    vectors: list[SteeringVector] = []
+    lines = []
+    if "power_steering" in methods:
+        res, seconds = _compute(model, args.prompt, args)
+        vectors += res.steering_vectors()
+        lines.append(
+            f"power_steering: {res.k} vectors, {res.n_jvp + res.n_vjp} JVP/VJP products, "
+            f"{seconds:.1f} s, sigma {', '.join(f'{x:.3g}' for x in res.singular_values.tolist())}"
+        )
+    if "melbo" in methods:
+        radius = args.melbo_radius or typical_norm(
+            model, args.prompt, args.source, args.source_site
+        )
+        mel = melbo(
+            model, args.prompt, args.source, args.target, n_vectors=args.k, radius=radius,
+            steps=args.melbo_steps, positions=args.positions, source_site=args.source_site,
+            target_site=args.target_site, seed=args.seed,
+        )  # fmt: skip
+        vectors += [mel.steering_vector(i) for i in range(args.k)]
+        lines.append(
+            f"melbo: {args.k} vectors at radius {radius:.4g}, {mel.n_forward} forward + "
+            f"{mel.n_backward} backward passes, {mel.seconds:.1f} s"
+        )
+    if "caa" in methods:
+        vectors.append(
+            caa_vector(model, args.positive, args.negative, args.source, site=args.source_site)
+        )
+        lines.append(f"caa: 1 vector from {len(args.positive)} prompt pairs")
+    return vectors, lines
+
+
+def _check_answers(model: Any, args: argparse.Namespace) -> None:
+    """Answers must be single tokens of this model: checked before any computation."""
+    for answer in args.answers or []:
+        ModelAdapter(model).single_token(answer, "--answers")
+
+
+def _steering_stage(
+    model: Any, args: argparse.Namespace, vectors: list[SteeringVector]
+) -> tuple[Any, Any, list[str]]:
+    """Effects on every prompt and generations from the first, with their summary lines."""
+    metric: dict[str, Any] = (
+        {"metric": "logit_diff", "answers": tuple(args.answers)} if args.answers else {}
+    )
+    effects = effect(
+        model, args.prompt, vectors, args.scales, scale_mode=args.scale_mode,
+        controls=args.controls, seed=args.seed, **metric,
+    )  # fmt: skip
+    # Generate at the scales the effect table used (calibrated on all prompts), rather
+    # than calibrating again on the first prompt alone.
+    by_name = {v.name: v for v in vectors}
+    used = effects[effects["vector"].isin(list(by_name))].drop_duplicates(
+        ["vector", "sign", "scale"]
+    )
+    plan = [
+        (by_name[r.vector], int(r.sign), float(r.scale), int(r.sign) * float(r.absolute_scale))
+        for r in used.itertuples()
+    ]
+    texts = generations(
+        model, ModelAdapter(model).tokenize(args.prompt[0]).tokens, plan,
+        max_new_tokens=args.max_new_tokens, seed=args.seed,
+    )  # fmt: skip
+    means = (
+        effects.groupby(["vector", "method", "sign", "scale"], sort=False)[
+            ["absolute_scale", "kl", "delta"]
+        ]
+        .mean()
+        .reset_index()
+    )
+    measured = (
+        f"logit({args.answers[0]!r}) - logit({args.answers[1]!r})" if args.answers else "the KL"
+    )
+    lines = [
+        f"## Effects: change of {measured}, mean over prompts "
+        f"(scales {args.scales} in {args.scale_mode} units)",
+        "",
+        "```",
+        means.to_string(index=False, float_format="{:.4g}".format),
+        "```",
+        "",
+        f"## Generations from {args.prompt[0]!r}",
+        "",
+        "```",
+        texts.drop(columns=["site", "layer"]).to_string(index=False, max_colwidth=90),
+        "```",
+        "",
+    ]
+    return effects, texts, lines
+
+
+def _run_steer(args: argparse.Namespace) -> int:
+    _check_numbers(args)
+    if any(not p.strip() for p in args.prompt):
+        raise UsageError("--prompt must not be empty")
+    methods = _steering_methods(args)
+    _check_steering(args)
+    out = Path(args.out)
+    _check_out_folder(out)
+    model = _load(args)
+    _check_answers(model, args)
+    vectors, found = _find_vectors(model, args, methods)
+    for line in found:
+        print(line)
+    effects, texts, lines = _steering_stage(model, args, vectors)
+    summary = "\n".join(
+        [
+            "# Steering",
+            "",
+            f"Prompts: {args.prompt!r}; pair L{args.source} {args.source_site} -> "
+            f"L{args.target} {args.target_site}.",
+            "",
+            *[f"- {line}" for line in found],
+            "",
+            *lines,
+            "Files: `vectors/*.safetensors` (load with `tl_powersteer.load`), "
+            "`effects.csv` (per prompt), `generations.csv`.",
+            "",
+        ]
+    )
+
+    def write(folder: Path) -> None:
+        (folder / "vectors").mkdir()
+        for i, v in enumerate(vectors):
+            v.save(folder / "vectors" / f"{i:02d}_{v.method}.safetensors")
+        effects.to_csv(folder / "effects.csv", index=False)
+        texts.to_csv(folder / "generations.csv", index=False)
+        (folder / _MARKER).write_text(summary)
+
+    _write_folder(out, write)
+    print(summary)
+    print(f"outputs written to {out.resolve()}")
+    return 0
+
+
+def _run_demo(args: argparse.Namespace) -> int:
+    _check_numbers(args)
+    args.prompt = args.prompt or [DEMO_PROMPT]
+    if any(not p.strip() for p in args.prompt):
+        raise UsageError("--prompt must not be empty")
+    _check_steering(args)
+    out = Path(args.out)
+    _check_out_folder(out)
+    model = _load(args)
+    _check_answers(model, args)
+    res, seconds = _compute(model, args.prompt, args)
+    print(_report(res, seconds))
+    effects, texts, lines = _steering_stage(model, args, res.steering_vectors())
+    summary = _summary(res, seconds, args.prompt[0], lines)
+    print("\n".join(lines))
+
+    def write(folder: Path) -> None:
+        res.save(folder / "vectors.safetensors")
+        res.to_pandas().to_csv(folder / "vectors.csv", index=False)
+        effects.to_csv(folder / "effects.csv", index=False)
+        texts.to_csv(folder / "generations.csv", index=False)
+        (folder / _MARKER).write_text(summary)
+
+    _write_folder(out, write)
     print(f"demo outputs written to {out.resolve()}")
     return 0
 

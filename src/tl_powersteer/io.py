@@ -33,7 +33,9 @@ from safetensors.torch import load_file, save_file
 from torch import Tensor
 
 from .atlas import SensitivityAtlas
+from .baselines.melbo import MelboResult
 from .power_steering import PowerSteeringResult
+from .steering import SteeringVector
 
 __all__ = ["save", "load", "SCHEMA_VERSION"]
 
@@ -42,6 +44,8 @@ _HEADER_KEY = "tl_powersteer"
 _KINDS: dict[str, type] = {
     "PowerSteeringResult": PowerSteeringResult,
     "SensitivityAtlas": SensitivityAtlas,
+    "SteeringVector": SteeringVector,
+    "MelboResult": MelboResult,
 }
 
 

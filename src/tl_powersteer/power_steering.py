@@ -36,8 +36,39 @@ from torch import Tensor
 from .adapters import ModelAdapter, Prompts
 from .jacobian import LayerJacobian
 from .power import block_power_iteration, check_iteration_args
+from .steering import SteeringVector
 
 __all__ = ["PowerSteeringResult", "power_steer"]
+
+
+def power_steering_vector(
+    direction: Tensor,
+    *,
+    source: int,
+    target: int,
+    source_site: str,
+    target_site: str,
+    positions: int,
+    rank: int,
+    singular_value: float,
+    **provenance: Any,
+) -> SteeringVector:
+    """A right singular vector as a :class:`SteeringVector`, with where it came from."""
+    return SteeringVector(
+        direction.clone(),
+        layer=source,
+        site=source_site,
+        method="power_steering",
+        metadata={
+            "name": f"power_steering L{source}->L{target} #{rank}",
+            "target": target,
+            "target_site": target_site,
+            "positions": positions,
+            "rank": rank,
+            "singular_value": singular_value,
+            **provenance,
+        },
+    )
 
 
 @dataclass
@@ -77,6 +108,28 @@ class PowerSteeringResult:
         from .io import save
 
         save(self, path)
+
+    def steering_vector(self, i: int = 0) -> SteeringVector:
+        """Right singular vector ``i`` as a :class:`SteeringVector` at the source hook."""
+        if isinstance(i, bool) or not isinstance(i, int) or not -self.k <= i < self.k:
+            raise ValueError(f"vector index {i!r} is out of range: this result has k={self.k}")
+        i %= self.k
+        return power_steering_vector(
+            self.vectors[i],
+            source=self.source,
+            target=self.target,
+            source_site=self.source_site,
+            target_site=self.target_site,
+            positions=self.positions,
+            rank=i,
+            singular_value=float(self.singular_values[i]),
+            model_name=self.model_name,
+            prompts=self.prompts,
+        )
+
+    def steering_vectors(self) -> list[SteeringVector]:
+        """All k vectors, in rank order."""
+        return [self.steering_vector(i) for i in range(self.k)]
 
     def to_pandas(self) -> Any:
         """One row per vector: rank, singular value, residual."""

@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -95,13 +96,22 @@ def test_demo_writes_and_replaces_its_folder(
 ) -> None:
     out = tmp_path / "demo"
     args = ["demo", "--model", gpt2_dir, "--source", "0", "--target", "3", "--k", "2",
-            "--prompt", "the movie was not very good but so", "--out", str(out)]  # fmt: skip
+            "--prompt", "the movie was not very good but so", "--answers", "good", "bad",
+            "--scale-mode", "absolute", "--scales", "0,5", "--max-new-tokens", "4",
+            "--out", str(out)]  # fmt: skip
     assert main(args) == 0
     assert sorted(p.name for p in out.iterdir()) == [
+        "effects.csv",
+        "generations.csv",
         "summary.md",
         "vectors.csv",
         "vectors.safetensors",
     ]
+    generations = pd.read_csv(out / "generations.csv", keep_default_na=False)
+    assert len(generations) == 1 + 2 * 2 * 2  # baseline, then 2 vectors x 2 signs x 2 scales
+    effects = pd.read_csv(out / "effects.csv")
+    assert set(effects["method"]) == {"power_steering", "random"}
+    assert effects[effects["scale"] == 0]["delta"].abs().max() == 0
     assert f"demo outputs written to {out.resolve()}" in capsys.readouterr().out
     first = tps.load(out / "vectors.safetensors")
     assert (first.source, first.target, first.k) == (0, 3, 2)
@@ -115,14 +125,14 @@ def test_demo_refuses_a_foreign_folder(tmp_path: Path, capsys: pytest.CaptureFix
     (tmp_path / "mine").mkdir()
     (tmp_path / "mine" / "notes.txt").write_text("keep me")
     assert main(["demo", "--out", str(tmp_path / "mine")]) == 2
-    assert "not a previous demo folder" in capsys.readouterr().err
+    assert "not a previous output folder" in capsys.readouterr().err
     assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
 
 
 def test_every_option_is_explained() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"vectors", "atlas", "demo"}
+    assert set(sub.choices) == {"vectors", "atlas", "steer", "demo"}
     for name, subparser in sub.choices.items():
         for action in subparser._actions:
             if action.dest != "help":
@@ -185,3 +195,83 @@ def test_atlas_bad_arguments_leave_nothing(
     line = capsys.readouterr().err.splitlines()[-1]
     assert line.startswith("tl-powersteer: error: ") and message in line
     assert list(tmp_path.iterdir()) == []
+
+
+def steer_args(gpt2_dir: str, out: Path, *extra: str) -> list[str]:
+    return [
+        "steer", "--prompt", "the movie was not very good but so", "--prompt", "i liked it",
+        "--source", "1", "--target", "3", "--k", "2", "--model", gpt2_dir, "--dtype", "float64",
+        "--positive", "the movie was good", "--negative", "the movie was bad",
+        "--melbo-steps", "10", "--scale-mode", "absolute", "--scales", "3",
+        "--answers", "good", "bad", "--max-new-tokens", "3", "--controls", "1",
+        "--out", str(out), *extra,
+    ]  # fmt: skip
+
+
+def test_steer_compares_methods(
+    gpt2_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "steer"
+    assert main(steer_args(gpt2_dir, out)) == 0
+    printed = capsys.readouterr().out
+    assert "power_steering: 2 vectors" in printed and "melbo: 2 vectors" in printed
+    assert "caa: 1 vector from 1 prompt pairs" in printed
+    names = sorted(p.name for p in (out / "vectors").iterdir())
+    assert names == [
+        "00_power_steering.safetensors", "01_power_steering.safetensors",
+        "02_melbo.safetensors", "03_melbo.safetensors", "04_caa.safetensors",
+    ]  # fmt: skip
+    model = tps.load_model(gpt2_dir, device="cpu", dtype=torch.float64)
+    caa = tps.caa_vector(
+        model, ["the movie was good"], ["the movie was bad"], 1, site="hook_mlp_out"
+    )
+    torch.testing.assert_close(
+        tps.load(out / "vectors" / "04_caa.safetensors").direction, caa.direction
+    )
+    effects = pd.read_csv(out / "effects.csv")
+    # 5 vectors and 1 random control, 2 signs, 1 scale, 2 prompts.
+    assert len(effects) == 6 * 2 * 2 and set(effects["prompt"]) == {0, 1}
+    direct = tps.effect(model, ["the movie was not very good but so", "i liked it"], caa, [3.0],
+                        metric="logit_diff", answers=("good", "bad"))  # fmt: skip
+    rows = effects[effects["method"] == "caa"]
+    assert rows["delta"].to_numpy() == pytest.approx(direct["delta"].to_numpy(), abs=1e-9)
+    generations = pd.read_csv(out / "generations.csv", keep_default_na=False)
+    assert len(generations) == 1 + 5 * 2 and generations.loc[0, "vector"] == "baseline"
+    assert "## Generations from" in (out / "summary.md").read_text()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["--negative", "x"], "got 1 --positive and 2 --negative"),
+        (["--methods", "caa,lasso"], "unknown method"),
+        (["--scales", "1,inf"], "finite and non-negative"),
+        (["--scales", "-1"], "finite and non-negative"),
+        (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1"),
+        (["--melbo-radius", "0"], "--melbo-radius must be positive"),
+        (["--scale-mode", "big"], "invalid choice"),
+        (["--answers", "good", "very good"], "not one"),
+    ],
+)
+def test_steer_bad_arguments(
+    gpt2_dir: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    change: list[str],
+    message: str,
+) -> None:
+    assert main(steer_args(gpt2_dir, tmp_path / "steer", *change)) == 2
+    captured = capsys.readouterr()
+    err = captured.err
+    assert err.count("tl-powersteer: error: ") == 1 and re.search(message, err), err
+    assert "power_steering:" not in captured.out  # refused before any computation
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_steer_caa_needs_pairs(
+    gpt2_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    args = ["steer", "--prompt", "the cat", "--source", "0", "--target", "1", "--model", gpt2_dir,
+            "--methods", "caa", "--out", str(tmp_path / "s")]  # fmt: skip
+    assert main(args) == 2
+    assert "needs --positive and --negative" in capsys.readouterr().err

@@ -55,6 +55,8 @@ def test_cli_vectors_and_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     demo = tps.load(tmp_path / "demo" / "vectors.safetensors")
     assert (demo.source, demo.target, demo.k, demo.prompts) == (8, 16, 8, [DEMO_PROMPT])
     assert "demo outputs written to" in capsys.readouterr().out
+    generations = (tmp_path / "demo" / "generations.csv").read_text()
+    assert "baseline" in generations and "power_steering L8->L16 #7" in generations
 
 
 def test_corrupted_cache_is_rebuilt(
@@ -103,3 +105,68 @@ def test_atlas_methods_on_real_pairs(gemma: Any) -> None:
         assert (rel / exact.singular_values[s, t]).max() < 1e-3
         rel = (sketch.singular_values[s, t] - exact.singular_values[s, t]).abs()
         assert (rel / exact.singular_values[s, t]).max() < 0.1
+
+
+FORK_PROMPTS = [
+    DEMO_PROMPT,
+    "We saw the new play yesterday. To be honest, the show was",
+    "I read the novel over the weekend. Frankly, the book was",
+]
+
+
+def test_power_steering_beats_random_directions_at_matched_kl(gemma: Any) -> None:
+    """On a sentiment fork, the best top Power Steering vector moves logit(' great') -
+    logit(' terrible') more than any random direction at the same KL, with the scale
+    calibrated on two prompts and the effect measured on the third."""
+    res = tps.power_steer(gemma, FORK_PROMPTS, 8, 16, k=8)
+    ranked = tps.rank_vectors(gemma, FORK_PROMPTS, res.steering_vectors(), kl=0.5,
+                              answers=(" great", " terrible"), controls=4, holdout=1 / 3)  # fmt: skip
+    assert ranked["held_out"].all() and len(ranked) == 12
+    best = ranked.groupby("method")["abs_effect"].max()
+    assert best["power_steering"] > 1.5 * best["random"], ranked
+    # At matched KL the random directions need several times the norm.
+    scales = ranked.groupby("method")["absolute_scale"].median()
+    assert scales["random"] > 3 * scales["power_steering"]
+
+
+def test_last_token_shortcut_and_kl_scale_on_gemma(gemma: Any) -> None:
+    from tl_powersteer.adapters import ModelAdapter, steered_logits
+
+    adapter = ModelAdapter(gemma)
+    batch = adapter.tokenize(FORK_PROMPTS[:2])
+    v = tps.random_vectors(640, 8, "hook_mlp_out", 1)[0]
+    deltas = torch.stack([torch.zeros(640), 100.0 * v.direction])
+    fast = steered_logits(adapter, batch, v.hook_name, deltas)
+    full = steered_logits(adapter, batch, v.hook_name, deltas, last_only=False)
+    last = batch.lengths - 1
+    torch.testing.assert_close(fast, full[:, [0, 1], last], rtol=1e-4, atol=1e-3)
+    with tps.steer(gemma, v, 0.3, scale_mode="kl", reference=FORK_PROMPTS[:2]) as steering:
+        pass
+    table = tps.effect(gemma, FORK_PROMPTS[:2], v, steering.scales, signs=[1])
+    assert table["kl"].mean() == pytest.approx(0.3, rel=1e-3)
+
+
+def test_relative_scale_ignores_massive_dimensions(gemma: Any) -> None:
+    plain = tps.LayerJacobian(gemma, DEMO_PROMPT, 7, 8, target_site="hook_resid_post")
+    act = plain.target_value.view(4, 640)
+    typical = tps.typical_norm(gemma, DEMO_PROMPT, 8, "hook_resid_post")
+    # Gemma's layer-8 residual is dominated by a few dimensions: the robust norm is a
+    # fraction of the plain one.
+    assert typical < 0.3 * float(act.norm(dim=-1).median())
+
+
+def test_steer_cli_on_gemma(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "steer"
+    args = ["steer", "--prompt", DEMO_PROMPT, "--source", "8", "--target", "16", "--k", "2",
+            "--positive", "I loved this film, it was wonderful", "--negative",
+            "I hated this film, it was awful", "--melbo-steps", "20", "--scales", "0.5",
+            "--answers", " great", " terrible", "--max-new-tokens", "8", "--controls", "1",
+            "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    names = sorted(p.name for p in (out / "vectors").iterdir())
+    assert [n.split("_", 1)[1] for n in names] == [
+        "power_steering.safetensors", "power_steering.safetensors",
+        "melbo.safetensors", "melbo.safetensors", "caa.safetensors",
+    ]  # fmt: skip
+    text = (out / "summary.md").read_text()
+    assert "logit(' great') - logit(' terrible')" in text and "caa L8" in text

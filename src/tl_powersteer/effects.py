@@ -1,0 +1,364 @@
+"""Measuring what a steering vector changes, with random directions as the control.
+
+Metrics, each at the prompt's last token unless said otherwise:
+
+* ``"kl"``: KL(steered ‖ base) of the next-token distribution, in nats;
+* ``"logit_diff"``: logit(answer A) − logit(answer B), for a decision fork with two answers;
+* ``"logprob"``: log p(continuation | prompt), summed over the continuation's tokens;
+* a function ``f(text) -> float`` of the greedy continuation (e.g. a regex accuracy).
+
+Every table also carries the KL, so effects can be compared at *matched KL*, not only at
+matched norm: Power Steering vectors are the highest-gain directions by construction, so
+at equal norm they move everything more than a random direction does. The question worth
+asking is whether they move the target more per unit of disruption; :func:`rank_vectors`
+answers it by calibrating each vector (and each sign) to the same KL budget on some
+prompts and measuring on the others.
+
+>>> import torch
+>>> from transformer_lens.config import TransformerBridgeConfig
+>>> from transformer_lens.model_bridge import TransformerBridge
+>>> import tl_powersteer as tps
+>>> cfg = TransformerBridgeConfig(d_model=8, d_head=4, n_heads=2, n_layers=2, n_ctx=16,
+...                               d_vocab=20, d_mlp=16, act_fn="gelu", seed=0)
+>>> model = TransformerBridge.boot_native(cfg, dtype=torch.float64)
+>>> vector = tps.SteeringVector(torch.arange(8.0), layer=0, site="hook_resid_post", method="custom")
+>>> table = tps.effect(model, torch.tensor([[1, 2, 3, 4]]), vector, [0.5, 2.0])
+>>> list(table["sign"]), bool((table["kl"] > 0).all())
+([1, 1, -1, -1], True)
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from .adapters import ModelAdapter, Prompts, TokenBatch, steered_logits
+from .steering import (
+    Positions,
+    SteeringVector,
+    _check_mode,
+    _check_new_tokens,
+    _check_positions,
+    _check_scale,
+    _check_signs,
+    _check_vector,
+    _scale_list,
+    _scale_plan,
+    _vector_list,
+    check_positions_fit,
+    kl_divergence,
+    kl_scales,
+    position_mask,
+    random_vectors,
+    steer,
+)
+
+__all__ = ["METRICS", "effect", "rank_vectors"]
+
+METRICS = ("kl", "logit_diff", "logprob")
+Metric = str | Callable[[str], float]
+
+
+@dataclass
+class _Metric:
+    """A checked metric: its name and what it needs."""
+
+    name: str
+    answers: tuple[int, int] | None = None
+    continuation: Tensor | None = None
+    fn: Callable[[str], float] | None = None
+    max_new_tokens: int = 20
+
+
+def _metric(
+    adapter: ModelAdapter,
+    metric: Metric,
+    answers: Sequence[str | int] | None,
+    continuation: str | None,
+    max_new_tokens: int,
+) -> _Metric:
+    if callable(metric):
+        return _Metric("text", fn=metric, max_new_tokens=_check_new_tokens(max_new_tokens))
+    if metric not in METRICS:
+        raise ValueError(
+            f"metric must be one of {METRICS} or a function of the generated text, got {metric!r}"
+        )
+    if metric == "logit_diff":
+        if answers is None or isinstance(answers, str) or len(answers) != 2:
+            raise ValueError(
+                "metric='logit_diff' needs answers=(A, B): two single tokens such as "
+                "(' great', ' terrible'); the value is logit(A) - logit(B)"
+            )
+        a, b = (adapter.single_token(x, "answer") for x in answers)
+        return _Metric("logit_diff", answers=(a, b))
+    if metric == "logprob":
+        if not isinstance(continuation, str) or not continuation:
+            raise ValueError("metric='logprob' needs continuation='...', the text to score")
+        if getattr(adapter.model, "tokenizer", None) is None:
+            raise ValueError("metric='logprob' needs a model with a tokenizer")
+        ids = adapter.model.to_tokens(continuation, prepend_bos=False)[0].to(adapter.device)
+        return _Metric("logprob", continuation=ids)
+    return _Metric("kl")
+
+
+def _single_prompts(adapter: ModelAdapter, prompts: Prompts) -> list[TokenBatch]:
+    """One batch per prompt (prompts are measured one at a time, scales batched)."""
+    batch = adapter.tokenize(prompts)
+    out = []
+    for i, length in enumerate(batch.lengths.tolist()):
+        text = None if batch.texts is None else [batch.texts[i]]
+        out.append(TokenBatch(batch.tokens[i : i + 1, :length], batch.lengths[i : i + 1], text))
+    return out
+
+
+def _measure(
+    model: Any,
+    prompt: TokenBatch,
+    items: list[tuple[SteeringVector, float]],
+    metric: _Metric,
+    positions: Positions,
+) -> tuple[list[tuple[float, float]], float]:
+    """Per item (vector, signed absolute scale): (KL, metric value); and the unsteered value."""
+    adapter = ModelAdapter(model)
+    length = int(prompt.lengths[0])
+    check_positions_fit(positions, length)
+    tokens = prompt.tokens
+    if metric.continuation is not None:
+        tokens = torch.cat([tokens, metric.continuation[None]], dim=1)
+    full = TokenBatch(tokens, torch.tensor([tokens.shape[1]], device=tokens.device), None)
+    weights = position_mask(positions, 0, tokens.shape[1], length)[None]
+    by_hook: dict[str, list[int]] = {}
+    for i, (v, _) in enumerate(items):
+        by_hook.setdefault(_check_vector(adapter, v), []).append(i)
+    logits: list[Tensor | None] = [None] * len(items)
+    base: Tensor | None = None
+    for hook, members in by_hook.items():
+        deltas = torch.stack(
+            [torch.zeros(adapter.d_model, dtype=torch.float64)]
+            + [items[i][1] * items[i][0].direction.double() for i in members]
+        )
+        out = steered_logits(adapter, full, hook, deltas, weights=weights, last_only=False)
+        base = out[0, 0]
+        for row, i in enumerate(members, start=1):
+            logits[i] = out[row, 0]
+    assert base is not None
+
+    def value(seq_logits: Tensor, steering: list[tuple[SteeringVector, float]]) -> float:
+        last = seq_logits[length - 1]
+        if metric.name == "kl":
+            return float(kl_divergence(last, base[length - 1]))
+        if metric.name == "logit_diff":
+            assert metric.answers is not None
+            a, b = metric.answers
+            return float(last[a] - last[b])
+        if metric.name == "logprob":
+            assert metric.continuation is not None
+            logp = torch.log_softmax(seq_logits[length - 1 : -1].double(), dim=-1)
+            ids = metric.continuation.to(logp.device)
+            return float(logp[torch.arange(len(ids)), ids].sum())
+        assert metric.fn is not None
+        if steering:
+            with steer(model, [steering[0][0]], [steering[0][1]], positions=positions):
+                out = adapter.generate(
+                    prompt.tokens, max_new_tokens=metric.max_new_tokens, greedy=True
+                )
+        else:
+            out = adapter.generate(prompt.tokens, max_new_tokens=metric.max_new_tokens, greedy=True)
+        return float(metric.fn(adapter.decode(out[0, length:])))
+
+    results = []
+    for i, item in enumerate(items):
+        seq = logits[i]
+        assert seq is not None
+        kl = float(kl_divergence(seq[length - 1], base[length - 1]))
+        results.append((kl, value(seq, [item])))
+    return results, value(base, [])
+
+
+def _with_controls(items: list[SteeringVector], controls: int, seed: int) -> list[SteeringVector]:
+    if isinstance(controls, bool) or not isinstance(controls, int) or controls < 0:
+        raise ValueError(f"controls must be a non-negative int, got {controls!r}")
+    out = list(items)
+    hooks = sorted({(v.layer, v.site, v.d_model) for v in items})
+    for layer, site, d_model in hooks:
+        out += random_vectors(d_model, layer, site, controls, seed=seed)
+    return out
+
+
+def effect(
+    model: Any,
+    prompts: Prompts,
+    vectors: SteeringVector | Sequence[SteeringVector],
+    scales: float | Sequence[float],
+    *,
+    metric: Metric = "kl",
+    answers: Sequence[str | int] | None = None,
+    continuation: str | None = None,
+    max_new_tokens: int = 20,
+    signs: Sequence[int] = (1, -1),
+    scale_mode: str = "absolute",
+    positions: Positions = "all",
+    controls: int = 0,
+    reference: Prompts | None = None,
+    seed: int = 0,
+) -> Any:
+    """The effect of each vector, sign and scale on each prompt, as a pandas DataFrame.
+
+    Columns: ``prompt`` (index), ``vector, method, layer, site, sign, scale,
+    absolute_scale, kl`` (next-token KL at the last prompt token), ``value`` (the metric),
+    ``baseline`` (the metric unsteered) and ``delta = value - baseline``. ``controls``
+    adds that many random unit directions (seeds ``seed``...) at each vector's hook.
+    In ``"relative"`` and ``"kl"`` scale modes the scales are calibrated on ``reference``
+    (default: these prompts, which is optimistic; pass held-out prompts to avoid it).
+    """
+    import pandas as pd
+
+    adapter = ModelAdapter(model)
+    items = _with_controls(_vector_list(vectors), controls, seed)
+    for v in items:
+        _check_vector(adapter, v)
+    scale_list, sign_list = _scale_list(scales), _check_signs(signs)
+    _check_positions(positions)
+    checked = _metric(adapter, metric, answers, continuation, max_new_tokens)
+    singles = _single_prompts(adapter, prompts)
+    for p in singles:
+        check_positions_fit(positions, int(p.lengths[0]))
+    reference = prompts if reference is None else reference
+    _check_mode(scale_mode, reference)
+
+    plan = _scale_plan(
+        model, items, sign_list, scale_list,
+        scale_mode=scale_mode, reference=reference, positions=positions,
+    )  # fmt: skip
+    rows = []
+    for index, prompt in enumerate(singles):
+        measured, baseline = _measure(
+            model, prompt, [(v, a) for v, _, _, a in plan], checked, positions
+        )
+        for (v, sign, s, a), (kl, val) in zip(plan, measured, strict=True):
+            rows.append(
+                {
+                    "prompt": index,
+                    "vector": v.name,
+                    "method": v.method,
+                    "layer": v.layer,
+                    "site": v.site,
+                    "sign": sign,
+                    "scale": s,
+                    "absolute_scale": abs(a),
+                    "kl": kl,
+                    "value": val,
+                    "baseline": baseline,
+                    "delta": val - baseline,
+                }
+            )
+    return pd.DataFrame(rows)
+
+
+def split_prompts(prompts: Sequence[str], holdout: float, seed: int) -> tuple[list, list]:
+    """(fit, evaluate) prompt lists: a seeded shuffle, ``holdout`` of them held out."""
+    if not 0 < holdout < 1:
+        raise ValueError(f"holdout must be a fraction between 0 and 1, got {holdout!r}")
+    items = list(prompts)
+    if len(items) < 2:
+        raise ValueError(f"holding out prompts needs at least 2, got {len(items)}")
+    order = list(range(len(items)))
+    random.Random(seed).shuffle(order)
+    n_eval = min(max(1, round(holdout * len(items))), len(items) - 1)
+    fit = [items[i] for i in sorted(order[n_eval:])]
+    evaluate = [items[i] for i in sorted(order[:n_eval])]
+    return fit, evaluate
+
+
+def rank_vectors(
+    model: Any,
+    prompts: Sequence[str],
+    vectors: SteeringVector | Sequence[SteeringVector],
+    *,
+    kl: float = 0.25,
+    metric: Metric = "logit_diff",
+    answers: Sequence[str | int] | None = None,
+    continuation: str | None = None,
+    max_new_tokens: int = 20,
+    signs: Sequence[int] = (1, -1),
+    positions: Positions = "all",
+    holdout: float | None = 0.5,
+    controls: int = 3,
+    seed: int = 0,
+) -> Any:
+    """Screen vectors by their effect at a fixed KL budget, the best of both signs.
+
+    For each vector and sign, the scale that reaches ``kl`` nats is found on the fit
+    prompts and the effect (mean ``delta`` of the metric) is measured on the held-out
+    ones (``holdout`` of the prompts; with ``None`` or a single prompt, the same prompts,
+    and ``held_out`` is False). Random directions (``controls`` per hook) are ranked
+    alongside. Returns a DataFrame sorted by ``abs_effect``, one row per vector:
+    ``vector, method, layer, site, sign, absolute_scale, kl, effect, abs_effect,
+    held_out``.
+    """
+    import pandas as pd
+
+    adapter = ModelAdapter(model)
+    if metric == "kl":
+        raise ValueError(
+            "rank_vectors compares vectors at the same KL, so metric='kl' cannot rank them: "
+            f"use one of {METRICS[1:]} or a function of the generated text"
+        )
+    items = _with_controls(_vector_list(vectors), controls, seed)
+    for v in items:
+        _check_vector(adapter, v)
+    budget = _check_scale(kl, "kl")
+    if budget <= 0:
+        raise ValueError(f"the KL budget must be positive (nats), got {kl}")
+    sign_list = _check_signs(signs)
+    _check_positions(positions)
+    checked = _metric(adapter, metric, answers, continuation, max_new_tokens)
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError("prompts must be a non-empty list of strings")
+    held_out = False
+    fit, evaluate = list(prompts), list(prompts)
+    if holdout is not None and len(prompts) >= 2:
+        fit, evaluate = split_prompts(prompts, holdout, seed)
+        held_out = True
+    singles = _single_prompts(adapter, evaluate)
+    for p in _single_prompts(adapter, fit) + singles:
+        check_positions_fit(positions, int(p.lengths[0]))
+
+    combos = [(v, sign) for v in items for sign in sign_list]
+    amounts = kl_scales(model, fit, [(v, sign * budget) for v, sign in combos], positions=positions)
+    plan = [(v, a) for (v, _), a in zip(combos, amounts, strict=True)]
+    totals = torch.zeros(len(plan), 2, dtype=torch.float64)
+    for prompt in singles:
+        measured, baseline = _measure(model, prompt, plan, checked, positions)
+        totals += torch.tensor([[k, val - baseline] for k, val in measured])
+    totals /= len(singles)
+    best: dict[int, int] = {}
+    for i, (v, _) in enumerate(plan):
+        j = best.get(id(v))
+        if j is None or abs(totals[i, 1]) > abs(totals[j, 1]):
+            best[id(v)] = i
+    rows = []
+    for v in items:
+        i = best[id(v)]
+        a = plan[i][1]
+        rows.append(
+            {
+                "vector": v.name,
+                "method": v.method,
+                "layer": v.layer,
+                "site": v.site,
+                "sign": 1 if a >= 0 else -1,
+                "absolute_scale": abs(a),
+                "kl": float(totals[i, 0]),
+                "effect": float(totals[i, 1]),
+                "abs_effect": abs(float(totals[i, 1])),
+                "held_out": held_out,
+            }
+        )
+    table = pd.DataFrame(rows)
+    return table.sort_values("abs_effect", ascending=False, ignore_index=True)
