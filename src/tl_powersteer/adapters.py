@@ -41,7 +41,6 @@ __all__ = [
     "activations",
     "boot",
     "decode_token",
-    "last_token_logits",
     "steered_logits",
 ]
 
@@ -353,6 +352,12 @@ class ModelAdapter:
             return " ".join(f"#{int(t)}" for t in tokens)
         return str(tokenizer.decode(tokens.tolist()))
 
+    def text_tokens(self, text: str, what: str) -> Int[Tensor, " n"]:
+        """Token ids of ``text`` as it would continue a prompt: no BOS prepended."""
+        if getattr(self.model, "tokenizer", None) is None:
+            raise ValueError(f"{what}={text!r}: the model has no tokenizer, give token ids")
+        return self.model.to_tokens(text, prepend_bos=False)[0].to(self.device)
+
     def single_token(self, answer: str | int, what: str) -> int:
         """The id of an answer given as one token's text or id."""
         if isinstance(answer, bool) or not isinstance(answer, (str, int)):
@@ -362,9 +367,7 @@ class ModelAdapter:
             if not 0 <= answer < vocab:
                 raise ValueError(f"{what}={answer} is not a token id (0..{vocab - 1})")
             return answer
-        if getattr(self.model, "tokenizer", None) is None:
-            raise ValueError(f"{what}={answer!r}: the model has no tokenizer, give a token id")
-        ids = self.model.to_tokens(answer, prepend_bos=False)[0].tolist()
+        ids = self.text_tokens(answer, what).tolist()
         if len(ids) != 1:
             pieces = [self.model.tokenizer.decode([i]) for i in ids]
             raise ValueError(
@@ -478,18 +481,6 @@ def steered_logits(
         # Half-precision logits are widened; float64 models keep their precision.
         out.append((picked if picked.dtype == torch.float64 else picked.float()).cpu())
     return torch.cat(out)
-
-
-def last_token_logits(
-    adapter: ModelAdapter,
-    batch: TokenBatch,
-    hook: str,
-    deltas: Float[Tensor, "m d_model"],
-    *,
-    chunk: int = 8,
-) -> Float[Tensor, "m batch vocab"]:
-    """Logits at each prompt's last token with ``deltas[i]`` added on every real position."""
-    return steered_logits(adapter, batch, hook, deltas, chunk=chunk)
 
 
 def activations(

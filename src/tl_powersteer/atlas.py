@@ -58,7 +58,7 @@ from .adapters import (
     TokenBatch,
     activation_norms,
     decode_token,
-    last_token_logits,
+    steered_logits,
 )
 from .jacobian import LayerJacobian
 from .power import block_power_iteration, canonical_signs
@@ -640,7 +640,7 @@ def token_effects(
         V = torch.cat([atlas.right_vectors[s, t] for t in later]).float()
         size = scale * float(atlas.source_norms[s])
         deltas = torch.cat([size * V, -size * V, torch.zeros(1, V.shape[1])])
-        logits = last_token_logits(adapter, batch, adapter.hook_name(s, atlas.source_site), deltas)
+        logits = steered_logits(adapter, batch, adapter.hook_name(s, atlas.source_site), deltas)
         change = (logits[:-1] - logits[-1:]).mean(dim=1)  # [2 * vectors, vocab]
         n_vec = V.shape[0]
 

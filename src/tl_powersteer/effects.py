@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Callable, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -99,10 +100,7 @@ def _metric(
     if metric == "logprob":
         if not isinstance(continuation, str) or not continuation:
             raise ValueError("metric='logprob' needs continuation='...', the text to score")
-        if getattr(adapter.model, "tokenizer", None) is None:
-            raise ValueError("metric='logprob' needs a model with a tokenizer")
-        ids = adapter.model.to_tokens(continuation, prepend_bos=False)[0].to(adapter.device)
-        return _Metric("logprob", continuation=ids)
+        return _Metric("logprob", continuation=adapter.text_tokens(continuation, "continuation"))
     return _Metric("kl")
 
 
@@ -132,51 +130,51 @@ def _measure(
         tokens = torch.cat([tokens, metric.continuation[None]], dim=1)
     full = TokenBatch(tokens, torch.tensor([tokens.shape[1]], device=tokens.device), None)
     weights = position_mask(positions, 0, tokens.shape[1], length)[None]
+    # Only the continuation's log-probability needs logits beyond the last prompt token.
+    every = metric.name == "logprob"
     by_hook: dict[str, list[int]] = {}
     for i, (v, _) in enumerate(items):
         by_hook.setdefault(_check_vector(adapter, v), []).append(i)
-    logits: list[Tensor | None] = [None] * len(items)
-    base: Tensor | None = None
-    for hook, members in by_hook.items():
-        deltas = torch.stack(
-            [torch.zeros(adapter.d_model, dtype=torch.float64)]
-            + [items[i][1] * items[i][0].direction.double() for i in members]
-        )
-        out = steered_logits(adapter, full, hook, deltas, weights=weights, last_only=False)
-        base = out[0, 0]
-        for row, i in enumerate(members, start=1):
-            logits[i] = out[row, 0]
-    assert base is not None
+    logits: list[Tensor] = [torch.empty(0)] * len(items)
+    base = torch.empty(0)
+    for n, (hook, members) in enumerate(by_hook.items()):
+        # The unsteered row rides along with the first hook's deltas.
+        rows = [items[i][1] * items[i][0].direction.double() for i in members]
+        if n == 0:
+            rows.insert(0, torch.zeros(adapter.d_model, dtype=torch.float64))
+        out = steered_logits(
+            adapter, full, hook, torch.stack(rows), weights=weights, last_only=not every
+        )[:, 0]
+        if n == 0:
+            base, out = out[0], out[1:]
+        for row, i in zip(out, members, strict=True):
+            logits[i] = row
+
+    def last(seq_logits: Tensor) -> Tensor:
+        return seq_logits[length - 1] if every else seq_logits
 
     def value(seq_logits: Tensor, steering: list[tuple[SteeringVector, float]]) -> float:
-        last = seq_logits[length - 1]
         if metric.name == "kl":
-            return float(kl_divergence(last, base[length - 1]))
+            return float(kl_divergence(last(seq_logits), last(base)))
         if metric.name == "logit_diff":
             assert metric.answers is not None
             a, b = metric.answers
-            return float(last[a] - last[b])
+            return float(last(seq_logits)[a] - last(seq_logits)[b])
         if metric.name == "logprob":
             assert metric.continuation is not None
             logp = torch.log_softmax(seq_logits[length - 1 : -1].double(), dim=-1)
             ids = metric.continuation.to(logp.device)
             return float(logp[torch.arange(len(ids)), ids].sum())
         assert metric.fn is not None
-        if steering:
-            with steer(model, [steering[0][0]], [steering[0][1]], positions=positions):
-                out = adapter.generate(
-                    prompt.tokens, max_new_tokens=metric.max_new_tokens, greedy=True
-                )
-        else:
+        vs, amounts = [v for v, _ in steering], [a for _, a in steering]
+        with steer(model, vs, amounts, positions=positions) if steering else nullcontext():
             out = adapter.generate(prompt.tokens, max_new_tokens=metric.max_new_tokens, greedy=True)
         return float(metric.fn(adapter.decode(out[0, length:])))
 
-    results = []
-    for i, item in enumerate(items):
-        seq = logits[i]
-        assert seq is not None
-        kl = float(kl_divergence(seq[length - 1], base[length - 1]))
-        results.append((kl, value(seq, [item])))
+    results = [
+        (float(kl_divergence(last(logits[i]), last(base))), value(logits[i], [item]))
+        for i, item in enumerate(items)
+    ]
     return results, value(base, [])
 
 

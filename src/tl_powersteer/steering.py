@@ -58,7 +58,6 @@ __all__ = [
     "kl_scale",
     "kl_scales",
     "random_vectors",
-    "resolve_scale",
     "resolve_scales",
     "robust_norm",
     "steer",
@@ -539,21 +538,6 @@ def resolve_scales(
     return out
 
 
-def resolve_scale(
-    model: Any,
-    vector: SteeringVector,
-    scale: float,
-    *,
-    scale_mode: str = "absolute",
-    reference: Prompts | None = None,
-    positions: Positions = "all",
-) -> float:
-    """The signed absolute scale that ``scale`` means in ``scale_mode`` (see the module)."""
-    return resolve_scales(
-        model, [(vector, scale)], scale_mode=scale_mode, reference=reference, positions=positions
-    )[0]
-
-
 @contextmanager
 def steer(
     model: Any,
@@ -580,9 +564,6 @@ def steer(
     if len(given) != len(items):
         raise ValueError(f"got {len(given)} scales for {len(items)} vectors")
     _check_positions(positions)
-    _check_mode(scale_mode, reference)
-    for s in given:
-        _check_scale(s)
     scales = resolve_scales(
         model,
         list(zip(items, given, strict=True)),
