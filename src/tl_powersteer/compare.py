@@ -109,6 +109,7 @@ def compare_methods(
     ranked = rank_vectors(
         model, prompts, vectors, kl=kl, metric=metric, answers=answers,
         continuation=continuation, holdout=holdout, controls=controls, seed=seed,
+        progress=progress,
     )  # fmt: skip
     by_name = {v.name: v for v in vectors}
     rows = []

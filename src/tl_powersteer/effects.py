@@ -204,6 +204,7 @@ def effect(
     controls: int = 0,
     reference: Prompts | None = None,
     seed: int = 0,
+    progress: bool = True,
 ) -> Any:
     """The effect of each vector, sign and scale on each prompt, as a pandas DataFrame.
 
@@ -213,6 +214,7 @@ def effect(
     adds that many random unit directions (seeds ``seed``...) at each vector's hook.
     In ``"relative"`` and ``"kl"`` scale modes the scales are calibrated on ``reference``
     (default: these prompts, which is optimistic; pass held-out prompts to avoid it).
+    ``progress`` shows tqdm bars for the scale search and the prompts measured.
     """
     import pandas as pd
 
@@ -230,11 +232,15 @@ def effect(
     _check_mode(scale_mode, reference)
 
     plan = _scale_plan(
-        model, items, sign_list, scale_list,
-        scale_mode=scale_mode, reference=reference, positions=positions,
+        model, items, sign_list, scale_list, scale_mode=scale_mode, reference=reference,
+        positions=positions, progress=progress,
     )  # fmt: skip
+    from tqdm.auto import tqdm
+
     rows = []
-    for index, prompt in enumerate(singles):
+    for index, prompt in enumerate(
+        tqdm(singles, desc="effects", unit="prompt", disable=not progress)
+    ):
         measured, baseline = _measure(
             model, prompt, [(v, a) for v, _, _, a in plan], checked, positions
         )
@@ -288,6 +294,7 @@ def rank_vectors(
     holdout: float | None = 0.5,
     controls: int = 3,
     seed: int = 0,
+    progress: bool = True,
 ) -> Any:
     """Screen vectors by their effect at a fixed KL budget, the best of both signs.
 
@@ -297,7 +304,7 @@ def rank_vectors(
     and ``held_out`` is False). Random directions (``controls`` per hook) are ranked
     alongside. Returns a DataFrame sorted by ``abs_effect``, one row per vector:
     ``vector, method, layer, site, sign, absolute_scale, kl, effect, abs_effect,
-    held_out``.
+    held_out``. ``progress`` shows tqdm bars for the scale search and the prompts.
     """
     import pandas as pd
 
@@ -328,10 +335,15 @@ def rank_vectors(
         check_positions_fit(positions, int(p.lengths[0]))
 
     combos = [(v, sign) for v in items for sign in sign_list]
-    amounts = kl_scales(model, fit, [(v, sign * budget) for v, sign in combos], positions=positions)
+    amounts = kl_scales(
+        model, fit, [(v, sign * budget) for v, sign in combos], positions=positions,
+        progress=progress,
+    )  # fmt: skip
     plan = [(v, a) for (v, _), a in zip(combos, amounts, strict=True)]
     totals = torch.zeros(len(plan), 2, dtype=torch.float64)
-    for prompt in singles:
+    from tqdm.auto import tqdm
+
+    for prompt in tqdm(singles, desc="effects", unit="prompt", disable=not progress):
         measured, baseline = _measure(model, prompt, plan, checked, positions)
         totals += torch.tensor([[k, val - baseline] for k, val in measured])
     totals /= len(singles)

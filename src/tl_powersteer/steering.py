@@ -369,6 +369,7 @@ def kl_scales(
     positions: Positions = "all",
     tol: float = 1e-4,
     max_rounds: int = 30,
+    progress: bool = False,
 ) -> list[float]:
     """For each (vector, signed KL target), the signed absolute scale at which steering
     gives a mean next-token KL(steered ‖ base) of |target| nats at the prompts' last tokens
@@ -379,7 +380,7 @@ def kl_scales(
     :func:`typical_norm`; inside the first bracket where it crosses the target, false
     position on log KL against log scale (KL grows like a power of the scale, so this
     converges in a few rounds; the Illinois rule keeps it from stalling) runs until
-    |log KL − log target| < ``tol``.
+    |log KL − log target| < ``tol``. ``progress`` shows a tqdm bar of vectors settled.
     """
     adapter = ModelAdapter(model)
     batch = adapter.tokenize(prompts)
@@ -426,6 +427,9 @@ def kl_scales(
     grid = [
         (i, units[(v.layer, v.site)] * f) for i, (_, v, _) in enumerate(checked) for f in factors
     ]
+    from tqdm.auto import tqdm
+
+    bar = tqdm(total=len(checked), desc="KL scale search", unit="vector", disable=not progress)
     grid_values = log_kl(grid)
     # Per item: [log a_lo, y_lo, log a_hi, y_hi], y = log KL - log target.
     brackets: list[list[float]] = []
@@ -451,6 +455,7 @@ def kl_scales(
     active = list(range(len(checked)))
     kept_side = [0] * len(checked)  # Illinois: which end stayed put last round
     for _ in range(max_rounds):
+        bar.update(len(checked) - len(active) - bar.n)
         if not active:
             break
         guesses = []
@@ -511,6 +516,7 @@ def resolve_scales(
     scale_mode: str = "absolute",
     reference: Prompts | None = None,
     positions: Positions = "all",
+    progress: bool = False,
 ) -> list[float]:
     """The signed absolute scale each (vector, scale) means in ``scale_mode`` (see the
     module docstring); KL targets are searched together."""
@@ -531,7 +537,11 @@ def resolve_scales(
         return out
     searched = [j for j, scale in enumerate(scales) if scale != 0]
     values = kl_scales(
-        model, reference, [(items[j][0], scales[j]) for j in searched], positions=positions
+        model,
+        reference,
+        [(items[j][0], scales[j]) for j in searched],
+        positions=positions,
+        progress=progress,
     )
     for j, value in zip(searched, values, strict=True):
         out[j] = value
@@ -644,6 +654,7 @@ def generate_steered(
     seed: int = 0,
     use_cache: bool = True,
     reference: Prompts | None = None,
+    progress: bool = True,
 ) -> Any:
     """Generations for every vector × sign × scale, plus the unsteered baseline.
 
@@ -651,7 +662,8 @@ def generate_steered(
     absolute_scale, text`` (``text`` is the continuation only); the baseline row has
     vector ``"baseline"`` and sign 0. ``scale`` is in ``scale_mode`` units, measured for
     ``"relative"`` and ``"kl"`` on ``reference`` (default: the prompt itself). Sampling (``greedy=False``) restarts
-    from ``seed`` for every row, without touching the global RNG.
+    from ``seed`` for every row, without touching the global RNG. ``progress`` shows tqdm
+    bars for the KL scale search and the generations.
     """
 
     adapter = ModelAdapter(model)
@@ -672,12 +684,12 @@ def generate_steered(
     _check_mode(scale_mode, reference)
 
     rows = _scale_plan(
-        model, items, sign_list, scale_list,
-        scale_mode=scale_mode, reference=reference, positions=positions,
+        model, items, sign_list, scale_list, scale_mode=scale_mode, reference=reference,
+        positions=positions, progress=progress,
     )  # fmt: skip
     return generations(
         model, tokens, rows, positions=positions, max_new_tokens=max_new_tokens,
-        greedy=greedy, seed=seed, use_cache=use_cache,
+        greedy=greedy, seed=seed, use_cache=use_cache, progress=progress,
     )  # fmt: skip
 
 
@@ -691,10 +703,12 @@ def generations(
     greedy: bool = True,
     seed: int = 0,
     use_cache: bool = True,
+    progress: bool = True,
 ) -> Any:
     """The baseline and one generation per (vector, sign, scale, signed absolute scale)
     of ``plan``, from prompt ``tokens`` ``[1, seq]``, as :func:`generate_steered`'s table."""
     import pandas as pd
+    from tqdm.auto import tqdm
 
     adapter = ModelAdapter(model)
 
@@ -720,7 +734,7 @@ def generations(
             "text": run([]),
         }
     ]
-    for v, sign, s, a in plan:
+    for v, sign, s, a in tqdm(plan, desc="generations", unit="row", disable=not progress):
         rows.append(
             {
                 "vector": v.name,

@@ -288,3 +288,19 @@ def test_last_token_logits_equal_the_full_forward(model: Any, tokens: torch.Tens
         model, tokens, [(v.hook_name, lambda act, hook: act + mask * 2.0 * v.direction)]
     )
     torch.testing.assert_close(fast[1], expected[[0, 1], [7, 4]], rtol=0, atol=1e-12)
+
+
+def test_long_steering_work_shows_progress(
+    text_model: Any, capsys: pytest.CaptureFixture[str]
+) -> None:
+    prompt, v = "the cat sat on the mat", vector(text_model, 1)
+    target = 0.5 * float(tps.effect(text_model, prompt, v, [0.05], progress=False)["kl"].min())
+    assert capsys.readouterr().err == ""
+    tps.generate_steered(text_model, prompt, v, [target], scale_mode="kl", max_new_tokens=2)
+    err = capsys.readouterr().err
+    assert "KL scale search" in err and "generations" in err
+    tps.effect(text_model, [prompt, "the dog"], v, [1.0])
+    assert "effects" in capsys.readouterr().err
+    tps.generate_steered(text_model, prompt, v, [target], scale_mode="kl", max_new_tokens=2,
+                         progress=False)  # fmt: skip
+    assert capsys.readouterr().err == ""
