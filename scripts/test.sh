@@ -2,7 +2,8 @@
 # Set up both test environments (or reuse them) and run lint, types and tests:
 #   .venv      TransformerLens 4.x (TransformerBridge)
 #   .venv-tl3  TransformerLens 3.9 (HookedTransformer and TransformerBridge)
-# Both run every test, the slow ones on the real Gemma 3 270M included.
+# Both run every test, the slow ones on the real Gemma 3 270M included; .venv then executes
+# the notebooks (on a tiny model) and builds the documentation site.
 # Extra arguments go to pytest in both, e.g. `bash scripts/test.sh -k power`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -20,12 +21,12 @@ if ! command -v chromium >/dev/null; then
     fi
 fi
 
-setup_venv .venv dev,gemma "$TL4_SPEC"
+setup_venv .venv dev,gemma,docs "$TL4_SPEC"
 setup_venv .venv-tl3 dev,gemma "$TL3_SPEC"
 
 echo "== ruff"
-.venv/bin/ruff check src tests benchmarks
-.venv/bin/ruff format --check src tests benchmarks
+.venv/bin/ruff check src tests benchmarks scripts docs/hooks.py notebooks
+.venv/bin/ruff format --check src tests benchmarks scripts docs/hooks.py notebooks
 echo "== mypy"
 .venv/bin/mypy
 
@@ -34,3 +35,11 @@ for venv in .venv .venv-tl3; do
     echo "== pytest, TransformerLens $(version $venv)"
     "$venv/bin/python" -m pytest -q --run-slow "$@"
 done
+
+scratch=$(mktemp -d)
+trap 'rm -rf "$scratch"' EXIT
+echo "== notebooks, on a tiny random Gemma 3"
+.venv/bin/python scripts/tiny_model.py "$scratch/tiny-gemma"
+TL_POWERSTEER_NOTEBOOK_MODEL="$scratch/tiny-gemma" .venv/bin/python -m pytest -q --nbmake notebooks
+echo "== docs (warnings are errors)"
+NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict --quiet --site-dir "$scratch/site"

@@ -2,9 +2,9 @@
 
 Add a vector at a source hook, read a later target activation, and take the top right
 singular vectors of the Jacobian between them: the directions the model is most
-sensitive to. See :func:`power_steer` and :class:`LayerJacobian`; map every layer pair
-with :func:`sensitivity_atlas`; apply vectors with :func:`steer` and measure them with
-:func:`effect`, beside the baselines :func:`caa_vector`, :func:`probe` and :func:`melbo`.
+sensitive to. See ``power_steer`` and ``LayerJacobian``; map every layer pair
+with ``sensitivity_atlas``; apply vectors with ``steer`` and measure them with
+``effect``, beside the baselines ``caa_vector``, ``probe`` and ``melbo``.
 """
 
 from .atlas import SensitivityAtlas, sensitivity_atlas

@@ -1,6 +1,6 @@
 """Sensitivity atlas: the top Power Steering spectra of every (source, target) layer pair.
 
-For each pair s -> t with t > s, J_{s,t} is the Jacobian of :class:`LayerJacobian`
+For each pair s -> t with t > s, J_{s,t} is the Jacobian of ``LayerJacobian``
 (source ``blocks.{s}.{source_site}``, target ``blocks.{t}.{target_site}``). The atlas keeps
 its top-k singular values σ (and σ_{k+1}, for the spectral gap σ_k / σ_{k+1}) and its top-k
 right singular vectors, in tensors indexed by layer number: ``singular_values[s, t]``.
@@ -11,7 +11,7 @@ Methods:
   J_{s,t} for every later target in the same forward pass; then the top of each pair's
   spectrum from its float64 Gram matrix JᵀJ.
   Cost: about d_model products per source layer, whatever the number of targets.
-* ``"power"``: per pair, block power iteration (:func:`~tl_powersteer.power_steer`'s engine);
+* ``"power"``: per pair, block power iteration (``power_steer``'s engine);
   about 2 · iterations · (k + 5) products per pair. Better for few pairs or a wide model.
 * ``"sketch"``: a two-sided randomized sketch shared across pairs (single-pass low-rank
   approximation, Tropp, Yurtsever, Udell & Cevher 2017). Per source layer, one vmapped JVP
@@ -142,7 +142,7 @@ class SensitivityAtlas:
         self, pairs: Sequence[tuple[int, int]] | None = None, *, top: int | None = None
     ) -> list[SteeringVector]:
         """The top vectors of the given pairs (default every computed pair) as
-        :class:`SteeringVector` objects, e.g. to screen with :func:`rank_vectors`."""
+        ``SteeringVector`` objects, e.g. to screen with ``rank_vectors``."""
         top = self.k if top is None else top
         if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= self.k:
             raise ValueError(f"top must be an int between 1 and k = {self.k}, got {top!r}")
@@ -226,7 +226,7 @@ class SensitivityAtlas:
         With ``model`` (the one the atlas was computed on), the panel also lists, for every
         vector and both signs, the ``top`` next tokens most promoted and most suppressed
         when the vector is added at ``scale`` times the source activation's median norm
-        (see :func:`token_effects`).
+        (see ``token_effects``).
         """
         from .plotting import atlas_html
 
@@ -351,7 +351,7 @@ def _plan(
     checkpoint: str | os.PathLike[str] | None,
     sketch_rank: int | None,
 ) -> _Plan:
-    """Every check of :func:`sensitivity_atlas`'s arguments, before any forward pass."""
+    """Every check of ``sensitivity_atlas``'s arguments, before any forward pass."""
     adapter = ModelAdapter(model)
     n = adapter.n_layers
     if method not in ATLAS_METHODS:
@@ -405,7 +405,7 @@ def _plan(
 
 
 def validate_atlas_arguments(model: Any, prompts: Prompts, **options: Any) -> None:
-    """Raise the error :func:`sensitivity_atlas` would raise for these arguments, without
+    """Raise the error ``sensitivity_atlas`` would raise for these arguments, without
     computing anything (for callers that must refuse bad input before writing files)."""
     defaults: dict[str, Any] = {
         "sources": None, "targets": None, "k": 4, "method": "auto",
@@ -440,15 +440,19 @@ def sensitivity_atlas(
     Args:
         model: a ``HookedTransformer`` or ``TransformerBridge``.
         prompts: a string, a list of strings (stacked Jacobians), or a token tensor.
-        sources, targets: layer indices (negatives count from the end); default all.
+        sources: source layer indices (negatives count from the end); default all.
+        targets: target layer indices; default all. Only pairs with target > source run.
         k: singular values and vectors kept per pair.
         method: ``"exact"``, ``"power"``, ``"sketch"`` or ``"auto"`` (see the module
             docstring).
-        source_site, target_site, positions: as in :class:`LayerJacobian`.
+        source_site: hook suffix inside the source block where vectors are added.
+        target_site: hook suffix inside the target block that is read.
+        positions: final tokens of each prompt read at the target.
         checkpoint: a ``.safetensors`` path; finished source layers are saved there as
             they complete and a rerun with the same arguments resumes from it.
         seed: random start of the power method.
-        tol, max_iters: convergence of the power method.
+        tol: relative change of the singular values that ends the power method.
+        max_iters: iteration cap of the power method.
         chunk_size: identity columns per vmapped product in the exact method.
         sketch_rank: r, the range-sketch width of the sketch method (default the larger
             of 4k + 4 and d_model / 8, at most d_model); the co-range sketch has 2r + 1

@@ -11,7 +11,7 @@ Subcommands:
   has a decision fork: vectors, steered generations and effects, written to a folder it
   names at the end.
 
-Every subcommand runs in-process through :func:`main`, which returns the exit code: bad
+Every subcommand runs in-process through ``main``, which returns the exit code: bad
 arguments print one line and return 2, before any model is loaded where possible, and
 leave no output file behind.
 

@@ -2,7 +2,7 @@
 
 Each method's vectors live at the same source hook. They are compared by what they cost
 (passes through the model and seconds), by their effect at the same KL budget
-(:func:`~tl_powersteer.rank_vectors`, best of both signs, random directions as control),
+(``rank_vectors``, best of both signs, random directions as control),
 and by how they align: the largest |cosine| between a vector and the other methods'
 vectors (do Power Steering's directions match CAA's contrast direction? MELBO's?).
 """
@@ -56,10 +56,10 @@ def compare_methods(
 
     Columns: ``method, vector, method_passes, method_seconds`` (what the whole method
     spent: JVPs + VJPs, forward + backward passes, or prompts run), the
-    :func:`~tl_powersteer.rank_vectors` columns at KL budget ``kl`` (``sign,
+    ``rank_vectors`` columns at KL budget ``kl`` (``sign,
     absolute_scale, kl, effect, abs_effect, held_out``), and ``cos_<method>``: the largest
     |cosine| with that other method's vectors (NaN for the vector's own method).
-    ``melbo_radius`` defaults to the source activation's :func:`typical_norm`.
+    ``melbo_radius`` defaults to the source activation's ``typical_norm``.
     """
     import pandas as pd
 

@@ -10,7 +10,7 @@ Metrics, each at the prompt's last token unless said otherwise:
 Every table also carries the KL, so effects can be compared at *matched KL*, not only at
 matched norm: Power Steering vectors are the highest-gain directions by construction, so
 at equal norm they move everything more than a random direction does. The question worth
-asking is whether they move the target more per unit of disruption; :func:`rank_vectors`
+asking is whether they move the target more per unit of disruption; ``rank_vectors``
 answers it by calibrating each vector (and each sign) to the same KL budget on some
 prompts and measuring on the others.
 

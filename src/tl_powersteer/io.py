@@ -91,7 +91,7 @@ def save(result: Any, path: str | os.PathLike[str]) -> Path:
 
 
 def load(path: str | os.PathLike[str]) -> Any:
-    """Read a result written by :func:`save` (or a result's ``save`` method)."""
+    """Read a result written by ``save`` (or a result's ``save`` method)."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no such file: {str(path)!r}")

@@ -58,14 +58,14 @@ class LayerJacobian:
         model: a ``HookedTransformer`` or ``TransformerBridge`` (never modified).
         prompts: a string, a list of strings, or an integer token tensor ``[batch, seq]``.
         source: source block index (negative counts from the end); or several, each with
-            its own vector: J then has one block of columns per source (see :meth:`columns`).
+            its own vector: J then has one block of columns per source (see ``columns``).
         target: target block index, after ``source``; or several, whose Jacobians are
-            stacked in the order given and captured in one forward pass (see :meth:`rows`).
+            stacked in the order given and captured in one forward pass (see ``rows``).
         source_site: hook suffix inside the source block where v is added.
         target_site: hook suffix inside the target block that is read.
         positions: how many final tokens of each prompt are read at the target.
-        jvp_method: ``"reverse"`` or ``"forward"``, how :meth:`matvec` computes J V.
-        chunk_size: columns per vmapped product in :meth:`dense`.
+        jvp_method: ``"reverse"`` or ``"forward"``, how ``matvec`` computes J V.
+        chunk_size: columns per vmapped product in ``dense``.
     """
 
     def __init__(

@@ -64,7 +64,7 @@ def plot_atlas(atlas: SensitivityAtlas, rank: int = 0, *, log: bool = True) -> A
     """Heatmap of σ (one rank at a time) over (source, target) pairs; see the module docstring.
 
     Args:
-        atlas: a :class:`~tl_powersteer.SensitivityAtlas`.
+        atlas: a ``SensitivityAtlas``.
         rank: the rank shown first (0 is σ1); the dropdown switches among all ranks.
         log: colour by log10 σ.
     """
@@ -195,7 +195,7 @@ def atlas_html(
 ) -> Path:
     """Write the atlas browser (see the module docstring) to ``path``, atomically.
 
-    ``effects`` (from :func:`~tl_powersteer.atlas.token_effects`) adds each vector's most
+    ``effects`` (from ``token_effects``) adds each vector's most
     promoted and suppressed next tokens, both signs, to the panel.
     """
     import plotly.io as pio

@@ -70,7 +70,7 @@ class LinearOperator(Protocol):
 
 
 class MatrixOperator:
-    """A dense matrix seen as a :class:`LinearOperator` (for tests and small problems)."""
+    """A dense matrix seen as a ``LinearOperator`` (for tests and small problems)."""
 
     def __init__(self, matrix: Float[Tensor, "n d"]):
         if matrix.ndim != 2:
@@ -99,7 +99,7 @@ class MatrixOperator:
 
 @dataclass
 class PowerIterationResult:
-    """Top-k singular triplets found by :func:`block_power_iteration`: J ≈ U diag(s) Vᵀ.
+    """Top-k singular triplets found by ``block_power_iteration``: J ≈ U diag(s) Vᵀ.
 
     ``residuals[i]`` is ``max(‖J vᵢ − σᵢ uᵢ‖, ‖Jᵀ uᵢ − σᵢ vᵢ‖) / σᵢ``; the first term is
     rounding-level by construction, so this is the adjoint-side residual.
@@ -168,7 +168,7 @@ def block_power_iteration(
     """Top-``k`` singular triplets of ``operator`` by oversampled block power iteration.
 
     Args:
-        operator: a :class:`LinearOperator` or a plain 2-D tensor.
+        operator: a ``LinearOperator`` or a plain 2-D tensor.
         k: number of singular triplets to return.
         block_size: columns iterated together; default ``k + 4`` (capped at ``d``).
         tol: stop once every top-k Ritz value changes by less than ``tol`` (relative)

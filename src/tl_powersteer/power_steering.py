@@ -53,7 +53,7 @@ def power_steering_vector(
     singular_value: float,
     **provenance: Any,
 ) -> SteeringVector:
-    """A right singular vector as a :class:`SteeringVector`, with where it came from."""
+    """A right singular vector as a ``SteeringVector``, with where it came from."""
     return SteeringVector(
         direction.clone(),
         layer=source,
@@ -110,7 +110,7 @@ class PowerSteeringResult:
         save(self, path)
 
     def steering_vector(self, i: int = 0) -> SteeringVector:
-        """Right singular vector ``i`` as a :class:`SteeringVector` at the source hook."""
+        """Right singular vector ``i`` as a ``SteeringVector`` at the source hook."""
         if isinstance(i, bool) or not isinstance(i, int) or not -self.k <= i < self.k:
             raise ValueError(f"vector index {i!r} is out of range: this result has k={self.k}")
         i %= self.k
@@ -167,12 +167,14 @@ def power_steer(
     Args:
         model: a ``HookedTransformer`` or ``TransformerBridge``.
         prompts: a string, a list of strings (stacked Jacobian), or a token tensor.
-        source, target: block indices, ``target > source``; negatives count from the end.
+        source: source block index; negatives count from the end.
+        target: target block index, after ``source``; negatives count from the end.
         k: number of vectors.
-        source_site, target_site: hook suffixes inside the blocks.
+        source_site: hook suffix inside the source block where vectors are added.
+        target_site: hook suffix inside the target block that is read.
         positions: final tokens of each prompt read at the target.
         jvp_method: how J V is computed, ``"reverse"`` or ``"forward"`` (see
-            :class:`~tl_powersteer.LayerJacobian`); both are exact.
+            ``LayerJacobian``); both are exact.
         block_size: power-iteration block, default ``k + 4``.
         tol: relative change of the top-k singular values that counts as converged.
         max_iters: iteration cap.

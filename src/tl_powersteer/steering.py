@@ -1,17 +1,17 @@
 """Applying steering vectors: one vector type, a context manager, scales, generations.
 
-A :class:`SteeringVector` is a unit direction at a hook ``blocks.{layer}.{site}``. Steering
+A ``SteeringVector`` is a unit direction at a hook ``blocks.{layer}.{site}``. Steering
 adds ``a · direction`` to that activation at chosen token positions, where the absolute
 scale ``a`` comes from one of three modes:
 
 * ``"absolute"``: a = scale;
 * ``"relative"``: a = scale × the *robust typical norm* of the activation at the hook on the
-  reference prompts (:func:`typical_norm`);
+  reference prompts (``typical_norm``);
 * ``"kl"``: a = the scale at which the next-token KL(steered ‖ base) at the last position,
-  averaged over the reference prompts, reaches ``scale`` nats (:func:`kl_scale`).
+  averaged over the reference prompts, reaches ``scale`` nats (``kl_scale``).
 
 A negative scale steers along −direction. Singular vectors have no natural sign, so
-:func:`generate_steered` and :func:`~tl_powersteer.effects.effect` try both signs.
+``generate_steered`` and ``effect`` try both signs.
 
 Positions are counted in the full sequence, prompt then generated tokens, also when
 ``generate`` feeds one token at a time through a KV cache: ``"all"``, ``"prompt"`` (the
@@ -164,7 +164,7 @@ def robust_norm(acts: Float[Tensor, "tokens d_model"], *, cutoff: float = 5.0) -
 
 
 def typical_norm(model: Any, prompts: Prompts, layer: int, site: str) -> float:
-    """:func:`robust_norm` of the activation at ``blocks.{layer}.{site}`` over the prompts'
+    """``robust_norm`` of the activation at ``blocks.{layer}.{site}`` over the prompts'
     real tokens, without each prompt's first token (often an attention sink with a norm
     many times the others')."""
     adapter = ModelAdapter(model)
@@ -291,7 +291,7 @@ class _SequenceTracker:
 
 @dataclass
 class Steering:
-    """What a :func:`steer` block adds: ``scales[i] · vectors[i].direction`` at its hook."""
+    """What a ``steer`` block adds: ``scales[i] · vectors[i].direction`` at its hook."""
 
     vectors: list[SteeringVector]
     scales: list[float]
@@ -377,7 +377,7 @@ def kl_scales(
 
     All items are searched together, their candidate scales batched into shared forward
     passes. KL is first evaluated on a geometric grid from 1/256 to 64 times the hook's
-    :func:`typical_norm`; inside the first bracket where it crosses the target, false
+    ``typical_norm``; inside the first bracket where it crosses the target, false
     position on log KL against log scale (KL grows like a power of the scale, so this
     converges in a few rounds; the Illinois rule keeps it from stalling) runs until
     |log KL − log target| < ``tol``. ``progress`` shows a tqdm bar of vectors settled.
@@ -500,7 +500,7 @@ def kl_scale(
 ) -> float:
     """The absolute scale a ≥ 0 at which steering with ``sign · a · direction`` gives a
     mean next-token KL(steered ‖ base) of ``kl`` nats at the prompts' last tokens (see
-    :func:`kl_scales`, which searches many vectors at once)."""
+    ``kl_scales``, which searches many vectors at once)."""
     kl = _check_scale(kl, "kl")
     if kl <= 0:
         raise ValueError(f"the KL target must be positive (nats), got {kl}")
@@ -563,7 +563,7 @@ def steer(
     Several vectors compose (each with its own scale, or one scale for all). Every forward
     pass in the block is steered, ``model.generate`` included, with or without its KV
     cache; the hooks are removed when the block ends, also on an exception. The block's
-    value, a :class:`Steering`, holds the absolute scales used. ``scale_mode``
+    value, a ``Steering``, holds the absolute scales used. ``scale_mode``
     ``"relative"`` and ``"kl"`` measure the model on ``reference`` prompts first (see the
     module docstring).
     """
@@ -706,7 +706,7 @@ def generations(
     progress: bool = True,
 ) -> Any:
     """The baseline and one generation per (vector, sign, scale, signed absolute scale)
-    of ``plan``, from prompt ``tokens`` ``[1, seq]``, as :func:`generate_steered`'s table."""
+    of ``plan``, from prompt ``tokens`` ``[1, seq]``, as ``generate_steered``'s table."""
     import pandas as pd
     from tqdm.auto import tqdm
 

@@ -1,9 +1,9 @@
-"""The methods Power Steering is compared with, returning the same :class:`SteeringVector`.
+"""The methods Power Steering is compared with, returning the same ``SteeringVector``.
 
-* :func:`caa_vector`: contrastive activation addition, the mean activation difference of
-  paired positive and negative prompts (and :func:`caa_layer_sweep` over layers);
-* :func:`probe`: cosine similarity of activations with a vector, per prompt;
-* :func:`melbo`: MELBO, unsupervised steering vectors optimised to maximise the change of
+* ``caa_vector``: contrastive activation addition, the mean activation difference of
+  paired positive and negative prompts (and ``caa_layer_sweep`` over layers);
+* ``probe``: cosine similarity of activations with a vector, per prompt;
+* ``melbo``: MELBO, unsupervised steering vectors optimised to maximise the change of
   a later activation (Mack & Turner 2024).
 """
 

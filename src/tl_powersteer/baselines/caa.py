@@ -148,7 +148,7 @@ def caa_layer_sweep(
     Columns: ``layer``, ``mean_difference_norm``, ``separation`` (the gap between the
     positive and negative prompts' mean projections on the unit direction, divided by the
     pooled standard deviation of the projections: how cleanly the layer separates the two
-    sets; NaN with one pair) and ``vector`` (the :class:`SteeringVector`, ``norm=1``).
+    sets; NaN with one pair) and ``vector`` (the ``SteeringVector``, ``norm=1``).
     """
     import pandas as pd
 

@@ -136,7 +136,7 @@ class MelboResult:
     metadata: dict[str, Any] = field(default_factory=dict)
 
     def steering_vector(self, i: int = 0) -> SteeringVector:
-        """Vector ``i`` as a :class:`SteeringVector` (``norm`` = the radius it was found at)."""
+        """Vector ``i`` as a ``SteeringVector`` (``norm`` = the radius it was found at)."""
         n = int(self.vectors.shape[0])
         if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n:
             raise ValueError(f"vector index {i!r} is out of range: this result has {n} vectors")
@@ -211,7 +211,7 @@ def melbo(
     position), maximising the change of ``blocks.{target}.{target_site}`` at the last
     ``positions`` tokens (see the module docstring).
 
-    ``radius`` is in activation units; :func:`~tl_powersteer.typical_norm` of the source
+    ``radius`` is in activation units; ``typical_norm`` of the source
     activation is a good yardstick (the paper tunes R to the edge of coherent text).
     ``lr`` is Adam's step on the unit sphere, decayed to 0 over ``steps``.
     """
