@@ -111,3 +111,13 @@ def test_nav_lists_every_page() -> None:
     pages = {str(p.relative_to(ROOT / "docs")) for p in (ROOT / "docs").rglob("*.md")}
     listed = set(re.findall(r":\s*(\S+\.md)\s*$", config, re.M))
     assert pages == listed
+
+
+PAGES = [*sorted((ROOT / "docs").rglob("*.md")), ROOT / "README.md"]
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_python_examples_in_the_docs_parse(page: Path) -> None:
+    blocks = re.findall(r"```python\n(.*?)```", page.read_text(), re.S)
+    for block in blocks:
+        compile(block, str(page), "exec")  # a SyntaxError names the page and line
