@@ -18,10 +18,17 @@ MARKER = re.compile(r"^<!-- cli-help:\s*(\S*)\s*-->$", re.MULTILINE)
 def _help(subcommand: str) -> str:
     from tl_powersteer.cli import build_parser
 
-    os.environ["COLUMNS"] = "80"  # argparse wraps to the terminal; fix the width
     out = io.StringIO()
-    with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
-        build_parser().parse_args([*([subcommand] if subcommand else []), "--help"])
+    width = os.environ.get("COLUMNS")
+    os.environ["COLUMNS"] = "80"  # argparse wraps to the terminal; fix the width
+    try:
+        with contextlib.redirect_stdout(out), contextlib.suppress(SystemExit):
+            build_parser().parse_args([*([subcommand] if subcommand else []), "--help"])
+    finally:
+        if width is None:
+            del os.environ["COLUMNS"]
+        else:
+            os.environ["COLUMNS"] = width
     return out.getvalue().rstrip()
 
 
