@@ -8,14 +8,25 @@ pair). The reference is the original Power Steering algorithm run pair by pair
 (double-backward JᵀJ w, block 12; ``bench_power.py``), each pair iterated until its top-k
 singular values are within 1e-3 of the exact ones.
 
+Two lines put the ratios in context, both measured in the same run:
+
+* the matrix-product floor of the exact method: its GEMM FLOPs (every identity column
+  through every block it crosses, the last block only at the read positions) divided by this
+  CPU's best fp32 GEMM rate on the model's MLP shapes. No fp32 implementation of the exact
+  atlas can be faster, so reference / floor bounds its achievable speed-up;
+* the singular value spectrum of the pair where the sketch errs most: a rank-r sketch
+  cannot resolve σ1..σk better than the tail σ_{r+1} / σ1 allows.
+
     python benchmarks/bench_atlas.py                          # tiny random GPT-2, offline
     python benchmarks/bench_atlas.py --model gemma-3-270m     # all 153 pairs of Gemma 3 270M
+    python benchmarks/bench_atlas.py --model gemma-3-270m --sketch-ranks 40 80 160
 """
 
 from __future__ import annotations
 
 import argparse
 import resource
+import statistics
 import sys
 import time
 import warnings
@@ -31,6 +42,43 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def gemm_rate(rows: int, d_model: int, d_mlp: int, repeats: int = 5) -> float:
+    """Best fp32 GEMM rate (FLOP/s) of this CPU on the MLP's shapes, ``rows`` tokens."""
+    gen = torch.Generator().manual_seed(0)
+    X = torch.randn(rows, d_model, generator=gen)
+    W = torch.randn(d_model, d_mlp, generator=gen)
+    H = torch.randn(rows, d_mlp, generator=gen)
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        X @ W
+        H @ W.T
+        best = min(best, time.perf_counter() - start)
+    return 2 * 2 * rows * d_model * d_mlp / best
+
+
+def matmul_floor(
+    cfg: Any, pairs: list[tuple[int, int]], tokens: int, positions: int, chunk: int = 64
+) -> tuple[float, float]:
+    """(seconds, FLOP/s): the exact atlas's matrix products alone at this CPU's GEMM rate."""
+    heads, kv_heads = cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads
+    macs_per_token = cfg.d_model * cfg.d_head * (2 * heads + 2 * kv_heads) + (
+        cfg.d_model * cfg.d_mlp * (3 if cfg.gated_mlp else 2)
+    )
+    last = {s: max(t for s2, t in pairs if s2 == s) for s, _ in pairs}
+    # Blocks s+1 .. last are crossed; the last one is needed only at the read positions.
+    blocks = sum(last[s] - s - 1 + positions / tokens for s in last)
+    flops = 2 * macs_per_token * tokens * cfg.d_model * blocks
+    rate = gemm_rate(chunk * tokens, cfg.d_model, cfg.d_mlp)
+    return flops / rate, rate
+
+
+def spectrum_tail(model: Any, prompt: Any, source: int, target: int, ranks: list[int]) -> str:
+    """σ_{r+1} / σ_1 of one pair for each r, from its dense Jacobian."""
+    S = torch.linalg.svdvals(tps.LayerJacobian(model, prompt, source, target).dense().double())
+    return ", ".join(f"σ{r + 1}/σ1 {S[r] / S[0]:.2f}" for r in ranks if r < S.numel())
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--model", default=None, help="tps.load_model name; default tiny GPT-2")
@@ -43,6 +91,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--no-reference", action="store_true", help="skip the (slow) pair-by-pair reference"
     )
+    parser.add_argument(
+        "--sketch-ranks",
+        type=int,
+        nargs="+",
+        default=None,
+        help="sketch ranks r to run (each one a row); default the method's default rank",
+    )
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     if args.model is None:
@@ -54,14 +109,22 @@ def main(argv: list[str] | None = None) -> int:
     n = model.cfg.n_layers
     print(f"model {args.model or 'tiny GPT-2'}: {n} layers, d_model {model.cfg.d_model}, "
           f"{n * (n - 1) // 2} pairs, top-{args.k}, CPU threads {torch.get_num_threads()}")  # fmt: skip
+    runs: list[tuple[str, str, int | None]] = [("exact", "exact", None)]
+    for method in [m for m in args.methods if m != "exact"]:
+        if method == "sketch" and args.sketch_ranks:
+            runs += [(f"sketch r={r}", "sketch", r) for r in args.sketch_ranks]
+        else:
+            runs.append((method, method, None))
     results = {}
-    for method in ["exact", *[m for m in args.methods if m != "exact"]]:
+    for label, method, rank in runs:
         before = peak_rss_mb()
         start = time.perf_counter()
-        atlas = tps.sensitivity_atlas(model, prompt, k=args.k, method=method, progress=False)
-        results[method] = (atlas, time.perf_counter() - start, peak_rss_mb() - before)
+        atlas = tps.sensitivity_atlas(
+            model, prompt, k=args.k, method=method, sketch_rank=rank, progress=False
+        )
+        results[label] = (atlas, time.perf_counter() - start, peak_rss_mb() - before)
     exact, exact_s, _ = results["exact"]
-    reference_s = float("nan")
+    reference_s, iterations = float("nan"), []
     if not args.no_reference:
         reference_s = 0.0
         for s, t in exact.pairs():
@@ -69,27 +132,47 @@ def main(argv: list[str] | None = None) -> int:
             op = tps.LayerJacobian(model, prompt, s, t)
             setup = time.perf_counter() - start
             target = (exact.singular_values[s, t].double(), exact.vectors(s, t).double())
-            seconds, _, _ = time_reference(op, target, 1e-3, float("inf"), k=args.k)
+            seconds, n_iters, _ = time_reference(op, target, 1e-3, float("inf"), k=args.k)
             reference_s += setup + seconds
+            iterations.append(n_iters)
     weights_mb = sum(p.numel() * 4 for p in model.parameters()) / 2**20
     print(
         f"reference (pair by pair, to 1e-3): {reference_s:.1f} s; fp32 weights {weights_mb:.0f} MB"
     )
+    if iterations:
+        print(
+            f"  power iterations it needed per pair: median {statistics.median(iterations):g}, "
+            f"max {max(iterations)}"
+        )
+    tokens = (prompt if isinstance(prompt, torch.Tensor) else model.to_tokens(prompt)).shape[1]
+    floor_s, rate = matmul_floor(model.cfg, exact.pairs(), tokens, exact.positions)
     print(
-        f"{'method':>8} {'seconds':>9} {'vs ref':>8} {'vs exact':>9} {'peak/weights':>13} "
+        f"matrix products of exact alone, at this CPU's fp32 GEMM rate ({rate / 1e9:.0f} GFLOP/s): "
+        f"{floor_s:.1f} s, at most {reference_s / floor_s:.1f}x vs ref"
+    )
+    print(
+        f"{'method':>12} {'seconds':>9} {'vs ref':>8} {'vs exact':>9} {'peak/weights':>13} "
         f"{'median err':>11} {'worst err':>10} {'worst pair':>11}"
     )
+    worst_sketch: tuple[float, int, int] = (-1.0, 0, 0)
     for method, (atlas, seconds, grown) in results.items():
         rel = (atlas.singular_values - exact.singular_values).abs() / exact.singular_values
         worst = rel.nan_to_num(-1).amax(dim=-1)
         s_w, t_w = divmod(int(worst.argmax()), atlas.n_layers)
         flat = rel[~rel.isnan()]
         print(
-            f"{method:>8} {seconds:9.1f} {reference_s / seconds:7.1f}x {exact_s / seconds:8.2f}x "
+            f"{method:>12} {seconds:9.1f} {reference_s / seconds:7.1f}x {exact_s / seconds:8.2f}x "
             f"{grown / weights_mb:13.2f} {flat.median().item():11.2e} {flat.max().item():10.2e} "
             f"{f'L{s_w} -> L{t_w}':>11}",
             flush=True,
         )
+        if atlas.method == "sketch" and flat.max().item() > worst_sketch[0]:
+            worst_sketch = (flat.max().item(), s_w, t_w)
+    if worst_sketch[0] >= 0:
+        _, s_w, t_w = worst_sketch
+        sketch_ranks = {a.sketch_rank for a, _, _ in results.values() if a.method == "sketch"}
+        ranks = sorted({args.k, *sketch_ranks})
+        print(f"spectrum of L{s_w} -> L{t_w}: {spectrum_tail(model, prompt, s_w, t_w, ranks)}")
     return 0
 
 

@@ -41,6 +41,38 @@ def test_bench_atlas(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench_atlas.main(["--d-model", "16", "--layers", "3", "--k", "2"]) == 0
     out = capsys.readouterr().out
     assert "reference (pair by pair, to 1e-3):" in out
-    exact_row = next(line for line in out.splitlines() if line.strip().startswith("exact"))
+    exact_row = next(line for line in out.splitlines() if line.split()[:1] == ["exact"])
     assert "1.00x" in exact_row and exact_row.split()[-5:-3] == ["0.00e+00", "0.00e+00"]
     assert any(line.strip().startswith("sketch") for line in out.splitlines())
+    assert "matrix products of exact alone, at this CPU's fp32 GEMM rate" in out
+    assert "power iterations it needed per pair: median" in out
+
+
+def test_bench_atlas_sketch_ranks(capsys: pytest.CaptureFixture[str]) -> None:
+    import bench_atlas
+
+    argv = ["--d-model", "16", "--layers", "3", "--k", "2", "--no-reference"]
+    assert bench_atlas.main([*argv, "--sketch-ranks", "4", "8"]) == 0
+    out = capsys.readouterr().out
+    rows = [line.split()[:2] for line in out.splitlines() if line.strip().startswith("sketch")]
+    assert rows == [["sketch", "r=4"], ["sketch", "r=8"]]
+    tail = next(line for line in out.splitlines() if line.startswith("spectrum of L"))
+    assert [part.split()[0] for part in tail.split(": ", 1)[1].split(", ")] == [
+        "σ3/σ1", "σ5/σ1", "σ9/σ1",
+    ]  # fmt: skip
+
+
+def test_matmul_floor_counts_every_block_crossed() -> None:
+    from types import SimpleNamespace
+
+    import bench_atlas
+
+    cfg = SimpleNamespace(
+        d_model=4, d_head=2, n_heads=2, n_key_value_heads=None, d_mlp=8, gated_mlp=False
+    )
+    seconds, rate = bench_atlas.matmul_floor(cfg, [(0, 1), (0, 2), (1, 2)], 5, 1, chunk=2)
+    # Per token and block: Q, K, V, O (4 x 4 x 2 x 2) + MLP (2 x 4 x 8) = 128 multiply-adds;
+    # source 0 crosses block 1 and the read positions of block 2, source 1 only the latter.
+    blocks = (1 + 1 / 5) + (0 + 1 / 5)
+    assert seconds * rate == pytest.approx(2 * 128 * 5 * 4 * blocks)
+    assert rate > 0

@@ -228,8 +228,17 @@ def test_sketch_checkpoint_resumes(
         )
     partial = tps.load(ckpt)
     assert partial.completed_targets == [1, 2, 3] and partial.completed_sources == [0]
-    assert partial.co_range_sketch is not None
+    assert partial.co_range_sketch is not None and partial.co_range_width == 24  # 3r
+    assert partial.co_range_sketch.shape[2] == 24
     monkeypatch.setattr(tps.LayerJacobian, "matvec", real_matvec)
+    # A sketch made with another co-range width cannot be continued.
+    other = tmp_path / "other.safetensors"
+    partial.co_range_width = 17
+    partial.save(other)
+    with pytest.raises(ValueError, match=r"co_range_width: 17 there, 24 now"):
+        tps.sensitivity_atlas(
+            model, tokens, k=2, method="sketch", sketch_rank=8, checkpoint=other, progress=False
+        )
     resumed = tps.sensitivity_atlas(
         model, tokens, k=2, method="sketch", sketch_rank=8, checkpoint=ckpt, progress=False
     )

@@ -98,10 +98,32 @@ def test_negative_layers_resolve_like_python(model: Any, tokens: torch.Tensor) -
     assert op.target_hook == "blocks.3.hook_mlp_out"
 
 
-def test_dense_is_chunked_exactly(model: Any, tokens: torch.Tensor) -> None:
-    whole = tps.LayerJacobian(model, tokens, source=0, target=2, chunk_size=64).dense()
-    chunked = tps.LayerJacobian(model, tokens, source=0, target=2, chunk_size=5).dense()
-    torch.testing.assert_close(whole, chunked, atol=1e-13, rtol=0)
+@pytest.mark.parametrize("jvp_method", ["reverse", "forward"])
+def test_products_are_chunked_exactly(
+    model: Any, tokens: torch.Tensor, jvp_method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tl_powersteer.jacobian as jacobian
+
+    whole = tps.LayerJacobian(model, tokens, 0, 2, chunk_size=64, jvp_method=jvp_method)
+    chunked = tps.LayerJacobian(model, tokens, 0, 2, chunk_size=5, jvp_method=jvp_method)
+    V = torch.randn(16, 12, dtype=torch.float64)
+    U = torch.randn(whole.shape[0], 12, dtype=torch.float64)
+    expected = (whole.dense(), whole.matvec(V), whole.rmatvec(U))
+    sizes: list[int] = []
+    real_vmap = jacobian.vmap
+
+    def recording_vmap(f: Any) -> Any:
+        def batched(x: torch.Tensor) -> Any:
+            sizes.append(x.shape[0])
+            return real_vmap(f)(x)
+
+        return batched
+
+    monkeypatch.setattr(jacobian, "vmap", recording_vmap)
+    got = (chunked.dense(), chunked.matvec(V), chunked.rmatvec(U))
+    for g, e in zip(got, expected, strict=True):
+        torch.testing.assert_close(g, e, atol=1e-13, rtol=0)
+    assert sizes == [5, 5, 5, 1] + [5, 5, 2] * 2  # dense (16 columns), matvec, rmatvec
 
 
 def test_readout_is_the_differentiated_function(model: Any, tokens: torch.Tensor) -> None:
