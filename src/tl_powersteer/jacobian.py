@@ -36,7 +36,7 @@ True
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -215,7 +215,7 @@ class LayerJacobian:
             if self.jvp_method == "forward"
             else lambda block: vmap(self._reverse_product())(block)[0]
         )
-        out = self._in_chunks(product, V2)
+        out = self._in_chunks(product, V2, self.shape[0])
         self.n_jvp += V2.shape[1]
         out = self._checked(out, "J @ V")
         return out[:, 0] if vector else out
@@ -234,7 +234,7 @@ class LayerJacobian:
         """Jᵀ U by reverse-mode AD, reusing the pullback built at construction, ``chunk_size``
         columns at a time."""
         U2, vector = self._columns(U, self.shape[0], "U")
-        out = self._in_chunks(lambda block: vmap(self._pullback)(block)[0], U2)
+        out = self._in_chunks(lambda block: vmap(self._pullback)(block)[0], U2, self.shape[1])
         self.n_vjp += U2.shape[1]
         out = self._checked(out, "J.T @ U")
         return out[:, 0] if vector else out
@@ -247,10 +247,12 @@ class LayerJacobian:
         """The exact Jacobian, from chunked vmapped JVPs of the identity's columns."""
         return self.matvec(torch.eye(self.shape[1], dtype=self.dtype, device=self.device))
 
-    def _in_chunks(self, product: Any, X: Tensor) -> Tensor:
+    def _in_chunks(self, product: Callable[[Tensor], Tensor], X: Tensor, out_rows: int) -> Tensor:
         """``product`` (vmapped over rows of its argument) applied to the columns of X,
         at most ``chunk_size`` at a time: memory stays bounded, and on CPU blocks of about
         64 run faster than one large vmapped call."""
+        if X.shape[1] == 0:
+            return X.new_zeros(out_rows, 0)
         with torch.no_grad():
             blocks = [
                 product(X[:, i : i + self.chunk_size].T).T

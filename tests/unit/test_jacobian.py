@@ -124,6 +124,10 @@ def test_products_are_chunked_exactly(
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, atol=1e-13, rtol=0)
     assert sizes == [5, 5, 5, 1] + [5, 5, 2] * 2  # dense (16 columns), matvec, rmatvec
+    sizes.clear()
+    assert chunked.matvec(V[:, :0]).shape == (whole.shape[0], 0)
+    assert chunked.rmatvec(U[:, :0]).shape == (16, 0)
+    assert sizes == []
 
 
 def test_readout_is_the_differentiated_function(model: Any, tokens: torch.Tensor) -> None:
