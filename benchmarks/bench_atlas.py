@@ -1,8 +1,9 @@
 """Sensitivity atlas methods compared in one run: wall time, peak memory, error vs exact.
 
 Runs ``sensitivity_atlas`` with the exact, sketch and (optionally) power methods on the
-same pairs and prints, for each, seconds, speed-up over the reference, peak resident memory
-growth as a multiple of the model's fp32 weights, and the error of its top-k singular values
+same pairs and prints, for each, seconds, speed-up over the reference, peak memory growth
+(resident memory on the CPU, allocated GPU memory with ``--device cuda``) as a multiple of
+the model's fp32 weights, and the error of its top-k singular values
 against the exact ones (median and worst relative error over pairs and ranks, and the worst
 pair). The reference is the original Power Steering algorithm run pair by pair
 (double-backward JᵀJ w, block 12; ``bench_power.py``), each pair iterated until its top-k
@@ -11,8 +12,8 @@ singular values are within 1e-3 of the exact ones.
 Two lines put the ratios in context, both measured in the same run:
 
 * the matrix-product floor of the exact method: its GEMM FLOPs (every identity column
-  through every block it crosses, the last block only at the read positions) divided by this
-  CPU's best fp32 GEMM rate on the model's MLP shapes. No fp32 implementation of the exact
+  through every block it crosses, the last block only at the read positions) divided by the
+  device's best fp32 GEMM rate on the model's MLP shapes. No fp32 implementation of the exact
   atlas can be faster, so reference / floor bounds its achievable speed-up;
 * the singular value spectrum of the pair where the sketch errs most: a rank-r sketch
   cannot resolve σ1..σk better than the tail σ_{r+1} / σ1 allows.
@@ -20,6 +21,7 @@ Two lines put the ratios in context, both measured in the same run:
     python benchmarks/bench_atlas.py                          # tiny random GPT-2, offline
     python benchmarks/bench_atlas.py --model gemma-3-270m     # all 153 pairs of Gemma 3 270M
     python benchmarks/bench_atlas.py --model gemma-3-270m --sketch-ranks 40 80 160
+    python benchmarks/bench_atlas.py --model gemma-3-270m --device cuda --chunk-size 640
 """
 
 from __future__ import annotations
@@ -33,34 +35,51 @@ import warnings
 from typing import Any
 
 import torch
-from bench_power import REAL_PROMPT, time_reference, tiny_gpt2
+from bench_power import REAL_PROMPT, synchronize, time_reference, tiny_gpt2
 
 import tl_powersteer as tps
 
 
-def peak_rss_mb() -> float:
+def peak_mb(device: torch.device) -> float:
+    """Peak memory so far: allocated on a GPU (reset with ``reset_peak``), else resident."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def gemm_rate(rows: int, d_model: int, d_mlp: int, repeats: int = 5) -> float:
-    """Best fp32 GEMM rate (FLOP/s) of this CPU on the MLP's shapes, ``rows`` tokens."""
+def reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def gemm_rate(
+    rows: int, d_model: int, d_mlp: int, repeats: int = 5, device: torch.device | str = "cpu"
+) -> float:
+    """Best fp32 GEMM rate (FLOP/s) of the device on the MLP's shapes, ``rows`` tokens."""
     gen = torch.Generator().manual_seed(0)
-    X = torch.randn(rows, d_model, generator=gen)
-    W = torch.randn(d_model, d_mlp, generator=gen)
-    H = torch.randn(rows, d_mlp, generator=gen)
+    X = torch.randn(rows, d_model, generator=gen).to(device)
+    W = torch.randn(d_model, d_mlp, generator=gen).to(device)
+    H = torch.randn(rows, d_mlp, generator=gen).to(device)
     best = float("inf")
-    for _ in range(repeats):
+    for _ in range(repeats + 1):  # the first call warms up the device's kernels
+        synchronize()
         start = time.perf_counter()
         X @ W
         H @ W.T
+        synchronize()
         best = min(best, time.perf_counter() - start)
     return 2 * 2 * rows * d_model * d_mlp / best
 
 
 def matmul_floor(
-    cfg: Any, pairs: list[tuple[int, int]], tokens: int, positions: int, chunk: int = 64
+    cfg: Any,
+    pairs: list[tuple[int, int]],
+    tokens: int,
+    positions: int,
+    chunk: int = 64,
+    device: torch.device | str = "cpu",
 ) -> tuple[float, float]:
-    """(seconds, FLOP/s): the exact atlas's matrix products alone at this CPU's GEMM rate."""
+    """(seconds, FLOP/s): the exact atlas's matrix products alone at the device's GEMM rate."""
     heads, kv_heads = cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads
     macs_per_token = cfg.d_model * cfg.d_head * (2 * heads + 2 * kv_heads) + (
         cfg.d_model * cfg.d_mlp * (3 if cfg.gated_mlp else 2)
@@ -69,13 +88,14 @@ def matmul_floor(
     # Blocks s+1 .. last are crossed; the last one is needed only at the read positions.
     blocks = sum(last[s] - s - 1 + positions / tokens for s in last)
     flops = 2 * macs_per_token * tokens * cfg.d_model * blocks
-    rate = gemm_rate(chunk * tokens, cfg.d_model, cfg.d_mlp)
+    rate = gemm_rate(chunk * tokens, cfg.d_model, cfg.d_mlp, device=device)
     return flops / rate, rate
 
 
 def spectrum_tail(model: Any, prompt: Any, source: int, target: int, ranks: list[int]) -> str:
     """σ_{r+1} / σ_1 of one pair for each r, from its dense Jacobian."""
-    S = torch.linalg.svdvals(tps.LayerJacobian(model, prompt, source, target).dense().double())
+    dense = tps.LayerJacobian(model, prompt, source, target).dense()
+    S = torch.linalg.svdvals(dense.double().cpu())
     return ", ".join(f"σ{r + 1}/σ1 {S[r] / S[0]:.2f}" for r in ranks if r < S.numel())
 
 
@@ -98,17 +118,32 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="sketch ranks r to run (each one a row); default the method's default rank",
     )
+    parser.add_argument("--device", type=torch.device, default="cpu", help="cpu or cuda")
+    parser.add_argument("--chunk-size", type=int, default=64, help="sensitivity_atlas's")
+    parser.add_argument(
+        "--sources", type=int, nargs="+", default=None, help="source layers (default all)"
+    )
     args = parser.parse_args(argv)
+    device = args.device
+    if device.type == "cuda" and not torch.cuda.is_available():
+        parser.error("--device cuda: this machine has no CUDA device")
     warnings.filterwarnings("ignore")
     if args.model is None:
-        model = tiny_gpt2(args.d_model, args.layers)
+        model = tiny_gpt2(args.d_model, args.layers, device=str(device))
         prompt: Any = torch.randint(0, 1000, (1, 20), generator=torch.Generator().manual_seed(0))
     else:
-        model = tps.load_model(args.model, device="cpu")
+        model = tps.load_model(args.model, device=str(device))
         prompt = REAL_PROMPT
     n = model.cfg.n_layers
+    where = (
+        torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU threads {torch.get_num_threads()}"
+    )
+    sources = range(n) if args.sources is None else [s % n for s in args.sources]
+    n_pairs = sum(n - 1 - s for s in set(sources))
     print(f"model {args.model or 'tiny GPT-2'}: {n} layers, d_model {model.cfg.d_model}, "
-          f"{n * (n - 1) // 2} pairs, top-{args.k}, CPU threads {torch.get_num_threads()}")  # fmt: skip
+          f"{n_pairs} pairs, top-{args.k}, {where}")  # fmt: skip
     runs: list[tuple[str, str, int | None]] = [("exact", "exact", None)]
     for method in [m for m in args.methods if m != "exact"]:
         if method == "sketch" and args.sketch_ranks:
@@ -117,19 +152,25 @@ def main(argv: list[str] | None = None) -> int:
             runs.append((method, method, None))
     results = {}
     for label, method, rank in runs:
-        before = peak_rss_mb()
+        synchronize()
+        reset_peak(device)
+        before = peak_mb(device)
         start = time.perf_counter()
         atlas = tps.sensitivity_atlas(
-            model, prompt, k=args.k, method=method, sketch_rank=rank, progress=False
-        )
-        results[label] = (atlas, time.perf_counter() - start, peak_rss_mb() - before)
+            model, prompt, sources=args.sources, k=args.k, method=method, sketch_rank=rank,
+            chunk_size=args.chunk_size, progress=False,
+        )  # fmt: skip
+        synchronize()
+        results[label] = (atlas, time.perf_counter() - start, peak_mb(device) - before)
     exact, exact_s, _ = results["exact"]
     reference_s, iterations = float("nan"), []
     if not args.no_reference:
         reference_s = 0.0
         for s, t in exact.pairs():
+            synchronize()
             start = time.perf_counter()
             op = tps.LayerJacobian(model, prompt, s, t)
+            synchronize()
             setup = time.perf_counter() - start
             target = (exact.singular_values[s, t].double(), exact.vectors(s, t).double())
             seconds, n_iters, _ = time_reference(op, target, 1e-3, float("inf"), k=args.k)
@@ -145,10 +186,12 @@ def main(argv: list[str] | None = None) -> int:
             f"max {max(iterations)}"
         )
     tokens = (prompt if isinstance(prompt, torch.Tensor) else model.to_tokens(prompt)).shape[1]
-    floor_s, rate = matmul_floor(model.cfg, exact.pairs(), tokens, exact.positions)
+    floor_s, rate = matmul_floor(
+        model.cfg, exact.pairs(), tokens, exact.positions, args.chunk_size, device
+    )
     print(
-        f"matrix products of exact alone, at this CPU's fp32 GEMM rate ({rate / 1e9:.0f} GFLOP/s): "
-        f"{floor_s:.1f} s, at most {reference_s / floor_s:.1f}x vs ref"
+        f"matrix products of exact alone, at this {device.type.upper()}'s fp32 GEMM rate "
+        f"({rate / 1e9:.0f} GFLOP/s): {floor_s:.2f} s, at most {reference_s / floor_s:.1f}x vs ref"
     )
     print(
         f"{'method':>12} {'seconds':>9} {'vs ref':>8} {'vs exact':>9} {'peak/weights':>13} "

@@ -36,7 +36,13 @@ REAL_PROMPT = (
 )
 
 
-def tiny_gpt2(d_model: int, n_layers: int, seed: int = 0) -> Any:
+def synchronize() -> None:
+    """Wait for queued GPU work, so that a wall-clock reading includes it."""
+    if torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
+def tiny_gpt2(d_model: int, n_layers: int, seed: int = 0, device: str = "cpu") -> Any:
     from transformer_lens.model_bridge import TransformerBridge
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -46,7 +52,7 @@ def tiny_gpt2(d_model: int, n_layers: int, seed: int = 0) -> Any:
     )
     root = tempfile.mkdtemp(prefix="bench_gpt2_")
     GPT2LMHeadModel(config).save_pretrained(root)
-    return TransformerBridge.boot_transformers(root, device="cpu").eval()
+    return TransformerBridge.boot_transformers(root, device=device).eval()
 
 
 def accuracy(
@@ -55,22 +61,26 @@ def accuracy(
     """(max relative σ error over top-k, max principal angle over the top-4 subspace)."""
     S, Vh = exact
     k = min(k, sigmas.numel())
-    rel = ((sigmas[:k].double() - S[:k]).abs() / S[:k]).max().item()
-    A, B = vectors[:4].double(), Vh[:4]
+    rel = ((sigmas[:k].double().cpu() - S[:k]).abs() / S[:k]).max().item()
+    A, B = vectors[:4].double().cpu(), Vh[:4]
     # Sines of the principal angles: accurate for small angles, unlike arccos of cosines.
     sines = torch.linalg.svdvals(A - (A @ B.T) @ B).clamp(max=1.0)
     return rel, torch.arcsin(sines).max().item()
 
 
 def reference_iterations(
-    f: Callable[[torch.Tensor], torch.Tensor], d: int, dtype: torch.dtype, block: int = 12
+    f: Callable[[torch.Tensor], torch.Tensor],
+    d: int,
+    dtype: torch.dtype,
+    block: int = 12,
+    device: torch.device | str = "cpu",
 ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
     """The reference: double-backward JᵀJ w, one column at a time, block of 12.
 
     The n-th item is the Rayleigh-Ritz estimate after n - 1 power iterations, so stopping
     there is exactly the fixed-iteration algorithm with ``iters = n - 1``.
     """
-    v = torch.zeros(d, dtype=dtype, requires_grad=True)
+    v = torch.zeros(d, dtype=dtype, device=device, requires_grad=True)
     y = f(v)
     u = torch.zeros_like(y, requires_grad=True)
     (jt_u,) = torch.autograd.grad(y, v, grad_outputs=u, create_graph=True)
@@ -81,7 +91,8 @@ def reference_iterations(
         return jtjw
 
     gen = torch.Generator().manual_seed(0)
-    Q = torch.linalg.qr(torch.randn(d, block, generator=gen, dtype=torch.float64).to(dtype)).Q
+    start = torch.randn(d, block, generator=gen, dtype=torch.float64).to(device, dtype)
+    Q = torch.linalg.qr(start).Q
     while True:
         Z = torch.stack([gram(Q[:, j]) for j in range(block)], dim=1)
         evals, evecs = torch.linalg.eigh(Q.T @ Z)
@@ -101,8 +112,9 @@ def time_reference(
     """Seconds and iterations for the reference to reach the given accuracy (checks untimed)."""
     elapsed = 0.0
     start = time.perf_counter()
-    steps = reference_iterations(op.readout, op.shape[1], op.dtype)
+    steps = reference_iterations(op.readout, op.shape[1], op.dtype, device=op.device)
     for n, (vectors, sigmas) in enumerate(steps):
+        synchronize()
         elapsed += time.perf_counter() - start
         acc = accuracy(vectors, sigmas, exact, k)
         if (acc[0] <= sigma_tol and acc[1] <= angle_tol) or n >= cap:

@@ -130,19 +130,24 @@ def gpt2_dir(tokenizer_dir: str, tmp_path_factory: pytest.TempPathFactory) -> st
     return root
 
 
-@pytest.fixture(scope="session")
-def models(tokenizer_dir: str, gpt2_dir: str) -> dict[str, Any]:
-    """Every tiny model this TransformerLens version can build, by name."""
+def build_models(tokenizer_dir: str, gpt2_dir: str, device: str = "cpu") -> dict[str, Any]:
+    """Every tiny model this TransformerLens version can build, by name, each time anew
+    with the same weights."""
     found: dict[str, Any] = {}
     hooked = _hooked(tokenizer_dir)
     if hooked is not None:
-        found["hooked"] = hooked
-    found["native_bridge"] = _native()
+        found["hooked"] = hooked.to(device)
+    found["native_bridge"] = _native().to(device)
     from transformer_lens.model_bridge import TransformerBridge
 
-    bridge = TransformerBridge.boot_transformers(gpt2_dir, device="cpu", dtype=torch.float64)
+    bridge = TransformerBridge.boot_transformers(gpt2_dir, device=device, dtype=torch.float64)
     found["hf_bridge"] = bridge.eval()
     return found
+
+
+@pytest.fixture(scope="session")
+def models(tokenizer_dir: str, gpt2_dir: str) -> dict[str, Any]:
+    return build_models(tokenizer_dir, gpt2_dir)
 
 
 @pytest.fixture(params=["hooked", "native_bridge", "hf_bridge"])

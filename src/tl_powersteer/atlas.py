@@ -525,7 +525,8 @@ def sensitivity_atlas(
             if method == "sketch":
                 op = LayerJacobian(model, prompts, s, later, **options)
                 omega = _test_matrix(adapter.d_model, r, seed, s, dtype)
-                Y = op.matvec(omega.to(op.dtype)).to(dtype)
+                # Reconstructed on the CPU, beside the co-range sketch that is kept there.
+                Y = op.matvec(omega.to(op.dtype)).to("cpu", dtype)
                 assert atlas.co_range_sketch is not None
                 for t in later:
                     rows = op.shape[0] // len(later)
@@ -589,7 +590,7 @@ def _co_range_phase(
             earlier = [s for s in atlas.sources if s < t]
             op = LayerJacobian(model, prompts, earlier, t, **options)
             psi = _test_matrix(op.shape[0], width, atlas.seed, -1 - t, dtype)
-            W = op.rmatvec(psi.to(op.dtype)).to(dtype)
+            W = op.rmatvec(psi.to(op.dtype)).to("cpu", dtype)
             for s in earlier:
                 atlas.co_range_sketch[s, t] = W[op.columns(s)].T
             atlas.completed_targets.append(t)

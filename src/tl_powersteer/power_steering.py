@@ -78,6 +78,7 @@ class PowerSteeringResult:
     ``residuals[i]`` is the relative residual of the singular triplet,
     ``max(‖J vᵢ − σᵢ uᵢ‖, ‖Jᵀ uᵢ − σᵢ vᵢ‖) / σᵢ``; ``history`` holds the top-k Ritz
     values after every iteration. ``n_jvp`` / ``n_vjp`` count single-vector products.
+    Its tensors are on the CPU whatever the model's device, like every result here.
     """
 
     vectors: Float[Tensor, "k d_model"]
@@ -199,10 +200,10 @@ def power_steer(
     )
     batch = op.batch
     return PowerSteeringResult(
-        vectors=found.vectors,
-        singular_values=found.singular_values,
-        left_vectors=found.left_vectors,
-        residuals=found.residuals,
+        vectors=found.vectors.cpu(),
+        singular_values=found.singular_values.cpu(),
+        left_vectors=found.left_vectors.cpu(),
+        residuals=found.residuals.cpu(),
         iterations=found.iterations,
         converged=found.converged,
         n_jvp=op.n_jvp,
@@ -216,5 +217,5 @@ def power_steer(
         prompts=batch.texts,
         tokens=None if batch.texts is not None else batch.tokens.cpu(),
         seed=seed,
-        history=found.history,
+        history=found.history.cpu(),
     )

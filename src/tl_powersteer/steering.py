@@ -77,6 +77,8 @@ class SteeringVector:
     MELBO's radius, 1 for Power Steering), so ``scale=vector.norm`` in absolute mode adds
     the vector the method found. ``metadata`` holds JSON-friendly provenance (model, layers,
     prompts, rank, singular value, ...); ``metadata["name"]`` labels the vector in tables.
+    The direction is kept on the CPU, so vectors found on different devices mix freely;
+    it moves to the model's device where it is added.
     """
 
     direction: Float[Tensor, " d_model"]
@@ -95,6 +97,7 @@ class SteeringVector:
             raise ValueError(
                 f"direction must be one vector [d_model], got shape {tuple(self.direction.shape)}"
             )
+        self.direction = self.direction.detach().cpu()
         length = float(self.direction.double().norm())
         if not math.isfinite(length) or length == 0:
             raise ValueError("direction must be finite and non-zero")

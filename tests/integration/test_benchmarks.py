@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
@@ -76,3 +77,25 @@ def test_matmul_floor_counts_every_block_crossed() -> None:
     blocks = (1 + 1 / 5) + (0 + 1 / 5)
     assert seconds * rate == pytest.approx(2 * 128 * 5 * 4 * blocks)
     assert rate > 0
+
+
+def test_bench_atlas_sources_and_chunk(capsys: pytest.CaptureFixture[str]) -> None:
+    import bench_atlas
+
+    argv = ["--d-model", "16", "--layers", "3", "--k", "2", "--no-reference", "--methods", "exact"]
+    assert bench_atlas.main([*argv, "--sources", "0", "--chunk-size", "3"]) == 0
+    out = capsys.readouterr().out
+    assert "3 layers, d_model 16, 2 pairs, top-2, CPU threads" in out
+    exact_row = next(line for line in out.splitlines() if line.split()[:1] == ["exact"])
+    assert exact_row.split()[-3:] == ["L0", "->", "L1"]
+    assert not any(line.strip().startswith("sketch") for line in out.splitlines())
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a CPU machine")
+def test_bench_atlas_cuda_needs_a_device(capsys: pytest.CaptureFixture[str]) -> None:
+    import bench_atlas
+
+    with pytest.raises(SystemExit) as exit_info:
+        bench_atlas.main(["--device", "cuda"])
+    assert exit_info.value.code == 2
+    assert "this machine has no CUDA device" in capsys.readouterr().err

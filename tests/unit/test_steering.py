@@ -44,6 +44,10 @@ def test_vector_is_unit_and_checked() -> None:
     v = tps.SteeringVector(torch.tensor([3.0, 4.0]), 2, SITE, "custom", norm=5.0)
     assert torch.allclose(v.direction, torch.tensor([0.6, 0.8]))
     assert v.hook_name == "blocks.2.hook_resid_post" and v.name == "custom L2"
+    # An optimised direction is kept as plain data, off the autograd graph.
+    found = torch.tensor([3.0, 4.0], requires_grad=True) * 2
+    kept = tps.SteeringVector(found, 2, SITE, "custom")
+    assert not kept.direction.requires_grad and kept.direction.device.type == "cpu"
     with pytest.raises(ValueError, match="non-zero"):
         tps.SteeringVector(torch.zeros(3), 0, SITE, "custom")
     with pytest.raises(ValueError, match="finite"):
