@@ -50,9 +50,10 @@ def tiny_gpt2(d_model: int, n_layers: int, seed: int = 0, device: str = "cpu") -
     config = GPT2Config(
         n_embd=d_model, n_layer=n_layers, n_head=8, vocab_size=1000, n_positions=128
     )
-    root = tempfile.mkdtemp(prefix="bench_gpt2_")
-    GPT2LMHeadModel(config).save_pretrained(root)
-    return TransformerBridge.boot_transformers(root, device=device).eval()
+    # The weights are read into memory, so the folder can go once the model is booted.
+    with tempfile.TemporaryDirectory(prefix="bench_gpt2_") as root:
+        GPT2LMHeadModel(config).save_pretrained(root)
+        return TransformerBridge.boot_transformers(root, device=device).eval()
 
 
 def accuracy(

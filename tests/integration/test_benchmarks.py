@@ -99,3 +99,16 @@ def test_bench_atlas_cuda_needs_a_device(capsys: pytest.CaptureFixture[str]) -> 
         bench_atlas.main(["--device", "cuda"])
     assert exit_info.value.code == 2
     assert "this machine has no CUDA device" in capsys.readouterr().err
+
+
+def test_tiny_model_leaves_no_folder_behind(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tempfile
+
+    import bench_power
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    model = bench_power.tiny_gpt2(16, 2)
+    assert [p for p in tmp_path.iterdir() if p.name.startswith("bench_gpt2_")] == []
+    assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 1000)
