@@ -38,6 +38,7 @@ import torch
 from bench_power import REAL_PROMPT, synchronize, time_reference, tiny_gpt2
 
 import tl_powersteer as tps
+from tl_powersteer.atlas import validate_atlas_arguments
 
 
 def peak_mb(device: torch.device) -> float:
@@ -134,6 +135,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model = tps.load_model(args.model, device=str(device))
         prompt = REAL_PROMPT
+    try:  # bad options fail here, with the library's own message, before any timing
+        for rank in args.sketch_ranks or [None]:
+            validate_atlas_arguments(
+                model, prompt, sources=args.sources, k=args.k, sketch_rank=rank,
+                chunk_size=args.chunk_size,
+            )  # fmt: skip
+    except (TypeError, ValueError) as error:
+        parser.error(str(error))
     n = model.cfg.n_layers
     where = (
         torch.cuda.get_device_name(device)

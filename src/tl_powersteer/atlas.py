@@ -60,8 +60,8 @@ from .adapters import (
     decode_token,
     steered_logits,
 )
-from .jacobian import LayerJacobian
-from .power import block_power_iteration, canonical_signs
+from .jacobian import LayerJacobian, check_chunk_size
+from .power import block_power_iteration, canonical_signs, check_iteration_args
 from .power_steering import power_steering_vector
 from .steering import SteeringVector
 
@@ -358,6 +358,9 @@ def _plan(
     positions: int,
     checkpoint: str | os.PathLike[str] | None,
     sketch_rank: int | None,
+    tol: float,
+    max_iters: int,
+    chunk_size: int,
 ) -> _Plan:
     """Every check of ``sensitivity_atlas``'s arguments, before any forward pass."""
     adapter = ModelAdapter(model)
@@ -368,6 +371,9 @@ def _plan(
         raise ValueError(
             f"k must be an int between 1 and d_model - 1 = {adapter.d_model - 1}, got {k!r}"
         )
+    # The power method iterates on k + 1 vectors (σ_{k+1} gives the spectral gap).
+    check_iteration_args(k + 1, adapter.d_model, block_size=None, tol=tol, max_iters=max_iters)
+    check_chunk_size(chunk_size)
     source_layers = _layer_list(adapter, sources, "sources", range(n - 1))
     target_layers = _layer_list(adapter, targets, "targets", range(1, n))
     pairs = [(s, t) for s in source_layers for t in target_layers if t > s]
@@ -419,9 +425,9 @@ def validate_atlas_arguments(model: Any, prompts: Prompts, **options: Any) -> No
     defaults: dict[str, Any] = {
         "sources": None, "targets": None, "k": 4, "method": "auto",
         "source_site": "hook_mlp_out", "target_site": "hook_mlp_out", "positions": 4,
-        "checkpoint": None, "sketch_rank": None,
+        "checkpoint": None, "sketch_rank": None, "tol": 1e-4, "max_iters": 50, "chunk_size": 64,
     }  # fmt: skip
-    # Options that only tune the computation (tol, chunk_size, ...) have nothing to check.
+    # Options that need no checking (seed, progress) are left out.
     _plan(model, prompts, **{**defaults, **{k: v for k, v in options.items() if k in defaults}})
 
 
@@ -472,7 +478,8 @@ def sensitivity_atlas(
     plan = _plan(
         model, prompts, sources=sources, targets=targets, k=k, method=method,
         source_site=source_site, target_site=target_site, positions=positions,
-        checkpoint=checkpoint, sketch_rank=sketch_rank,
+        checkpoint=checkpoint, sketch_rank=sketch_rank, tol=tol, max_iters=max_iters,
+        chunk_size=chunk_size,
     )  # fmt: skip
     adapter, batch, method, r = plan.adapter, plan.batch, plan.method, plan.sketch_rank
     source_layers, target_layers, pairs = plan.sources, plan.targets, plan.pairs

@@ -51,6 +51,11 @@ __all__ = ["JVP_METHODS", "LayerJacobian"]
 JVP_METHODS = ("reverse", "forward")
 
 
+def check_chunk_size(chunk_size: Any) -> None:
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+
+
 class LayerJacobian:
     """J = ∂ target / ∂ v for a vector v added at a source hook; see the module docstring.
 
@@ -119,8 +124,7 @@ class LayerJacobian:
             raise TypeError(f"positions must be an int, got {type(positions).__name__}")
         if positions < 1:
             raise ValueError(f"positions must be at least 1, got {positions}")
-        if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-            raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+        check_chunk_size(chunk_size)
         self.batch = adapter.tokenize(prompts)
         shortest = int(self.batch.lengths.min())
         if positions > shortest:

@@ -91,6 +91,27 @@ def test_bench_atlas_sources_and_chunk(capsys: pytest.CaptureFixture[str]) -> No
     assert not any(line.strip().startswith("sketch") for line in out.splitlines())
 
 
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [
+        (["--sources", "9"], "sources=9 is out of range"),
+        (["--chunk-size", "0"], "chunk_size must be a positive int, got 0"),
+        (["--sketch-ranks", "1"], "sketch_rank must be an int between k + 1 = 3"),
+    ],
+)
+def test_bench_atlas_bad_options(
+    capsys: pytest.CaptureFixture[str], extra: list[str], message: str
+) -> None:
+    import bench_atlas
+
+    argv = ["--d-model", "16", "--layers", "3", "--k", "2", *extra]
+    with pytest.raises(SystemExit) as exit_info:
+        bench_atlas.main(argv)
+    assert exit_info.value.code == 2
+    captured = capsys.readouterr()
+    assert message in captured.err and captured.out == ""
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a CPU machine")
 def test_bench_atlas_cuda_needs_a_device(capsys: pytest.CaptureFixture[str]) -> None:
     import bench_atlas

@@ -155,13 +155,26 @@ def test_checkpoint_with_other_arguments_is_refused(
         ({"positions": 9}, ValueError, "positions must be an int between 1 and 8"),
         ({"checkpoint": "x.pt"}, ValueError, r"checkpoint must be a \.safetensors path"),
         ({"sketch_rank": 2, "k": 2}, ValueError, "sketch_rank must be an int between k \\+ 1 = 3"),
+        ({"chunk_size": 0}, ValueError, "chunk_size must be a positive int, got 0"),
+        ({"tol": -1.0}, ValueError, "tol must be a positive number"),
+        ({"max_iters": 0}, ValueError, "max_iters must be at least 1"),
     ],
 )
 def test_bad_arguments(
-    models: dict[str, Any], tokens: torch.Tensor, kwargs: dict, error: type, message: str
+    models: dict[str, Any],
+    tokens: torch.Tensor,
+    kwargs: dict,
+    error: type,
+    message: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    def no_forward_pass(*args: Any, **kwargs: Any) -> None:
+        raise AssertionError("a forward pass ran before the arguments were checked")
+
+    model = models["native_bridge"]
+    monkeypatch.setattr(model, "forward", no_forward_pass)
     with pytest.raises(error, match=message):
-        tps.sensitivity_atlas(models["native_bridge"], tokens, progress=False, **kwargs)
+        tps.sensitivity_atlas(model, tokens, progress=False, **kwargs)
 
 
 def test_sketch_reconstruction_is_exact_for_low_rank() -> None:
