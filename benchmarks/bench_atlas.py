@@ -39,6 +39,7 @@ from bench_power import REAL_PROMPT, synchronize, time_reference, tiny_gpt2
 
 import tl_powersteer as tps
 from tl_powersteer.atlas import validate_atlas_arguments
+from tl_powersteer.jacobian import default_chunk_size
 
 
 def peak_mb(device: torch.device) -> float:
@@ -120,7 +121,9 @@ def main(argv: list[str] | None = None) -> int:
         help="sketch ranks r to run (each one a row); default the method's default rank",
     )
     parser.add_argument("--device", type=torch.device, default="cpu", help="cpu or cuda")
-    parser.add_argument("--chunk-size", type=int, default=64, help="sensitivity_atlas's")
+    parser.add_argument(
+        "--chunk-size", type=int, default=None, help="sensitivity_atlas's (default its own)"
+    )
     parser.add_argument(
         "--sources", type=int, nargs="+", default=None, help="source layers (default all)"
     )
@@ -195,9 +198,8 @@ def main(argv: list[str] | None = None) -> int:
             f"max {max(iterations)}"
         )
     tokens = (prompt if isinstance(prompt, torch.Tensor) else model.to_tokens(prompt)).shape[1]
-    floor_s, rate = matmul_floor(
-        model.cfg, exact.pairs(), tokens, exact.positions, args.chunk_size, device
-    )
+    chunk = default_chunk_size(tokens) if args.chunk_size is None else args.chunk_size
+    floor_s, rate = matmul_floor(model.cfg, exact.pairs(), tokens, exact.positions, chunk, device)
     print(
         f"matrix products of exact alone, at this {device.type.upper()}'s fp32 GEMM rate "
         f"({rate / 1e9:.0f} GFLOP/s): {floor_s:.2f} s, at most {reference_s / floor_s:.1f}x vs ref"

@@ -178,6 +178,27 @@ class SensitivityAtlas:
                 )
         return out
 
+    def __repr__(self) -> str:
+        """A one-line summary (the tensors would fill a notebook cell)."""
+
+        def layers(values: list[int]) -> str:
+            run = len(values) > 2 and values == list(range(values[0], values[-1] + 1))
+            return f"{values[0]}..{values[-1]}" if run else str(values)
+
+        pairs = self.pairs()
+        done = sum(1 for s, _ in pairs if s in self.completed_sources)
+        text = (
+            f"SensitivityAtlas(model={self.model_name!r}, method={self.method!r}, "
+            f"pairs done {done}/{len(pairs)}, k={self.k}, sources {layers(self.sources)}, "
+            f"targets {layers(self.targets)}, {self.source_site} -> {self.target_site}, "
+            f"positions={self.positions}"
+        )
+        top = self.singular_values[..., 0].nan_to_num(-1.0)
+        if done:
+            s, t = divmod(int(top.argmax()), self.n_layers)
+            text += f", largest σ1 {float(top[s, t]):.4g} at L{s} -> L{t}"
+        return text + ")"
+
     def spectral_gap(self) -> Float[Tensor, "n_layers n_layers"]:
         """σ_k / σ_{k+1} per pair: near 1, the k-th vector is not separated from the next."""
         return self.singular_values[..., -1] / self.next_singular_value
@@ -360,7 +381,7 @@ def _plan(
     sketch_rank: int | None,
     tol: float,
     max_iters: int,
-    chunk_size: int,
+    chunk_size: int | None,
 ) -> _Plan:
     """Every check of ``sensitivity_atlas``'s arguments, before any forward pass."""
     adapter = ModelAdapter(model)
@@ -425,7 +446,8 @@ def validate_atlas_arguments(model: Any, prompts: Prompts, **options: Any) -> No
     defaults: dict[str, Any] = {
         "sources": None, "targets": None, "k": 4, "method": "auto",
         "source_site": "hook_mlp_out", "target_site": "hook_mlp_out", "positions": 4,
-        "checkpoint": None, "sketch_rank": None, "tol": 1e-4, "max_iters": 50, "chunk_size": 64,
+        "checkpoint": None, "sketch_rank": None, "tol": 1e-4, "max_iters": 50,
+        "chunk_size": None,
     }  # fmt: skip
     # Options that need no checking (seed, progress) are left out.
     _plan(model, prompts, **{**defaults, **{k: v for k, v in options.items() if k in defaults}})
@@ -446,7 +468,7 @@ def sensitivity_atlas(
     seed: int = 0,
     tol: float = 1e-4,
     max_iters: int = 50,
-    chunk_size: int = 64,
+    chunk_size: int | None = None,
     sketch_rank: int | None = None,
     progress: bool = True,
 ) -> SensitivityAtlas:
@@ -469,7 +491,9 @@ def sensitivity_atlas(
         tol: relative change of the singular values that ends the power method.
         max_iters: iteration cap of the power method.
         chunk_size: most columns per vmapped product (identity columns in the exact
-            method, test-matrix columns in the sketch); bounds memory.
+            method, test-matrix columns in the sketch); bounds memory. ``None``: about
+            1024 token rows per product (``LayerJacobian``'s default), tuned for a CPU;
+            on a GPU, larger chunks run faster (``docs/how-to/gpu.md``).
         sketch_rank: r, the range-sketch width of the sketch method (default the larger
             of 4k + 4 and d_model / 10, at most d_model); the co-range sketch has 3r
             columns. Larger is slower and more accurate.
@@ -522,6 +546,7 @@ def sensitivity_atlas(
     if method == "sketch":
         _co_range_phase(atlas, model, prompts, options, progress, ckpt)
     done = sum(1 for s, _ in pairs if s in atlas.completed_sources)
+    psis: dict[int, Tensor] = {}  # the sketch's Ψ per target, shared by its sources
     with tqdm(
         total=len(pairs), initial=done, desc=f"atlas ({method})", unit="pair", disable=not progress
     ) as bar:
@@ -536,10 +561,11 @@ def sensitivity_atlas(
                 Y = op.matvec(omega.to(op.dtype)).to("cpu", dtype)
                 assert atlas.co_range_sketch is not None
                 for t in later:
-                    rows = op.shape[0] // len(later)
-                    psi = _test_matrix(rows, atlas.co_range_width, seed, -1 - t, dtype)
+                    if t not in psis:
+                        rows = op.shape[0] // len(later)
+                        psis[t] = _test_matrix(rows, atlas.co_range_width, seed, -1 - t, dtype)
                     sig, nxt, V = sketch_reconstruct(
-                        Y[op.rows(t)], atlas.co_range_sketch[s, t], psi, k
+                        Y[op.rows(t)], atlas.co_range_sketch[s, t], psis[t], k
                     )
                     atlas._store(s, t, sig, nxt, V)
                     bar.update(1)

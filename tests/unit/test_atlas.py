@@ -72,6 +72,28 @@ def test_table_gap_and_norms(models: dict[str, Any], tokens: torch.Tensor) -> No
     assert atlas.source_norms[:3].isfinite().all() and atlas.source_norms[3].isnan()
 
 
+def test_repr_is_a_short_summary(models: dict[str, Any], tokens: torch.Tensor) -> None:
+    import dataclasses
+
+    atlas = tps.sensitivity_atlas(models["native_bridge"], tokens, k=2, progress=False)
+    top = atlas.singular_values[..., 0]
+    assert float(top[0, 1]) == float(top.nan_to_num(-1).max())  # where this model peaks
+    assert repr(atlas) == (
+        f"SensitivityAtlas(model={atlas.model_name!r}, method='exact', pairs done 6/6, k=2, "
+        "sources 0..2, targets 1..3, hook_mlp_out -> hook_mlp_out, positions=4, "
+        f"largest σ1 {float(top[0, 1]):.4g} at L0 -> L1)"
+    )
+    subset = tps.sensitivity_atlas(
+        models["native_bridge"], tokens, sources=[0, 1], targets=[3], k=2, progress=False
+    )
+    assert "pairs done 2/2, k=2, sources [0, 1], targets [3]," in repr(subset)
+    empty = dataclasses.replace(
+        atlas, completed_sources=[], singular_values=torch.full_like(top[..., None], torch.nan)
+    )
+    assert repr(empty).endswith("pairs done 0/6, k=1, sources 0..2, targets 1..3, "
+                                "hook_mlp_out -> hook_mlp_out, positions=4)")  # fmt: skip
+
+
 def test_auto_picks_a_method() -> None:
     choose = atlas_module._choose_method
     assert (
@@ -155,7 +177,7 @@ def test_checkpoint_with_other_arguments_is_refused(
         ({"positions": 9}, ValueError, "positions must be an int between 1 and 8"),
         ({"checkpoint": "x.pt"}, ValueError, r"checkpoint must be a \.safetensors path"),
         ({"sketch_rank": 2, "k": 2}, ValueError, "sketch_rank must be an int between k \\+ 1 = 3"),
-        ({"chunk_size": 0}, ValueError, "chunk_size must be a positive int, got 0"),
+        ({"chunk_size": 0}, ValueError, r"chunk_size must be a positive int \(or None"),
         ({"tol": -1.0}, ValueError, "tol must be a positive number"),
         ({"max_iters": 0}, ValueError, "max_iters must be at least 1"),
     ],
@@ -203,6 +225,28 @@ def test_sketch_at_full_rank_equals_exact(models: dict[str, Any], tokens: torch.
             sketch.singular_values[s, t], exact.singular_values[s, t], rtol=1e-8, atol=0
         )
         assert principal_angles(sketch.vectors(s, t), exact.vectors(s, t)).max() < 1e-6
+
+
+def test_sketch_draws_each_test_matrix_once(
+    models: dict[str, Any], tokens: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = models["native_bridge"]
+    before = tps.sensitivity_atlas(model, tokens, k=2, method="sketch", progress=False)
+    drawn: list[int] = []
+    real = atlas_module._test_matrix
+
+    def recording(rows: int, cols: int, seed: int, layer: int, dtype: torch.dtype) -> Any:
+        drawn.append(layer)
+        return real(rows, cols, seed, layer, dtype)
+
+    monkeypatch.setattr(atlas_module, "_test_matrix", recording)
+    after = tps.sensitivity_atlas(model, tokens, k=2, method="sketch", progress=False)
+    # Ω per source; Ψ per target, once for the co-range sketch and once for the rebuild.
+    n = before.n_layers
+    assert sorted(drawn) == sorted([*range(n - 1), *[-1 - t for t in range(1, n)] * 2])
+    torch.testing.assert_close(
+        after.singular_values, before.singular_values, rtol=1e-12, atol=0, equal_nan=True
+    )
 
 
 def test_sketch_error_shrinks_with_rank(models: dict[str, Any], tokens: torch.Tensor) -> None:

@@ -130,6 +130,36 @@ def test_products_are_chunked_exactly(
     assert sizes == []
 
 
+def test_default_chunk_keeps_about_1024_token_rows(
+    model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import tl_powersteer.jacobian as jacobian
+
+    sizes = [jacobian.default_chunk_size(rows) for rows in (4, 21, 61, 1024, 5000, 0)]
+    assert sizes == [256, 48, 16, 1, 1, 1024]
+    long_tokens = torch.randint(1, 18, (3, 32), generator=torch.Generator().manual_seed(0))
+    op = tps.LayerJacobian(model, long_tokens, 0, 2)
+    assert op.chunk_size == 1024 // 96 == 10
+    explicit = tps.LayerJacobian(model, long_tokens, 0, 2, chunk_size=16)
+    calls: list[int] = []
+    real_vmap = jacobian.vmap
+
+    def recording_vmap(f: Any) -> Any:
+        def batched(x: torch.Tensor) -> Any:
+            calls.append(x.shape[0])
+            return real_vmap(f)(x)
+
+        return batched
+
+    monkeypatch.setattr(jacobian, "vmap", recording_vmap)
+    dense = op.dense()
+    assert calls == [10, 6]
+    torch.testing.assert_close(dense, explicit.dense(), atol=1e-13, rtol=0)
+    assert calls == [10, 6, 16]
+    with pytest.raises(ValueError, match="positive int \\(or None for the default\\), got 0"):
+        tps.LayerJacobian(model, long_tokens, 0, 2, chunk_size=0)
+
+
 def test_readout_is_the_differentiated_function(model: Any, tokens: torch.Tensor) -> None:
     op = tps.LayerJacobian(model, tokens, source=0, target=2, positions=2)
     ref = reference_function(model, tokens[1], op.source_hook, op.target_hook, 2)
