@@ -98,17 +98,10 @@ def test_negative_layers_resolve_like_python(model: Any, tokens: torch.Tensor) -
     assert op.target_hook == "blocks.3.hook_mlp_out"
 
 
-@pytest.mark.parametrize("jvp_method", ["reverse", "forward"])
-def test_products_are_chunked_exactly(
-    model: Any, tokens: torch.Tensor, jvp_method: str, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def record_vmap_sizes(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """From now on, the number of columns of every vmapped product, in call order."""
     import tl_powersteer.jacobian as jacobian
 
-    whole = tps.LayerJacobian(model, tokens, 0, 2, chunk_size=64, jvp_method=jvp_method)
-    chunked = tps.LayerJacobian(model, tokens, 0, 2, chunk_size=5, jvp_method=jvp_method)
-    V = torch.randn(16, 12, dtype=torch.float64)
-    U = torch.randn(whole.shape[0], 12, dtype=torch.float64)
-    expected = (whole.dense(), whole.matvec(V), whole.rmatvec(U))
     sizes: list[int] = []
     real_vmap = jacobian.vmap
 
@@ -120,6 +113,19 @@ def test_products_are_chunked_exactly(
         return batched
 
     monkeypatch.setattr(jacobian, "vmap", recording_vmap)
+    return sizes
+
+
+@pytest.mark.parametrize("jvp_method", ["reverse", "forward"])
+def test_products_are_chunked_exactly(
+    model: Any, tokens: torch.Tensor, jvp_method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    whole = tps.LayerJacobian(model, tokens, 0, 2, chunk_size=64, jvp_method=jvp_method)
+    chunked = tps.LayerJacobian(model, tokens, 0, 2, chunk_size=5, jvp_method=jvp_method)
+    V = torch.randn(16, 12, dtype=torch.float64)
+    U = torch.randn(whole.shape[0], 12, dtype=torch.float64)
+    expected = (whole.dense(), whole.matvec(V), whole.rmatvec(U))
+    sizes = record_vmap_sizes(monkeypatch)
     got = (chunked.dense(), chunked.matvec(V), chunked.rmatvec(U))
     for g, e in zip(got, expected, strict=True):
         torch.testing.assert_close(g, e, atol=1e-13, rtol=0)
@@ -141,17 +147,7 @@ def test_default_chunk_keeps_about_1024_token_rows(
     op = tps.LayerJacobian(model, long_tokens, 0, 2)
     assert op.chunk_size == 1024 // 96 == 10
     explicit = tps.LayerJacobian(model, long_tokens, 0, 2, chunk_size=16)
-    calls: list[int] = []
-    real_vmap = jacobian.vmap
-
-    def recording_vmap(f: Any) -> Any:
-        def batched(x: torch.Tensor) -> Any:
-            calls.append(x.shape[0])
-            return real_vmap(f)(x)
-
-        return batched
-
-    monkeypatch.setattr(jacobian, "vmap", recording_vmap)
+    calls = record_vmap_sizes(monkeypatch)
     dense = op.dense()
     assert calls == [10, 6]
     torch.testing.assert_close(dense, explicit.dense(), atol=1e-13, rtol=0)
