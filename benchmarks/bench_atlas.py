@@ -78,10 +78,11 @@ def matmul_floor(
     pairs: list[tuple[int, int]],
     tokens: int,
     positions: int,
-    chunk: int = 64,
+    chunk: int | None = None,
     device: torch.device | str = "cpu",
 ) -> tuple[float, float]:
-    """(seconds, FLOP/s): the exact atlas's matrix products alone at the device's GEMM rate."""
+    """(seconds, FLOP/s): the exact atlas's matrix products alone at the device's GEMM rate,
+    measured on GEMMs as tall as one chunk (default: the library's for one prompt)."""
     heads, kv_heads = cfg.n_heads, cfg.n_key_value_heads or cfg.n_heads
     macs_per_token = cfg.d_model * cfg.d_head * (2 * heads + 2 * kv_heads) + (
         cfg.d_model * cfg.d_mlp * (3 if cfg.gated_mlp else 2)
@@ -90,6 +91,7 @@ def matmul_floor(
     # Blocks s+1 .. last are crossed; the last one is needed only at the read positions.
     blocks = sum(last[s] - s - 1 + positions / tokens for s in last)
     flops = 2 * macs_per_token * tokens * cfg.d_model * blocks
+    chunk = default_chunk_size(tokens) if chunk is None else chunk
     rate = gemm_rate(chunk * tokens, cfg.d_model, cfg.d_mlp, device=device)
     return flops / rate, rate
 
@@ -198,8 +200,9 @@ def main(argv: list[str] | None = None) -> int:
             f"max {max(iterations)}"
         )
     tokens = (prompt if isinstance(prompt, torch.Tensor) else model.to_tokens(prompt)).shape[1]
-    chunk = default_chunk_size(tokens) if args.chunk_size is None else args.chunk_size
-    floor_s, rate = matmul_floor(model.cfg, exact.pairs(), tokens, exact.positions, chunk, device)
+    floor_s, rate = matmul_floor(
+        model.cfg, exact.pairs(), tokens, exact.positions, args.chunk_size, device
+    )
     print(
         f"matrix products of exact alone, at this {device.type.upper()}'s fp32 GEMM rate "
         f"({rate / 1e9:.0f} GFLOP/s): {floor_s:.2f} s, at most {reference_s / floor_s:.1f}x vs ref"

@@ -193,8 +193,8 @@ class SensitivityAtlas:
             f"targets {layers(self.targets)}, {self.source_site} -> {self.target_site}, "
             f"positions={self.positions}"
         )
-        top = self.singular_values[..., 0].nan_to_num(-1.0)
         if done:
+            top = self.singular_values[..., 0].nan_to_num(-1.0)
             s, t = divmod(int(top.argmax()), self.n_layers)
             text += f", largest σ1 {float(top[s, t]):.4g} at L{s} -> L{t}"
         return text + ")"

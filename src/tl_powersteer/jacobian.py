@@ -16,9 +16,9 @@ over a block of vectors). ``matvec`` computes J V in one of two exact ways:
   PyTorch 2.13, costs about half of the forward-mode one (``benchmarks/bench_products.py``).
 
 Blocks wider than ``chunk_size`` are split (by default into blocks of about
-``TOKEN_ROWS_PER_CHUNK`` token rows, see ``default_chunk_size``). ``dense()`` forms J from products with the
-identity, for tests and small models. Left vectors (length ``n_out``) are ordered as
-``[prompt, position, d_model]`` flattened.
+``TOKEN_ROWS_PER_CHUNK`` token rows, see ``default_chunk_size``). ``dense()`` forms J from
+products with the identity, for tests and small models. Left vectors (length ``n_out``) are
+ordered as ``[prompt, position, d_model]`` flattened.
 
 >>> import torch
 >>> from transformer_lens.config import TransformerBridgeConfig
