@@ -13,13 +13,16 @@ Methods:
   Cost: about d_model products per source layer, whatever the number of targets.
 * ``"power"``: per pair, block power iteration (``power_steer``'s engine);
   about 2 · iterations · (k + 5) products per pair. Better for few pairs or a wide model.
-* ``"sketch"``: a two-sided randomized sketch shared across pairs (single-pass low-rank
-  approximation, Tropp, Yurtsever, Udell & Cevher 2017). Per source layer, one vmapped JVP
-  of a random block Ω (r columns) gives J_{s,t} Ω for every later target; per target layer,
-  one vmapped VJP of a random block Ψ (l = 3r columns) gives Ψᵀ J_{s,t} for every
-  earlier source in the same backward pass. Each pair is then rebuilt as
-  Q (ΨᵀQ)⁺ (ΨᵀJ) with Q = orth(JΩ), whose SVD gives the top-k. Cost: about (r + l) products
-  per layer instead of d_model; the result is approximate (compare with ``"exact"``).
+* ``"sketch"``: randomized sketches shared across pairs. Per target layer, one vmapped VJP
+  of a random block Ψ (r columns) gives Ψᵀ J_{s,t} for every earlier source in the same
+  backward pass. Per source layer, the top right singular vectors of those co-range
+  sketches (each scaled to unit norm, so every target counts) form one orthonormal basis P
+  of up to 3r columns, and one vmapped JVP of P gives J_{s,t} P for every later target;
+  each pair's top-k come from the SVD of J_{s,t} P, i.e. of J_{s,t} restricted to P (a
+  randomized range finder on the row space, Halko, Martinsson & Tropp 2011, whose basis is
+  shared by all targets of a source). Cost: about 4r products per layer instead of
+  d_model. The σ it returns are lower bounds of the exact ones (compare with ``"exact"``);
+  with r = d_model it is exact.
 * ``"auto"``: ``"exact"`` up to d_model 1024; beyond that ``"power"`` unless the sketch
   needs under a quarter of its products; ``atlas.method`` says which ran.
 
@@ -69,18 +72,18 @@ __all__ = [
     "ATLAS_METHODS",
     "SensitivityAtlas",
     "sensitivity_atlas",
-    "sketch_reconstruct",
+    "shared_basis",
     "token_effects",
     "validate_atlas_arguments",
 ]
 
 ATLAS_METHODS = ("auto", "exact", "power", "sketch")
 _EXACT_UP_TO = 1024
-# Co-range sketch width l as a multiple of the range width r. Layer Jacobians have heavy
-# spectral tails, which leak into each rebuilt pair through (ΨᵀQ)⁺; that factor shrinks as
-# l outgrows r. On 57 Gemma 3 270M pairs at a fixed cost r + l of about 250, l = 3r gave
-# about half the worst σ1..σ4 error of l = 2r + 1.
-_CO_RANGE_FACTOR = 3
+# Columns of each source's shared basis P, as a multiple of the co-range width r. On the 153
+# Gemma 3 270M pairs at a cost of 256 products per layer, a basis of 3r had a worst σ1..σ4
+# error of 2% to 5% (three seeds), against 3% for 2.2r, 4% for 4.3r and 14% for r, and 8%
+# for the single-pass rebuild of Tropp et al. (2017), Q (ΨᵀQ)⁺ ΨᵀJ, at the same cost.
+_BASIS_FACTOR = 3
 # Typical iterations of the power method at the default tolerance (measured on Gemma 3 270M).
 _POWER_ITERATIONS = 12
 
@@ -112,7 +115,7 @@ class SensitivityAtlas:
     prompts: list[str] | None
     tokens: Tensor | None = None
     completed_sources: list[int] = field(default_factory=list)
-    # Sketch method only: range and co-range widths r and l (0 for the other methods).
+    # Sketch method only: r, and the width of its co-range sketches (r; 0 for other methods).
     sketch_rank: int = 0
     co_range_width: int = 0
     # Sketch method only, while running: Ψᵀ J_{s,t} per pair, and the targets done.
@@ -310,7 +313,7 @@ def _choose_method(
         return "exact"
     # The sketch is approximate: only worth it when it saves a lot over the power method.
     power_cost = n_pairs * 2 * _POWER_ITERATIONS * (k + 5)
-    sketch_cost = sketch_rank * n_sources + _CO_RANGE_FACTOR * sketch_rank * n_targets
+    sketch_cost = _BASIS_FACTOR * sketch_rank * n_sources + sketch_rank * n_targets
     return "power" if power_cost <= 4 * sketch_cost else "sketch"
 
 
@@ -320,22 +323,35 @@ def _test_matrix(rows: int, cols: int, seed: int, layer: int, dtype: torch.dtype
     return torch.randn(rows, cols, generator=gen, dtype=torch.float64).to(dtype)
 
 
-def sketch_reconstruct(
-    range_sketch: Float[Tensor, "n r"],
-    co_range_sketch: Float[Tensor, "l d"],
-    psi: Float[Tensor, "n l"],
-    k: int,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Top-k of A ≈ Q (ΨᵀQ)⁺ (ΨᵀA) from Y = AΩ and W = ΨᵀA (Tropp et al. 2017, alg. 4).
+def shared_basis(
+    co_range_sketches: Sequence[Float[Tensor, "l d"]], width: int
+) -> Float[Tensor, "d width"]:
+    """An orthonormal basis of ``min(width, d)`` columns for the rows of every sketch.
 
-    Returns (σ_1..σ_k, σ_{k+1}, top-k right vectors with canonical signs), in float64.
+    Each co-range sketch W_t = Ψ_tᵀ J_t is scaled to unit Frobenius norm (so a target whose
+    Jacobian is small still counts), the scaled sketches are stacked, and the basis is their
+    top right singular vectors, completed with further orthonormal directions when the
+    stack has fewer than ``width`` rows (more columns only tighten the estimate). In
+    float64, on the sketches' device.
     """
-    Q = torch.linalg.qr(range_sketch.double()).Q
-    X = torch.linalg.lstsq(psi.double().T @ Q, co_range_sketch.double()).solution
-    _, S, Vh = torch.linalg.svd(X, full_matrices=False)
-    nxt = S[k] if S.numel() > k else torch.tensor(0.0, dtype=S.dtype)
-    V = Vh[:k]
-    return S[:k], nxt, V * canonical_signs(V)[:, None]
+    blocks = []
+    for W in co_range_sketches:
+        W = W.double()
+        norm = torch.linalg.matrix_norm(W)
+        blocks.append(W / norm if norm > 0 else W)
+    stacked = torch.cat(blocks)
+    # Complete (d x d) left singular vectors of the stackᵀ only when the stack is too short.
+    U = torch.linalg.svd(stacked.T, full_matrices=stacked.shape[0] < width).U
+    return U[:, : min(width, U.shape[1])]
+
+
+def _top_k_in_basis(
+    Z: Float[Tensor, "n b"], basis: Float[Tensor, "d b"], k: int
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The top-k of J restricted to the basis P, from Z = J P: (σ_1..σ_k, σ_{k+1}, vectors)."""
+    sig, nxt, H = _top_k_svd(Z, k)
+    V = H @ basis.double().T
+    return sig, nxt, V * canonical_signs(V)[:, None]
 
 
 def _top_k_svd(J: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -412,9 +428,8 @@ def _plan(
         raise ValueError(f"checkpoint must be a .safetensors path, got {str(ckpt)!r}")
     if ckpt is not None and not ckpt.parent.is_dir():
         raise ValueError(f"the folder of checkpoint does not exist: {str(ckpt.parent)!r}")
-    # Layer Jacobians have heavy spectral tails: on Gemma 3 270M (d_model 640, k = 4, all
-    # 153 pairs, l = 3r) the worst σ error of a pair was 18% at r = 40, 8% at 64, 5% at 96
-    # and 1.4% at 160 (which costs as much as the exact method).
+    # Layer Jacobians have heavy spectral tails (on the worst Gemma 3 270M pair, σ65/σ1 is
+    # still 0.14), so the sketch needs a wide basis: see docs/concepts/atlas.md.
     default_rank = min(max(4 * k + 4, adapter.d_model // 10), adapter.d_model)
     r = default_rank if sketch_rank is None else sketch_rank
     if isinstance(r, bool) or not isinstance(r, int) or not k < r <= adapter.d_model:
@@ -494,9 +509,9 @@ def sensitivity_atlas(
             method, test-matrix columns in the sketch); bounds memory. ``None``: about
             1024 token rows per product (``LayerJacobian``'s default), tuned for a CPU;
             on a GPU, larger chunks run faster (``docs/how-to/gpu.md``).
-        sketch_rank: r, the range-sketch width of the sketch method (default the larger
-            of 4k + 4 and d_model / 10, at most d_model); the co-range sketch has 3r
-            columns. Larger is slower and more accurate.
+        sketch_rank: r, the co-range sketch width of the sketch method (default the larger
+            of 4k + 4 and d_model / 10, at most d_model); each source's shared basis has
+            up to 3r columns. Larger is slower and more accurate; r = d_model is exact.
         progress: show a progress bar over pairs.
     """
     plan = _plan(
@@ -529,7 +544,7 @@ def sensitivity_atlas(
         prompts=batch.texts,
         tokens=None if batch.texts is not None else batch.tokens.cpu(),
         sketch_rank=r if method == "sketch" else 0,
-        co_range_width=_CO_RANGE_FACTOR * r if method == "sketch" else 0,
+        co_range_width=r if method == "sketch" else 0,
     )
     if ckpt is not None and ckpt.exists():
         atlas = _resume(atlas, ckpt)
@@ -546,7 +561,6 @@ def sensitivity_atlas(
     if method == "sketch":
         _co_range_phase(atlas, model, prompts, options, progress, ckpt)
     done = sum(1 for s, _ in pairs if s in atlas.completed_sources)
-    psis: dict[int, Tensor] = {}  # the sketch's Ψ per target, shared by its sources
     with tqdm(
         total=len(pairs), initial=done, desc=f"atlas ({method})", unit="pair", disable=not progress
     ) as bar:
@@ -556,17 +570,14 @@ def sensitivity_atlas(
             later = [t for t in target_layers if t > s]
             if method == "sketch":
                 op = LayerJacobian(model, prompts, s, later, **options)
-                omega = _test_matrix(adapter.d_model, r, seed, s, dtype)
-                # Reconstructed on the CPU, beside the co-range sketch that is kept there.
-                Y = op.matvec(omega.to(op.dtype)).to("cpu", dtype)
                 assert atlas.co_range_sketch is not None
+                # Built and used on the CPU, beside the co-range sketch that is kept there.
+                basis = shared_basis(
+                    [atlas.co_range_sketch[s, t] for t in later], _BASIS_FACTOR * r
+                )
+                Z = op.matvec(basis.to(op.device, op.dtype)).to("cpu")
                 for t in later:
-                    if t not in psis:
-                        rows = op.shape[0] // len(later)
-                        psis[t] = _test_matrix(rows, atlas.co_range_width, seed, -1 - t, dtype)
-                    sig, nxt, V = sketch_reconstruct(
-                        Y[op.rows(t)], atlas.co_range_sketch[s, t], psis[t], k
-                    )
+                    sig, nxt, V = _top_k_in_basis(Z[op.rows(t)], basis, k)
                     atlas._store(s, t, sig, nxt, V)
                     bar.update(1)
             elif method == "exact":

@@ -58,8 +58,9 @@ def test_bench_atlas_sketch_ranks(capsys: pytest.CaptureFixture[str]) -> None:
     rows = [line.split()[:2] for line in out.splitlines() if line.strip().startswith("sketch")]
     assert rows == [["sketch", "r=4"], ["sketch", "r=8"]]
     tail = next(line for line in out.splitlines() if line.startswith("spectrum of L"))
+    # σ_{k+1} and σ_{3r+1} for r = 4 (3r + 1 = 25 is past d_model 16 for r = 8).
     assert [part.split()[0] for part in tail.split(": ", 1)[1].split(", ")] == [
-        "σ3/σ1", "σ5/σ1", "σ9/σ1",
+        "σ3/σ1", "σ13/σ1",
     ]  # fmt: skip
 
 

@@ -199,18 +199,61 @@ def test_bad_arguments(
         tps.sensitivity_atlas(model, tokens, progress=False, **kwargs)
 
 
-def test_sketch_reconstruction_is_exact_for_low_rank() -> None:
+def test_shared_basis_holds_every_low_rank_sketch_exactly() -> None:
     gen = torch.Generator().manual_seed(0)
-    A = torch.randn(50, 5, generator=gen, dtype=torch.float64) @ torch.randn(
-        5, 30, generator=gen, dtype=torch.float64
+
+    def low_rank(rows: int, rank: int, cols: int = 30) -> torch.Tensor:
+        left = torch.randn(rows, rank, generator=gen, dtype=torch.float64)
+        return left @ torch.randn(rank, cols, generator=gen, dtype=torch.float64)
+
+    # Three Jacobians of rank 3 with unrelated row spaces: a basis of 9 columns holds all.
+    Js = [low_rank(40, 3) for _ in range(3)]
+    sketches = [torch.randn(40, 12, generator=gen, dtype=torch.float64).T @ J for J in Js]
+    basis = atlas_module.shared_basis(sketches, 9)
+    assert basis.shape == (30, 9) and basis.dtype == torch.float64
+    torch.testing.assert_close(basis.T @ basis, torch.eye(9, dtype=torch.float64))
+    for J in Js:
+        sig, nxt, V = atlas_module._top_k_in_basis(J @ basis, basis, k=2)
+        S, Vh = torch.linalg.svd(J, full_matrices=False)[1:]
+        torch.testing.assert_close(sig, S[:2], rtol=1e-10, atol=0)
+        torch.testing.assert_close(nxt, S[2], rtol=1e-10, atol=0)
+        assert principal_angles(V, Vh[:2]).max() < 1e-8
+
+
+def test_shared_basis_weighs_every_target_equally() -> None:
+    gen = torch.Generator().manual_seed(1)
+    # A large Jacobian with a flat spectrum and a tiny one of rank 1: unscaled, the tiny
+    # one's direction would fall below the large one's top 4 and out of a 5-column basis.
+    large = torch.randn(40, 30, generator=gen, dtype=torch.float64) * 1e3
+    tiny = torch.randn(40, 1, generator=gen, dtype=torch.float64) @ torch.randn(
+        1, 30, generator=gen, dtype=torch.float64
     )
-    omega = torch.randn(30, 7, generator=gen, dtype=torch.float64)
-    psi = torch.randn(50, 15, generator=gen, dtype=torch.float64)
-    sig, nxt, V = atlas_module.sketch_reconstruct(A @ omega, psi.T @ A, psi, k=3)
-    S, Vh = torch.linalg.svd(A, full_matrices=False)[1:]
-    torch.testing.assert_close(sig, S[:3], rtol=1e-10, atol=0)
-    torch.testing.assert_close(nxt, S[3], rtol=1e-10, atol=0)
-    assert principal_angles(V, Vh[:3]).max() < 1e-8
+    psi = torch.randn(40, 20, generator=gen, dtype=torch.float64)
+    sketches = [psi.T @ large, psi.T @ tiny]
+    exact = torch.linalg.svdvals(tiny)[0]
+
+    def error(basis: torch.Tensor) -> float:
+        sig = atlas_module._top_k_in_basis(tiny @ basis, basis, k=1)[0]
+        return float((exact - sig[0]) / exact)
+
+    unscaled = torch.linalg.svd(torch.cat(sketches).T, full_matrices=False).U[:, :5]
+    assert error(unscaled) > 0.1
+    assert 0 <= error(atlas_module.shared_basis(sketches, 5)) < 1e-3
+    # A target whose Jacobian is zero adds nothing and no NaN; short stacks are completed.
+    basis = atlas_module.shared_basis([torch.zeros(2, 30, dtype=torch.float64)], 6)
+    assert basis.shape == (30, 6) and bool(torch.isfinite(basis).all())
+    torch.testing.assert_close(basis.T @ basis, torch.eye(6, dtype=torch.float64))
+
+
+def test_sketch_values_are_lower_bounds(models: dict[str, Any], tokens: torch.Tensor) -> None:
+    model = models["native_bridge"]
+    exact = tps.sensitivity_atlas(model, tokens, k=2, method="exact", progress=False)
+    sketch = tps.sensitivity_atlas(
+        model, tokens, k=2, method="sketch", sketch_rank=3, progress=False
+    )
+    gap = sketch.singular_values - exact.singular_values
+    assert bool((gap.nan_to_num(0.0) <= 1e-12 * exact.singular_values.nan_to_num(1.0)).all())
+    assert float(gap.nan_to_num(0.0).abs().max()) > 1e-6  # r = 3 < d_model: not exact
 
 
 def test_sketch_at_full_rank_equals_exact(models: dict[str, Any], tokens: torch.Tensor) -> None:
@@ -241,9 +284,8 @@ def test_sketch_draws_each_test_matrix_once(
 
     monkeypatch.setattr(atlas_module, "_test_matrix", recording)
     after = tps.sensitivity_atlas(model, tokens, k=2, method="sketch", progress=False)
-    # Ω per source; Ψ per target, once for the co-range sketch and once for the rebuild.
-    n = before.n_layers
-    assert sorted(drawn) == sorted([*range(n - 1), *[-1 - t for t in range(1, n)] * 2])
+    # One Ψ per target; the sources' bases come from the co-range sketches, not from a draw.
+    assert sorted(drawn) == sorted(-1 - t for t in range(1, before.n_layers))
     torch.testing.assert_close(
         after.singular_values, before.singular_values, rtol=1e-12, atol=0, equal_nan=True
     )
@@ -285,14 +327,14 @@ def test_sketch_checkpoint_resumes(
         )
     partial = tps.load(ckpt)
     assert partial.completed_targets == [1, 2, 3] and partial.completed_sources == [0]
-    assert partial.co_range_sketch is not None and partial.co_range_width == 24  # 3r
-    assert partial.co_range_sketch.shape[2] == 24
+    assert partial.co_range_sketch is not None and partial.co_range_width == 8  # r
+    assert partial.co_range_sketch.shape[2] == 8
     monkeypatch.setattr(tps.LayerJacobian, "matvec", real_matvec)
     # A sketch made with another co-range width cannot be continued.
     other = tmp_path / "other.safetensors"
     partial.co_range_width = 17
     partial.save(other)
-    with pytest.raises(ValueError, match=r"co_range_width: 17 there, 24 now"):
+    with pytest.raises(ValueError, match=r"co_range_width: 17 there, 8 now"):
         tps.sensitivity_atlas(
             model, tokens, k=2, method="sketch", sketch_rank=8, checkpoint=other, progress=False
         )
