@@ -302,8 +302,9 @@ def test_sketch_error_shrinks_with_rank(models: dict[str, Any], tokens: torch.Te
         rel = (sketch.singular_values - exact.singular_values).abs() / exact.singular_values
         return float(rel.nanmean())
 
-    errors = [mean_error(rank) for rank in (2, 8, 14)]
-    assert errors[0] > errors[1] > errors[2]
+    # d_model is 16: a basis of 3r columns is all of it from r = 6 on.
+    errors = [mean_error(rank) for rank in (2, 4, 5, 6)]
+    assert errors[0] > errors[1] > errors[2] > 1e-3 and errors[3] < 1e-12
 
 
 def test_sketch_checkpoint_resumes(
@@ -311,6 +312,7 @@ def test_sketch_checkpoint_resumes(
 ) -> None:
     model = models["native_bridge"]
     ckpt = tmp_path / "sketch.safetensors"
+    # r = 3: each basis (9 of 16 columns) depends on the co-range sketches being resumed.
     real_matvec = tps.LayerJacobian.matvec
     calls = {"matvec": 0}
 
@@ -323,26 +325,26 @@ def test_sketch_checkpoint_resumes(
     monkeypatch.setattr(tps.LayerJacobian, "matvec", matvec_then_stop)
     with pytest.raises(Interrupt):
         tps.sensitivity_atlas(
-            model, tokens, k=2, method="sketch", sketch_rank=8, checkpoint=ckpt, progress=False
+            model, tokens, k=2, method="sketch", sketch_rank=3, checkpoint=ckpt, progress=False
         )
     partial = tps.load(ckpt)
     assert partial.completed_targets == [1, 2, 3] and partial.completed_sources == [0]
-    assert partial.co_range_sketch is not None and partial.co_range_width == 8  # r
-    assert partial.co_range_sketch.shape[2] == 8
+    assert partial.co_range_sketch is not None and partial.co_range_width == 3  # r
+    assert partial.co_range_sketch.shape[2] == 3
     monkeypatch.setattr(tps.LayerJacobian, "matvec", real_matvec)
     # A sketch made with another co-range width cannot be continued.
     other = tmp_path / "other.safetensors"
     partial.co_range_width = 17
     partial.save(other)
-    with pytest.raises(ValueError, match=r"co_range_width: 17 there, 8 now"):
+    with pytest.raises(ValueError, match=r"co_range_width: 17 there, 3 now"):
         tps.sensitivity_atlas(
-            model, tokens, k=2, method="sketch", sketch_rank=8, checkpoint=other, progress=False
+            model, tokens, k=2, method="sketch", sketch_rank=3, checkpoint=other, progress=False
         )
     resumed = tps.sensitivity_atlas(
-        model, tokens, k=2, method="sketch", sketch_rank=8, checkpoint=ckpt, progress=False
+        model, tokens, k=2, method="sketch", sketch_rank=3, checkpoint=ckpt, progress=False
     )
     fresh = tps.sensitivity_atlas(
-        model, tokens, k=2, method="sketch", sketch_rank=8, progress=False
+        model, tokens, k=2, method="sketch", sketch_rank=3, progress=False
     )
     torch.testing.assert_close(resumed.singular_values, fresh.singular_values, equal_nan=True)
     assert tps.load(ckpt).co_range_sketch is None
