@@ -220,6 +220,20 @@ def test_shared_basis_holds_every_low_rank_sketch_exactly() -> None:
         assert principal_angles(V, Vh[:2]).max() < 1e-8
 
 
+def test_rows_of_a_left_basis_give_the_exact_top_k() -> None:
+    gen = torch.Generator().manual_seed(2)
+    J = torch.randn(40, 4, generator=gen, dtype=torch.float64) @ torch.randn(
+        4, 30, generator=gen, dtype=torch.float64
+    )
+    # A left basis built from J's own top directions holds its column space: Qᵀ J is exact.
+    Q = atlas_module.shared_basis([atlas_module._top_directions(J, 4).T], 6)
+    sig, nxt, V = atlas_module._top_k_of_rows(J.T @ Q, k=3)
+    S, Vh = torch.linalg.svd(J, full_matrices=False)[1:]
+    torch.testing.assert_close(sig, S[:3], rtol=1e-10, atol=0)
+    torch.testing.assert_close(nxt, S[3], rtol=1e-10, atol=0)
+    assert principal_angles(V, Vh[:3]).max() < 1e-8
+
+
 def test_shared_basis_weighs_every_target_equally() -> None:
     gen = torch.Generator().manual_seed(1)
     # A large Jacobian with a flat spectrum and a tiny one of rank 1: unscaled, the tiny
@@ -304,7 +318,7 @@ def test_sketch_error_shrinks_with_rank(models: dict[str, Any], tokens: torch.Te
 
     # d_model is 16: a basis of 3r columns is all of it from r = 6 on.
     errors = [mean_error(rank) for rank in (2, 4, 5, 6)]
-    assert errors[0] > errors[1] > errors[2] > 1e-3 and errors[3] < 1e-12
+    assert errors[0] > errors[1] > errors[2] > 1e-6 and errors[3] < 1e-12
 
 
 def test_sketch_checkpoint_resumes(
@@ -347,7 +361,50 @@ def test_sketch_checkpoint_resumes(
         model, tokens, k=2, method="sketch", sketch_rank=3, progress=False
     )
     torch.testing.assert_close(resumed.singular_values, fresh.singular_values, equal_nan=True)
-    assert tps.load(ckpt).co_range_sketch is None
+    assert tps.load(ckpt).co_range_sketch is None and tps.load(ckpt).range_sketch is None
+
+
+def test_sketch_refine_pass_improves_and_resumes(
+    models: dict[str, Any], tokens: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = models["native_bridge"]
+    options: dict[str, Any] = {"k": 2, "method": "sketch", "sketch_rank": 3, "progress": False}
+    exact = tps.sensitivity_atlas(model, tokens, k=2, method="exact", progress=False)
+    refined = tps.sensitivity_atlas(model, tokens, **options)
+    with monkeypatch.context() as patch:
+        patch.setattr(atlas_module, "_refine_phase", lambda *args: None)
+        first = tps.sensitivity_atlas(model, tokens, **options)
+
+    def error(atlas: tps.SensitivityAtlas) -> float:
+        rel = (atlas.singular_values - exact.singular_values).abs() / exact.singular_values
+        return float(rel.nanmean())
+
+    assert error(refined) < 0.5 * error(first)
+    # Every pair holds at least as much of its spectrum after the refining pass.
+    energy = [(a.singular_values**2).sum(-1) for a in (refined, first)]
+    assert bool((energy[0].nan_to_num(0) >= energy[1].nan_to_num(0)).all())
+
+    # Interrupted after refining target 1 (three co-range passes, then one refining pass).
+    ckpt = tmp_path / "refine.safetensors"
+    real_rmatvec = tps.LayerJacobian.rmatvec
+    calls = {"rmatvec": 0}
+
+    def rmatvec_then_stop(self: tps.LayerJacobian, U: torch.Tensor) -> torch.Tensor:
+        if calls["rmatvec"] == 4:
+            raise Interrupt
+        calls["rmatvec"] += 1
+        return real_rmatvec(self, U)
+
+    monkeypatch.setattr(tps.LayerJacobian, "rmatvec", rmatvec_then_stop)
+    with pytest.raises(Interrupt):
+        tps.sensitivity_atlas(model, tokens, checkpoint=ckpt, **options)
+    partial = tps.load(ckpt)
+    assert partial.completed_sources == [0, 1, 2] and partial.refined_targets == [1]
+    assert partial.range_sketch is not None and partial.range_sketch.shape[-1] == 4  # 2k
+    monkeypatch.setattr(tps.LayerJacobian, "rmatvec", real_rmatvec)
+    resumed = tps.sensitivity_atlas(model, tokens, checkpoint=ckpt, **options)
+    torch.testing.assert_close(resumed.singular_values, refined.singular_values, equal_nan=True)
+    assert resumed.refined_targets == [1, 2, 3] and tps.load(ckpt).range_sketch is None
 
 
 def test_token_effects_match_a_direct_steered_run(models: dict[str, Any]) -> None:
