@@ -49,7 +49,7 @@ interrupted run resumes where it stopped; a checkpoint made with other arguments
 from __future__ import annotations
 
 import os
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -653,31 +653,18 @@ def _co_range_phase(
     ckpt: Path | None,
 ) -> None:
     """Per target layer, one vmapped VJP sketches Ψᵀ J_{s,t} for every earlier source."""
-    from tqdm.auto import tqdm
-
     n, d = atlas.n_layers, int(atlas.right_vectors.shape[-1])
     width = atlas.co_range_width
     dtype = atlas.singular_values.dtype
     if atlas.co_range_sketch is None:
         atlas.co_range_sketch = torch.full((n, n, width, d), float("nan"), dtype=dtype)
-    todo = [t for t in atlas.targets if any(s < t for s in atlas.sources)]
-    with tqdm(
-        total=len(todo), initial=len(atlas.completed_targets), desc="atlas (sketch, targets)",
-        unit="layer", disable=not progress,
-    ) as bar:  # fmt: skip
-        for t in todo:
-            if t in atlas.completed_targets:
-                continue
-            earlier = [s for s in atlas.sources if s < t]
-            op = LayerJacobian(model, prompts, earlier, t, **options)
-            psi = _test_matrix(op.shape[0], width, atlas.seed, -1 - t, dtype)
-            W = op.rmatvec(psi.to(op.dtype)).to("cpu", dtype)
-            for s in earlier:
-                atlas.co_range_sketch[s, t] = W[op.columns(s)].T
-            atlas.completed_targets.append(t)
-            if ckpt is not None:
-                atlas.save(ckpt)
-            bar.update(1)
+    passes = _target_passes(atlas, atlas.completed_targets, "targets", progress, ckpt)
+    for t, earlier in passes:
+        op = LayerJacobian(model, prompts, earlier, t, **options)
+        psi = _test_matrix(op.shape[0], width, atlas.seed, -1 - t, dtype)
+        W = op.rmatvec(psi.to(op.dtype)).to("cpu", dtype)
+        for s in earlier:
+            atlas.co_range_sketch[s, t] = W[op.columns(s)].T
 
 
 def _refine_phase(
@@ -691,33 +678,41 @@ def _refine_phase(
     """Per target layer, one vmapped VJP of a basis Q shared by its sources, built from
     their pairs' top directions of J_{s,t} P; a pair keeps Qᵀ J_{s,t}'s top-k where they
     hold more of its spectrum than the first estimate (both are lower bounds)."""
+    for t, earlier in _target_passes(atlas, atlas.refined_targets, "refine", progress, ckpt):
+        assert atlas.range_sketch is not None
+        # No wider than the directions it is built from: completing a basis of the target's
+        # rows (batch x positions x d_model) would cost a dense SVD of that size.
+        width = min(_REFINE_FACTOR * atlas.sketch_rank, len(earlier) * atlas.range_sketch.shape[-1])
+        basis = shared_basis([atlas.range_sketch[s, t].T for s in earlier], width)
+        op = LayerJacobian(model, prompts, earlier, t, **options)
+        B = op.rmatvec(basis.to(op.device, op.dtype)).to("cpu")
+        for s in earlier:
+            sig, nxt, V = _top_k_of_rows(B[op.columns(s)], atlas.k)
+            if float((sig**2).sum()) > float((atlas.singular_values[s, t].double() ** 2).sum()):
+                atlas._store(s, t, sig, nxt, V)
+    if atlas.range_sketch is not None:
+        atlas.range_sketch = None  # only needed while running
+        if ckpt is not None:
+            atlas.save(ckpt)
+
+
+def _target_passes(
+    atlas: SensitivityAtlas, done: list[int], what: str, progress: bool, ckpt: Path | None
+) -> Iterator[tuple[int, list[int]]]:
+    """Each target layer not yet in ``done``, with its earlier sources, under a progress
+    bar; once the caller's pass for it is over, it joins ``done`` and is checkpointed."""
     from tqdm.auto import tqdm
 
     todo = [t for t in atlas.targets if any(s < t for s in atlas.sources)]
     with tqdm(
-        total=len(todo), initial=len(atlas.refined_targets), desc="atlas (sketch, refine)",
-        unit="layer", disable=not progress,
+        total=len(todo), initial=len(done), desc=f"atlas (sketch, {what})", unit="layer",
+        disable=not progress,
     ) as bar:  # fmt: skip
         for t in todo:
-            if t in atlas.refined_targets:
+            if t in done:
                 continue
-            assert atlas.range_sketch is not None
-            earlier = [s for s in atlas.sources if s < t]
-            # No wider than the directions it is built from: completing a basis of the
-            # target's rows (batch x positions x d_model) would cost a dense SVD of that size.
-            width = min(
-                _REFINE_FACTOR * atlas.sketch_rank, len(earlier) * atlas.range_sketch.shape[-1]
-            )
-            basis = shared_basis([atlas.range_sketch[s, t].T for s in earlier], width)
-            op = LayerJacobian(model, prompts, earlier, t, **options)
-            B = op.rmatvec(basis.to(op.device, op.dtype)).to("cpu")
-            for s in earlier:
-                sig, nxt, V = _top_k_of_rows(B[op.columns(s)], atlas.k)
-                if float((sig**2).sum()) > float((atlas.singular_values[s, t].double() ** 2).sum()):
-                    atlas._store(s, t, sig, nxt, V)
-            atlas.refined_targets.append(t)
-            if len(atlas.refined_targets) == len(todo):
-                atlas.range_sketch = None  # only needed while running
+            yield t, [s for s in atlas.sources if s < t]
+            done.append(t)
             if ckpt is not None:
                 atlas.save(ckpt)
             bar.update(1)

@@ -119,6 +119,22 @@ class Interrupt(Exception):
     pass
 
 
+def interrupt_call(monkeypatch: pytest.MonkeyPatch, method: str, number: int) -> Any:
+    """Make ``LayerJacobian.<method>`` raise ``Interrupt`` at its call ``number`` (from 0);
+    returns the real method, to put back."""
+    real = getattr(tps.LayerJacobian, method)
+    calls = [0]
+
+    def stopping(self: tps.LayerJacobian, X: torch.Tensor) -> torch.Tensor:
+        if calls[0] == number:
+            raise Interrupt
+        calls[0] += 1
+        return real(self, X)
+
+    monkeypatch.setattr(tps.LayerJacobian, method, stopping)
+    return real
+
+
 def test_checkpoint_resumes_without_recomputing(
     models: dict[str, Any], tokens: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -327,16 +343,7 @@ def test_sketch_checkpoint_resumes(
     model = models["native_bridge"]
     ckpt = tmp_path / "sketch.safetensors"
     # r = 3: each basis (9 of 16 columns) depends on the co-range sketches being resumed.
-    real_matvec = tps.LayerJacobian.matvec
-    calls = {"matvec": 0}
-
-    def matvec_then_stop(self: tps.LayerJacobian, V: torch.Tensor) -> torch.Tensor:
-        if calls["matvec"] == 1:
-            raise Interrupt
-        calls["matvec"] += 1
-        return real_matvec(self, V)
-
-    monkeypatch.setattr(tps.LayerJacobian, "matvec", matvec_then_stop)
+    real_matvec = interrupt_call(monkeypatch, "matvec", 1)
     with pytest.raises(Interrupt):
         tps.sensitivity_atlas(
             model, tokens, k=2, method="sketch", sketch_rank=3, checkpoint=ckpt, progress=False
@@ -386,16 +393,7 @@ def test_sketch_refine_pass_improves_and_resumes(
 
     # Interrupted after refining target 1 (three co-range passes, then one refining pass).
     ckpt = tmp_path / "refine.safetensors"
-    real_rmatvec = tps.LayerJacobian.rmatvec
-    calls = {"rmatvec": 0}
-
-    def rmatvec_then_stop(self: tps.LayerJacobian, U: torch.Tensor) -> torch.Tensor:
-        if calls["rmatvec"] == 4:
-            raise Interrupt
-        calls["rmatvec"] += 1
-        return real_rmatvec(self, U)
-
-    monkeypatch.setattr(tps.LayerJacobian, "rmatvec", rmatvec_then_stop)
+    real_rmatvec = interrupt_call(monkeypatch, "rmatvec", 4)
     with pytest.raises(Interrupt):
         tps.sensitivity_atlas(model, tokens, checkpoint=ckpt, **options)
     partial = tps.load(ckpt)
