@@ -3,7 +3,9 @@
 Times ``LayerJacobian.matvec`` with ``jvp_method="forward"`` (``torch.func.jvp``, vmapped)
 and ``"reverse"`` (VJP of the linear pullback), and ``rmatvec``, on a block of 12 vectors,
 and prints each as a ratio to one plain forward pass of the same segment, measured in the
-same run. Both matvec methods are checked to agree before timing.
+same run. Both matvec methods are checked to agree before timing. The reverse matvec is
+timed again with the model's weights frozen (``requires_grad_(False)``, common in
+analysis notebooks): it should cost the same.
 
     python benchmarks/bench_products.py
     python benchmarks/bench_products.py --d-model 640 --layers 8
@@ -56,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
         "matvec reverse (vjp of vjp)": per_call(lambda: reverse.matvec(V), args.repeats),
         "rmatvec (vjp)": per_call(lambda: reverse.rmatvec(U), args.repeats),
     }
+    model.requires_grad_(False)
+    times["matvec reverse, frozen weights"] = per_call(lambda: reverse.matvec(V), args.repeats)
     print(
         f"random GPT-2 d_model={args.d_model}, {args.layers} layers, {args.seq} tokens, "
         f"pair L{source} -> L{target}, block of {args.block}; methods agree to {gap:.1e}"
@@ -65,6 +69,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{name:>32}: {t * 1e3:8.2f} ms  ({t / base:5.2f}x forward)")
     ratio = times["matvec forward (jvp)"] / times["matvec reverse (vjp of vjp)"]
     print(f"forward-mode / reverse-over-reverse matvec: {ratio:.2f}x")
+    frozen = times["matvec reverse, frozen weights"] / times["matvec reverse (vjp of vjp)"]
+    print(f"reverse matvec, frozen / trainable weights: {frozen:.2f}x")
     return 0
 
 

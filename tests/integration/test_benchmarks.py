@@ -32,6 +32,7 @@ def test_bench_products(capsys: pytest.CaptureFixture[str]) -> None:
     assert bench_products.main(["--d-model", "32", "--layers", "4", "--repeats", "1"]) == 0
     out = capsys.readouterr().out
     assert "forward-mode / reverse-over-reverse matvec" in out
+    assert "reverse matvec, frozen / trainable weights" in out
     agree = float(out.split("methods agree to ")[1].split()[0])
     assert agree < 1e-4
 

@@ -194,6 +194,48 @@ def test_model_is_left_untouched(model: Any, tokens: torch.Tensor) -> None:
         assert not hook._forward_hooks, f"hook left on {name}"
 
 
+def test_frozen_weights_are_marked_for_reverse_products_only(
+    model: Any, tokens: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With frozen weights vmap falls back to one matmul per column in the second backward;
+    reverse products mark them as requiring grad while they run, and restore every flag,
+    also when the product fails."""
+    params = list(model.parameters())
+    before = [p.requires_grad for p in params]
+    flags = [i % 3 != 0 for i in range(len(params))]  # some frozen, some not
+    seen: list[list[bool]] = []
+    in_chunks = tps.LayerJacobian._in_chunks
+
+    def spy(self: Any, *args: Any) -> Any:
+        seen.append([p.requires_grad for p in params])
+        if len(seen) == 2:
+            raise KeyboardInterrupt
+        return in_chunks(self, *args)
+
+    try:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+        op = tps.LayerJacobian(model, tokens[:1], source=0, target=2, positions=2)
+        f = reference_function(model, tokens[0], op.source_hook, op.target_hook, 2)
+        with torch.no_grad():
+            J = torch.func.jacrev(f)(torch.zeros(16, dtype=torch.float64))
+        monkeypatch.setattr(tps.LayerJacobian, "_in_chunks", spy)
+        V = torch.randn(16, 5, dtype=torch.float64)
+        torch.testing.assert_close(op.matvec(V), J @ V, atol=ATOL, rtol=1e-8)
+        assert [p.requires_grad for p in params] == flags
+        with pytest.raises(KeyboardInterrupt):
+            op.matvec(V)
+        assert [p.requires_grad for p in params] == flags
+        op.rmatvec(torch.randn(op.shape[0], 2, dtype=torch.float64))
+        tps.LayerJacobian(model, tokens[:1], 0, 2, jvp_method="forward").matvec(V)
+    finally:
+        for p, flag in zip(params, before, strict=True):
+            p.requires_grad_(flag)
+    assert seen[0] == seen[1] == [True] * len(params)
+    assert seen[2] == seen[3] == flags  # VJPs and forward-mode products leave flags alone
+    assert all(p.grad is None for p in params)
+
+
 def test_stops_after_target(model: Any, tokens: torch.Tensor) -> None:
     fired: list[str] = []
 
