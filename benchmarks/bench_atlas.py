@@ -20,7 +20,7 @@ Two lines put the ratios in context, both measured in the same run:
 
     python benchmarks/bench_atlas.py                          # tiny random GPT-2, offline
     python benchmarks/bench_atlas.py --model gemma-3-270m     # all 153 pairs of Gemma 3 270M
-    python benchmarks/bench_atlas.py --model gemma-3-270m --sketch-ranks 16 24 32 48
+    python benchmarks/bench_atlas.py --model gemma-3-270m --sketch-ranks 12 16 20 24 32
     python benchmarks/bench_atlas.py --model gemma-3-270m --device cuda --chunk-size 640
 """
 

@@ -242,12 +242,18 @@ def test_rows_of_a_left_basis_give_the_exact_top_k() -> None:
         4, 30, generator=gen, dtype=torch.float64
     )
     # A left basis built from J's own top directions holds its column space: Qᵀ J is exact.
-    Q = atlas_module.shared_basis([atlas_module._top_directions(J, 4).T], 6)
-    sig, nxt, V = atlas_module._top_k_of_rows(J.T @ Q, k=3)
-    S, Vh = torch.linalg.svd(J, full_matrices=False)[1:]
+    left, right = atlas_module._top_directions(J, 4)
+    Q = atlas_module.shared_basis([left.T], 6)
+    sig, nxt, V, leading = atlas_module._top_k_of_rows(J.T @ Q, k=3, m=4)
+    U, S, Vh = torch.linalg.svd(J, full_matrices=False)
     torch.testing.assert_close(sig, S[:3], rtol=1e-10, atol=0)
     torch.testing.assert_close(nxt, S[3], rtol=1e-10, atol=0)
     assert principal_angles(V, Vh[:3]).max() < 1e-8
+    # Both sides' top directions, for the later passes.
+    assert principal_angles(leading, Vh[:4]).max() < 1e-8
+    assert principal_angles(right, Vh[:4]).max() < 1e-8
+    torch.testing.assert_close(left.norm(dim=0), S[:4], rtol=1e-10, atol=0)
+    assert principal_angles((left / S[:4]).T, U[:, :4].T).max() < 1e-8
 
 
 def test_shared_basis_weighs_every_target_equally() -> None:
@@ -321,8 +327,12 @@ def test_sketch_draws_each_test_matrix_once(
     )
 
 
-def test_sketch_error_shrinks_with_rank(models: dict[str, Any], tokens: torch.Tensor) -> None:
+def test_sketch_error_shrinks_with_rank(
+    models: dict[str, Any], tokens: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
     model = models["native_bridge"]
+    # The shared passes alone: every pair of the 4-layer model is short enough to be polished.
+    monkeypatch.setattr(atlas_module, "_POLISH_HOPS", 0)
     exact = tps.sensitivity_atlas(model, tokens, k=1, method="exact", progress=False)
 
     def mean_error(rank: int) -> float:
@@ -375,6 +385,7 @@ def test_sketch_refine_pass_improves_and_resumes(
     models: dict[str, Any], tokens: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = models["native_bridge"]
+    monkeypatch.setattr(atlas_module, "_POLISH_HOPS", 0)
     options: dict[str, Any] = {"k": 2, "method": "sketch", "sketch_rank": 3, "progress": False}
     exact = tps.sensitivity_atlas(model, tokens, k=2, method="exact", progress=False)
     refined = tps.sensitivity_atlas(model, tokens, **options)
@@ -403,6 +414,53 @@ def test_sketch_refine_pass_improves_and_resumes(
     resumed = tps.sensitivity_atlas(model, tokens, checkpoint=ckpt, **options)
     torch.testing.assert_close(resumed.singular_values, refined.singular_values, equal_nan=True)
     assert resumed.refined_targets == [1, 2, 3] and tps.load(ckpt).range_sketch is None
+
+
+def test_sketch_polishes_short_pairs_only_and_resumes(
+    models: dict[str, Any], tokens: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    model = models["native_bridge"]
+    options: dict[str, Any] = {"k": 2, "method": "sketch", "sketch_rank": 3, "progress": False}
+    exact = tps.sensitivity_atlas(model, tokens, k=2, method="exact", progress=False)
+    with monkeypatch.context() as patch:
+        patch.setattr(atlas_module, "_POLISH_HOPS", 0)
+        shared = tps.sensitivity_atlas(model, tokens, **options)
+    monkeypatch.setattr(atlas_module, "_POLISH_HOPS", 1)
+    polished = tps.sensitivity_atlas(model, tokens, **options)
+
+    def error(atlas: tps.SensitivityAtlas, hops: int) -> float:
+        rel = (atlas.singular_values - exact.singular_values).abs() / exact.singular_values
+        return max(float(rel[s, t].max()) for s, t in exact.pairs() if t - s == hops)
+
+    # Adjacent layers take the Krylov step: much closer to exact, and never below the
+    # shared passes' estimate, nor above the exact values.
+    assert error(polished, 1) < 0.2 * error(shared, 1) and error(shared, 1) > 1e-4
+    for s, t in exact.pairs():
+        gain = polished.singular_values[s, t] - shared.singular_values[s, t]
+        if t - s > 1:  # pairs further apart are left as they were
+            assert torch.equal(polished.singular_values[s, t], shared.singular_values[s, t])
+        else:
+            assert float((polished.singular_values[s, t] ** 2).sum()) >= float(
+                (shared.singular_values[s, t] ** 2).sum()
+            )
+            assert bool((gain.abs() > 0).any())
+        assert bool(
+            (polished.singular_values[s, t] <= exact.singular_values[s, t] * (1 + 1e-12)).all()
+        )
+
+    # Interrupted while polishing source 1: one matvec per source for the shared basis,
+    # then two per polished pair (JᵀJ V, then J on the Krylov basis).
+    ckpt = tmp_path / "polish.safetensors"
+    real_matvec = interrupt_call(monkeypatch, "matvec", 3 + 2)
+    with pytest.raises(Interrupt):
+        tps.sensitivity_atlas(model, tokens, checkpoint=ckpt, **options)
+    partial = tps.load(ckpt)
+    assert partial.refined_targets == [1, 2, 3] and partial.polished_sources == [0]
+    assert partial.leading_vectors is not None and partial.leading_vectors.shape[2:] == (4, 16)
+    monkeypatch.setattr(tps.LayerJacobian, "matvec", real_matvec)
+    resumed = tps.sensitivity_atlas(model, tokens, checkpoint=ckpt, **options)
+    torch.testing.assert_close(resumed.singular_values, polished.singular_values, equal_nan=True)
+    assert resumed.polished_sources == [0, 1, 2] and tps.load(ckpt).leading_vectors is None
 
 
 def test_token_effects_match_a_direct_steered_run(models: dict[str, Any]) -> None:
