@@ -26,8 +26,8 @@ Methods:
   keeps that estimate where it holds more of its spectrum. Last, each pair at most three
   layers apart (the flattest spectra, and the cheapest products) takes one block Krylov
   step of its own from its top 2k directions so far. Cost: about 7r products per layer
-  instead of d_model, plus 8k products per short pair. The σ it returns are lower bounds of the exact ones (compare
-  with ``"exact"``); with r = d_model it is exact.
+  instead of d_model, plus 8k products per short pair. The σ it returns are lower bounds
+  of the exact ones (compare with ``"exact"``); with r = d_model it is exact.
 * ``"auto"``: ``"exact"`` up to d_model 1024; beyond that ``"power"`` unless the sketch
   needs under a quarter of its products; ``atlas.method`` says which ran.
 
@@ -732,31 +732,19 @@ def _polish_phase(
     """Per pair at most ``_POLISH_HOPS`` layers apart, one block Krylov step from its top
     2k directions V so far: the top-k of J restricted to span(V, JᵀJ V), which holds at
     least as much of its spectrum as V alone (so σ only grow, and stay lower bounds)."""
-    from tqdm.auto import tqdm
-
     short = [(s, t) for s, t in atlas.pairs() if t - s <= _POLISH_HOPS]
     sources = sorted({s for s, _ in short})
-    with tqdm(
-        total=len(sources), initial=len(atlas.polished_sources), desc="atlas (sketch, polish)",
-        unit="layer", disable=not progress,
-    ) as bar:  # fmt: skip
-        for s in sources:
-            if s in atlas.polished_sources:
-                continue
-            assert atlas.leading_vectors is not None
-            for t in [t for source, t in short if source == s]:
-                op = LayerJacobian(model, prompts, s, t, **options)
-                V = atlas.leading_vectors[s, t].T.to(op.device, op.dtype)
-                krylov = torch.cat([V, op.gram(V)], dim=1).double()
-                basis = torch.linalg.qr(krylov).Q
-                Z = op.matvec(basis.to(op.dtype)).to("cpu")
-                sig, nxt, vectors = _top_k_in_basis(Z, basis.cpu(), atlas.k)
-                if _holds_more(atlas, s, t, sig):
-                    atlas._store(s, t, sig, nxt, vectors)
-            atlas.polished_sources.append(s)
-            if ckpt is not None:
-                atlas.save(ckpt)
-            bar.update(1)
+    for s in _layer_passes(atlas, sources, atlas.polished_sources, "polish", progress, ckpt):
+        assert atlas.leading_vectors is not None
+        for t in [t for source, t in short if source == s]:
+            op = LayerJacobian(model, prompts, s, t, **options)
+            V = atlas.leading_vectors[s, t].T.to(op.device, op.dtype)
+            krylov = torch.cat([V, op.gram(V)], dim=1).double()
+            basis = torch.linalg.qr(krylov).Q
+            Z = op.matvec(basis.to(op.dtype)).to("cpu")
+            sig, nxt, vectors = _top_k_in_basis(Z, basis.cpu(), atlas.k)
+            if _holds_more(atlas, s, t, sig):
+                atlas._store(s, t, sig, nxt, vectors)
     if atlas.leading_vectors is not None:
         atlas.leading_vectors = None  # only needed while running
         if ckpt is not None:
@@ -773,20 +761,33 @@ def _holds_more(atlas: SensitivityAtlas, s: int, t: int, sig: Tensor) -> bool:
 def _target_passes(
     atlas: SensitivityAtlas, done: list[int], what: str, progress: bool, ckpt: Path | None
 ) -> Iterator[tuple[int, list[int]]]:
-    """Each target layer not yet in ``done``, with its earlier sources, under a progress
-    bar; once the caller's pass for it is over, it joins ``done`` and is checkpointed."""
+    """Each target layer not yet in ``done``, with its earlier sources (see ``_layer_passes``)."""
+    todo = [t for t in atlas.targets if any(s < t for s in atlas.sources)]
+    for t in _layer_passes(atlas, todo, done, what, progress, ckpt):
+        yield t, [s for s in atlas.sources if s < t]
+
+
+def _layer_passes(
+    atlas: SensitivityAtlas,
+    todo: list[int],
+    done: list[int],
+    what: str,
+    progress: bool,
+    ckpt: Path | None,
+) -> Iterator[int]:
+    """Each layer of ``todo`` not yet in ``done``, under a progress bar; once the caller's
+    pass for it is over, it joins ``done`` and is checkpointed."""
     from tqdm.auto import tqdm
 
-    todo = [t for t in atlas.targets if any(s < t for s in atlas.sources)]
     with tqdm(
         total=len(todo), initial=len(done), desc=f"atlas (sketch, {what})", unit="layer",
         disable=not progress,
     ) as bar:  # fmt: skip
-        for t in todo:
-            if t in done:
+        for layer in todo:
+            if layer in done:
                 continue
-            yield t, [s for s in atlas.sources if s < t]
-            done.append(t)
+            yield layer
+            done.append(layer)
             if ckpt is not None:
                 atlas.save(ckpt)
             bar.update(1)
