@@ -243,10 +243,11 @@ class ModelAdapter:
         source_hooks: Sequence[str],
         target_hooks: Sequence[str],
     ) -> Callable[
-        [Float[Tensor, "n_sources d_model"], bool], list[Float[Tensor, "batch seq d_model"]]
+        [Float[Tensor, "n_sources d_model"] | Sequence[Float[Tensor, " d_model"]], bool],
+        list[Float[Tensor, "batch seq d_model"]],
     ]:
         """``f(v, check)``: target activations with ``v[i]`` added at every real position of
-        source hook i.
+        source hook i (``v`` a tensor of rows or a sequence of vectors).
 
         Returns one activation per target hook, in the order given; the forward pass stops
         as soon as the last of them has fired. With ``check`` true, the source and target
@@ -265,7 +266,7 @@ class ModelAdapter:
                     "overflows on these prompts; try float32 or shorter prompts"
                 )
 
-        def run(v: Tensor, check: bool = False) -> list[Tensor]:
+        def run(v: Tensor | Sequence[Tensor], check: bool = False) -> list[Tensor]:
             captured: dict[str, Tensor] = {}
 
             def add_row(i: int, name: str) -> Callable[[Tensor, Any], Tensor]:

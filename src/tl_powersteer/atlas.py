@@ -26,7 +26,7 @@ Methods:
   keeps that estimate where it holds more of its spectrum. Last, each pair at most three
   layers apart (the flattest spectra, and the cheapest products) takes one block Krylov
   step of its own from its top 2k directions so far. Cost: about 7r products per layer
-  instead of d_model, plus 8k products per short pair. The σ it returns are lower bounds
+  instead of d_model, plus 6k products per short pair. The σ it returns are lower bounds
   of the exact ones (compare with ``"exact"``); with r = d_model it is exact.
 * ``"auto"``: ``"exact"`` up to d_model 1024; beyond that ``"power"`` unless the sketch
   needs under a quarter of its products; ``atlas.method`` says which ran.
@@ -50,8 +50,9 @@ interrupted run resumes where it stopped; a checkpoint made with other arguments
 
 from __future__ import annotations
 
+import functools
 import os
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -68,7 +69,7 @@ from .adapters import (
     decode_token,
     steered_logits,
 )
-from .jacobian import LayerJacobian, check_chunk_size
+from .jacobian import JacobianGraph, check_chunk_size
 from .power import block_power_iteration, canonical_signs, check_iteration_args
 from .power_steering import power_steering_vector
 from .steering import SteeringVector
@@ -96,7 +97,7 @@ _BASIS_FACTOR = 3
 _REFINE_FACTOR = 3
 _REFINE_DIRECTIONS = 2
 # Pairs at most this many layers apart get one block Krylov step of their own from their
-# top 2k directions (8k products each, over at most this many layers). Short hops have the
+# top 2k directions (6k products each, over at most this many layers). Short hops have the
 # flattest spectra (L2 -> L3 of Gemma 3 270M: σ5/σ1 = 0.75) and were the worst pairs of the
 # shared passes; on the 153 Gemma pairs at r = 16 the step took the worst error from 5% to
 # 1.5%-1.8% (three seeds), for the price of about 8 more products per layer.
@@ -597,14 +598,17 @@ def sensitivity_atlas(
 
     from tqdm.auto import tqdm
 
-    options: dict[str, Any] = {
-        "source_site": source_site,
-        "target_site": target_site,
-        "positions": positions,
-        "chunk_size": chunk_size,
-    }
+    @functools.cache
+    def graph() -> JacobianGraph:
+        """The one forward pass every product of this atlas runs on, recorded on first use
+        (a resumed run with nothing left to do needs none)."""
+        return JacobianGraph(
+            model, prompts, source_layers, target_layers, source_site=source_site,
+            target_site=target_site, positions=positions, chunk_size=chunk_size,
+        )  # fmt: skip
+
     if method == "sketch":
-        _co_range_phase(atlas, model, prompts, options, progress, ckpt)
+        _co_range_phase(atlas, graph, progress, ckpt)
     done = sum(1 for s, _ in pairs if s in atlas.completed_sources)
     with tqdm(
         total=len(pairs), initial=done, desc=f"atlas ({method})", unit="pair", disable=not progress
@@ -614,7 +618,7 @@ def sensitivity_atlas(
                 continue
             later = [t for t in target_layers if t > s]
             if method == "sketch":
-                op = LayerJacobian(model, prompts, s, later, **options)
+                op = graph().operator(s, later)
                 assert atlas.co_range_sketch is not None
                 # Built and used on the CPU, beside the co-range sketch that is kept there.
                 basis = shared_basis(
@@ -637,7 +641,7 @@ def sensitivity_atlas(
                     atlas.leading_vectors[s, t] = right @ basis.to(right.dtype).T
                     bar.update(1)
             elif method == "exact":
-                op = LayerJacobian(model, prompts, s, later, **options)
+                op = graph().operator(s, later)
                 dense = op.dense()
                 for t in later:
                     sig, nxt, V = _top_k_svd(dense[op.rows(t)], k)
@@ -646,7 +650,7 @@ def sensitivity_atlas(
                     bar.update(1)
             else:
                 for t in later:
-                    op = LayerJacobian(model, prompts, s, t, **options)
+                    op = graph().operator(s, t)
                     found = block_power_iteration(
                         op, k + 1, tol=tol, max_iters=max_iters, seed=seed
                     )
@@ -661,16 +665,14 @@ def sensitivity_atlas(
             if ckpt is not None:
                 atlas.save(ckpt)
     if method == "sketch":
-        _refine_phase(atlas, model, prompts, options, progress, ckpt)
-        _polish_phase(atlas, model, prompts, options, progress, ckpt)
+        _refine_phase(atlas, graph, progress, ckpt)
+        _polish_phase(atlas, graph, progress, ckpt)
     return atlas
 
 
 def _co_range_phase(
     atlas: SensitivityAtlas,
-    model: Any,
-    prompts: Prompts,
-    options: dict[str, Any],
+    graph: Callable[[], JacobianGraph],
     progress: bool,
     ckpt: Path | None,
 ) -> None:
@@ -682,7 +684,7 @@ def _co_range_phase(
         atlas.co_range_sketch = torch.full((n, n, width, d), float("nan"), dtype=dtype)
     passes = _target_passes(atlas, atlas.completed_targets, "targets", progress, ckpt)
     for t, earlier in passes:
-        op = LayerJacobian(model, prompts, earlier, t, **options)
+        op = graph().operator(earlier, t)
         psi = _test_matrix(op.shape[0], width, atlas.seed, -1 - t, dtype)
         W = op.rmatvec(psi.to(op.dtype)).to("cpu", dtype)
         for s in earlier:
@@ -691,9 +693,7 @@ def _co_range_phase(
 
 def _refine_phase(
     atlas: SensitivityAtlas,
-    model: Any,
-    prompts: Prompts,
-    options: dict[str, Any],
+    graph: Callable[[], JacobianGraph],
     progress: bool,
     ckpt: Path | None,
 ) -> None:
@@ -706,7 +706,7 @@ def _refine_phase(
         # rows (batch x positions x d_model) would cost a dense SVD of that size.
         width = min(_REFINE_FACTOR * atlas.sketch_rank, len(earlier) * atlas.range_sketch.shape[-1])
         basis = shared_basis([atlas.range_sketch[s, t].T for s in earlier], width)
-        op = LayerJacobian(model, prompts, earlier, t, **options)
+        op = graph().operator(earlier, t)
         B = op.rmatvec(basis.to(op.device, op.dtype)).to("cpu")
         assert atlas.leading_vectors is not None
         m = atlas.leading_vectors.shape[2]
@@ -723,9 +723,7 @@ def _refine_phase(
 
 def _polish_phase(
     atlas: SensitivityAtlas,
-    model: Any,
-    prompts: Prompts,
-    options: dict[str, Any],
+    graph: Callable[[], JacobianGraph],
     progress: bool,
     ckpt: Path | None,
 ) -> None:
@@ -737,12 +735,18 @@ def _polish_phase(
     for s in _layer_passes(atlas, sources, atlas.polished_sources, "polish", progress, ckpt):
         assert atlas.leading_vectors is not None
         for t in [t for source, t in short if source == s]:
-            op = LayerJacobian(model, prompts, s, t, **options)
-            V = atlas.leading_vectors[s, t].T.to(op.device, op.dtype)
-            krylov = torch.cat([V, op.gram(V)], dim=1).double()
-            basis = torch.linalg.qr(krylov).Q
-            Z = op.matvec(basis.to(op.dtype)).to("cpu")
-            sig, nxt, vectors = _top_k_in_basis(Z, basis.cpu(), atlas.k)
+            op = graph().operator(s, t)
+            V = torch.linalg.qr(atlas.leading_vectors[s, t].T.double()).Q
+            JV = op.matvec(V.to(op.device, op.dtype))
+            # The step's new directions: JᵀJ V less its part in span(V), orthogonalized
+            # twice (float64); only they need a further product, J V being known.
+            new = op.rmatvec(JV).to("cpu", torch.float64)
+            for _ in range(2):
+                new = new - V @ (V.T @ new)
+            new = torch.linalg.qr(new).Q
+            Z = torch.cat([JV, op.matvec(new.to(op.device, op.dtype))], dim=1).to("cpu")
+            basis = torch.cat([V, new], dim=1)
+            sig, nxt, vectors = _top_k_in_basis(Z, basis, atlas.k)
             if _holds_more(atlas, s, t, sig):
                 atlas._store(s, t, sig, nxt, vectors)
     if atlas.leading_vectors is not None:

@@ -15,6 +15,11 @@ over a block of vectors). ``matvec`` computes J V in one of two exact ways:
   u' ↦ J u'. This reverse-over-reverse product reuses the cached graph and, on CPU with
   PyTorch 2.13, costs about half of the forward-mode one (``benchmarks/bench_products.py``).
 
+``JacobianGraph`` records one forward pass with its own vector at each of several source
+hooks and applies J of any of its (source, target) pairs by autograd on that record, with no
+further forward pass: for many pairs of one prompt (the atlas), where a bridge's forward pass,
+mostly Python, would otherwise cost more than the products of a short pair.
+
 Blocks wider than ``chunk_size`` are split (by default into blocks of about
 ``TOKEN_ROWS_PER_CHUNK`` token rows, see ``default_chunk_size``). ``dense()`` forms J from
 products with the identity, for tests and small models. Left vectors (length ``n_out``) are
@@ -39,6 +44,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -46,9 +52,9 @@ from jaxtyping import Float
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
 
-from .adapters import ModelAdapter, Prompts
+from .adapters import ModelAdapter, Prompts, TokenBatch
 
-__all__ = ["JVP_METHODS", "LayerJacobian", "default_chunk_size"]
+__all__ = ["JVP_METHODS", "JacobianGraph", "LayerJacobian", "default_chunk_size"]
 
 JVP_METHODS = ("reverse", "forward")
 # A vmapped product over c columns runs the model on c x batch x seq token rows. On CPU its
@@ -93,7 +99,173 @@ def _weights_marked_for_grad(model: torch.nn.Module) -> Iterator[None]:
             p.requires_grad_(False)
 
 
-class LayerJacobian:
+def _layers(adapter: ModelAdapter, value: Any, what: str) -> list[int]:
+    """Layer indices (one or a list of them), resolved against the model and distinct."""
+    if not isinstance(value, (int, Sequence)) or isinstance(value, str):
+        raise TypeError(
+            f"{what} must be an int layer index (or a list of them), got {type(value).__name__}"
+        )
+    requested: list[Any] = [value] if isinstance(value, int) else list(value)
+    if not requested:
+        raise ValueError(f"{what} is an empty list: give at least one layer")
+    resolved = [adapter.resolve_layer(layer, what) for layer in requested]
+    if len(set(resolved)) != len(resolved):
+        raise ValueError(f"{what} layers repeat: {resolved}")
+    return resolved
+
+
+def _check_order(adapter: ModelAdapter, sources: list[int], targets: list[int]) -> None:
+    if min(targets) <= max(sources):
+        shown = f"source={max(sources)}, target={min(targets)}"
+        raise ValueError(
+            f"the target layer must come after the source layer, got {shown}; "
+            f"choose target in {max(sources) + 1}..{adapter.n_layers - 1}"
+        )
+
+
+@dataclass
+class _Readout:
+    """Tokenized prompts, and where the target is read: ``act[rows, last]``."""
+
+    batch: TokenBatch
+    rows: Tensor
+    last: Tensor
+    chunk_size: int
+
+
+def _readout_positions(
+    adapter: ModelAdapter, prompts: Prompts, positions: Any, chunk_size: Any
+) -> _Readout:
+    if isinstance(positions, bool) or not isinstance(positions, int):
+        raise TypeError(f"positions must be an int, got {type(positions).__name__}")
+    if positions < 1:
+        raise ValueError(f"positions must be at least 1, got {positions}")
+    check_chunk_size(chunk_size)
+    batch = adapter.tokenize(prompts)
+    shortest = int(batch.lengths.min())
+    if positions > shortest:
+        raise ValueError(
+            f"positions={positions} is longer than the shortest prompt "
+            f"({shortest} tokens); use positions <= {shortest} or longer prompts"
+        )
+    last = batch.lengths[:, None] - positions + torch.arange(positions, device=adapter.device)
+    rows = torch.arange(last.shape[0], device=adapter.device)[:, None]
+    chunk = default_chunk_size(batch.tokens.numel()) if chunk_size is None else chunk_size
+    return _Readout(batch, rows, last, chunk)
+
+
+class _StackedJacobian:
+    """What every operator here shares: J has one block of rows per target layer (each
+    ``[prompt, position, d_model]`` flattened) and one block of columns per source layer;
+    products run ``chunk_size`` columns at a time."""
+
+    def __init__(
+        self,
+        adapter: ModelAdapter,
+        sources: list[int],
+        targets: list[int],
+        source_hooks: list[str],
+        target_hooks: list[str],
+        rows_per_target: int,
+        chunk_size: int,
+    ):
+        self.adapter = adapter
+        self.sources, self.targets = sources, targets
+        self.source, self.target = min(sources), max(targets)
+        self.source_hooks, self.target_hooks = source_hooks, target_hooks
+        self.chunk_size = chunk_size
+        self._rows_per_target = rows_per_target
+        self.n_jvp = 0
+        self.n_vjp = 0
+
+    def rows(self, target: int) -> slice:
+        """The rows of J (and entries of left vectors) that belong to one target layer."""
+        if target not in self.targets:
+            raise ValueError(f"target {target} is not among this operator's {self.targets}")
+        start = self.targets.index(target) * self._rows_per_target
+        return slice(start, start + self._rows_per_target)
+
+    def columns(self, source: int) -> slice:
+        """The columns of J (and entries of right vectors) that belong to one source layer."""
+        if source not in self.sources:
+            raise ValueError(f"source {source} is not among this operator's {self.sources}")
+        start = self.sources.index(source) * self.adapter.d_model
+        return slice(start, start + self.adapter.d_model)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self._rows_per_target * len(self.targets), len(self.sources) * self.adapter.d_model
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.adapter.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.adapter.device
+
+    def matvec(self, V: Float[Tensor, "d_model b"]) -> Float[Tensor, "n_out b"]:
+        """J V for a block of columns, ``chunk_size`` at a time."""
+        V2, vector = self._columns(V, self.shape[1], "V")
+        out = self._checked(self._matvec(V2), "J @ V")
+        self.n_jvp += V2.shape[1]
+        return out[:, 0] if vector else out
+
+    def rmatvec(self, U: Float[Tensor, "n_out b"]) -> Float[Tensor, "d_model b"]:
+        """Jᵀ U by reverse-mode AD, ``chunk_size`` columns at a time."""
+        U2, vector = self._columns(U, self.shape[0], "U")
+        out = self._checked(self._rmatvec(U2), "J.T @ U")
+        self.n_vjp += U2.shape[1]
+        return out[:, 0] if vector else out
+
+    def _matvec(self, V: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def _rmatvec(self, U: Tensor) -> Tensor:
+        raise NotImplementedError
+
+    def gram(self, V: Float[Tensor, "d_model b"]) -> Float[Tensor, "d_model b"]:
+        """JᵀJ V."""
+        return self.rmatvec(self.matvec(V))
+
+    def dense(self) -> Float[Tensor, "n_out d_model"]:
+        """The exact Jacobian, from chunked vmapped products with the identity's columns."""
+        return self.matvec(torch.eye(self.shape[1], dtype=self.dtype, device=self.device))
+
+    def _columns(self, X: Tensor, rows: int, name: str) -> tuple[Tensor, bool]:
+        if not isinstance(X, Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(X).__name__}")
+        vector = X.ndim == 1
+        X2 = X[:, None] if vector else X
+        if X2.ndim != 2 or X2.shape[0] != rows:
+            raise ValueError(
+                f"{name} must have shape [{rows}] or [{rows}, b], got {tuple(X.shape)}"
+            )
+        return X2.to(self.device, self.dtype), vector
+
+    def _checked(self, out: Tensor, what: str) -> Tensor:
+        if not bool(torch.isfinite(out).all()):
+            raise ValueError(
+                f"non-finite values in {what} between {self.source_hooks} and "
+                f"{self.target_hooks}: the model overflows in {self.dtype}; try float32"
+            )
+        return out
+
+    def _in_chunks(self, product: Callable[[Tensor], Tensor], X: Tensor, out_rows: int) -> Tensor:
+        """``product`` (vmapped over rows of its argument) applied to the columns of X,
+        at most ``chunk_size`` at a time: memory stays bounded, and on CPU small blocks run
+        faster than one large vmapped call (see ``TOKEN_ROWS_PER_CHUNK``)."""
+        if X.shape[1] == 0:
+            return X.new_zeros(out_rows, 0)
+        with torch.no_grad():
+            blocks = [
+                product(X[:, i : i + self.chunk_size].T).T
+                for i in range(0, X.shape[1], self.chunk_size)
+            ]
+        return torch.cat(blocks, dim=1)
+
+
+class LayerJacobian(_StackedJacobian):
     """J = ∂ target / ∂ v for a vector v added at a source hook; see the module docstring.
 
     Args:
@@ -129,66 +301,27 @@ class LayerJacobian:
         if jvp_method not in JVP_METHODS:
             raise ValueError(f"jvp_method must be one of {JVP_METHODS}, got {jvp_method!r}")
         self.jvp_method = jvp_method
-
-        def layers(value: Any, what: str) -> list[int]:
-            if not isinstance(value, (int, Sequence)) or isinstance(value, str):
-                raise TypeError(
-                    f"{what} must be an int layer index (or a list of them), "
-                    f"got {type(value).__name__}"
-                )
-            requested: list[Any] = [value] if isinstance(value, int) else list(value)
-            if not requested:
-                raise ValueError(f"{what} is an empty list: give at least one layer")
-            resolved = [adapter.resolve_layer(layer, what) for layer in requested]
-            if len(set(resolved)) != len(resolved):
-                raise ValueError(f"{what} layers repeat: {resolved}")
-            return resolved
-
-        self.sources = layers(source, "source")
-        self.targets = layers(target, "target")
-        if min(self.targets) <= max(self.sources):
-            shown = f"source={max(self.sources)}, target={min(self.targets)}"
-            raise ValueError(
-                f"the target layer must come after the source layer, got {shown}; "
-                f"choose target in {max(self.sources) + 1}..{adapter.n_layers - 1}"
-            )
-        self.source, self.target = min(self.sources), max(self.targets)
-        self.source_hooks = [adapter.hook_name(s, source_site) for s in self.sources]
-        self.target_hooks = [adapter.hook_name(t, target_site) for t in self.targets]
-        self.source_hook = self.source_hooks[0] if isinstance(source, int) else None
-        self.target_hook = self.target_hooks[0] if isinstance(target, int) else None
+        sources, targets = _layers(adapter, source, "source"), _layers(adapter, target, "target")
+        _check_order(adapter, sources, targets)
+        source_hooks = [adapter.hook_name(s, source_site) for s in sources]
+        target_hooks = [adapter.hook_name(t, target_site) for t in targets]
+        self.source_hook = source_hooks[0] if isinstance(source, int) else None
+        self.target_hook = target_hooks[0] if isinstance(target, int) else None
         self.source_site, self.target_site = source_site, target_site
-        if isinstance(positions, bool) or not isinstance(positions, int):
-            raise TypeError(f"positions must be an int, got {type(positions).__name__}")
-        if positions < 1:
-            raise ValueError(f"positions must be at least 1, got {positions}")
-        check_chunk_size(chunk_size)
-        self.batch = adapter.tokenize(prompts)
-        shortest = int(self.batch.lengths.min())
-        if positions > shortest:
-            raise ValueError(
-                f"positions={positions} is longer than the shortest prompt "
-                f"({shortest} tokens); use positions <= {shortest} or longer prompts"
-            )
-        self.positions = positions
-        self.chunk_size = (
-            default_chunk_size(self.batch.tokens.numel()) if chunk_size is None else chunk_size
-        )
-        self.adapter = adapter
-        self.n_jvp = 0
-        self.n_vjp = 0
+        reading = _readout_positions(adapter, prompts, positions, chunk_size)
+        self.batch, self.positions = reading.batch, positions
+        rows_per_target = reading.last.numel() * adapter.d_model
+        super().__init__(
+            adapter, sources, targets, source_hooks, target_hooks, rows_per_target,
+            reading.chunk_size,
+        )  # fmt: skip
 
-        run = adapter.segment(self.batch, self.source_hooks, self.target_hooks)
-        last = (
-            self.batch.lengths[:, None] - positions + torch.arange(positions, device=adapter.device)
-        )
-        rows = torch.arange(last.shape[0], device=adapter.device)[:, None]
-
-        n_sources, d_model = len(self.sources), adapter.d_model
+        run = adapter.segment(self.batch, source_hooks, target_hooks)
+        n_sources, d_model = len(sources), adapter.d_model
 
         def readout(v: Tensor, check: bool = False) -> Tensor:
             acts = run(v.reshape(n_sources, d_model), check)
-            return torch.cat([act[rows, last].reshape(-1) for act in acts])
+            return torch.cat([act[reading.rows, reading.last].reshape(-1) for act in acts])
 
         self._readout = readout
         zero = torch.zeros(n_sources * d_model, dtype=adapter.dtype, device=adapter.device)
@@ -201,68 +334,16 @@ class LayerJacobian:
         self._transpose_pullback: Any = None
         self.target_value: Float[Tensor, " n_out"] = target_value.detach()
 
-    def rows(self, target: int) -> slice:
-        """The rows of J (and entries of left vectors) that belong to one target layer."""
-        if target not in self.targets:
-            raise ValueError(f"target {target} is not among this operator's {self.targets}")
-        size = self.shape[0] // len(self.targets)
-        start = self.targets.index(target) * size
-        return slice(start, start + size)
-
     def readout(self, v: Float[Tensor, " d_model"]) -> Float[Tensor, " n_out"]:
         """The flattened target activation with ``v`` added at the source: J is its derivative."""
         return self._readout(v)
 
-    def columns(self, source: int) -> slice:
-        """The columns of J (and entries of right vectors) that belong to one source layer."""
-        if source not in self.sources:
-            raise ValueError(f"source {source} is not among this operator's {self.sources}")
-        start = self.sources.index(source) * self.adapter.d_model
-        return slice(start, start + self.adapter.d_model)
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        return int(self.target_value.numel()), len(self.sources) * self.adapter.d_model
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.adapter.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.adapter.device
-
-    def _columns(self, X: Tensor, rows: int, name: str) -> tuple[Tensor, bool]:
-        if not isinstance(X, Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(X).__name__}")
-        vector = X.ndim == 1
-        X2 = X[:, None] if vector else X
-        if X2.ndim != 2 or X2.shape[0] != rows:
-            raise ValueError(
-                f"{name} must have shape [{rows}] or [{rows}, b], got {tuple(X.shape)}"
-            )
-        return X2.to(self.device, self.dtype), vector
-
-    def _checked(self, out: Tensor, what: str) -> Tensor:
-        if not bool(torch.isfinite(out).all()):
-            raise ValueError(
-                f"non-finite values in {what} between {self.source_hooks} and "
-                f"{self.target_hooks}: the model overflows in {self.dtype}; try float32"
-            )
-        return out
-
-    def matvec(self, V: Float[Tensor, "d_model b"]) -> Float[Tensor, "n_out b"]:
-        """J V for a block of columns (see ``jvp_method``), ``chunk_size`` at a time."""
-        V2, vector = self._columns(V, self.shape[1], "V")
+    def _matvec(self, V: Tensor) -> Tensor:
         if self.jvp_method == "forward":
-            out = self._in_chunks(vmap(self._forward_product), V2, self.shape[0])
-        else:
-            with _weights_marked_for_grad(self.adapter.model):
-                reverse = vmap(self._reverse_product())
-                out = self._in_chunks(lambda block: reverse(block)[0], V2, self.shape[0])
-        self.n_jvp += V2.shape[1]
-        out = self._checked(out, "J @ V")
-        return out[:, 0] if vector else out
+            return self._in_chunks(vmap(self._forward_product), V, self.shape[0])
+        with _weights_marked_for_grad(self.adapter.model):
+            reverse = vmap(self._reverse_product())
+            return self._in_chunks(lambda block: reverse(block)[0], V, self.shape[0])
 
     def _forward_product(self, column: Tensor) -> Tensor:
         return jvp(self._readout, (self._zero,), (column,))[1]
@@ -274,32 +355,136 @@ class LayerJacobian:
             self._transpose_pullback = vjp(lambda u: self._pullback(u)[0], cotangent)[1]
         return self._transpose_pullback
 
-    def rmatvec(self, U: Float[Tensor, "n_out b"]) -> Float[Tensor, "d_model b"]:
-        """Jᵀ U by reverse-mode AD, reusing the pullback built at construction, ``chunk_size``
-        columns at a time."""
-        U2, vector = self._columns(U, self.shape[0], "U")
-        out = self._in_chunks(lambda block: vmap(self._pullback)(block)[0], U2, self.shape[1])
-        self.n_vjp += U2.shape[1]
-        out = self._checked(out, "J.T @ U")
-        return out[:, 0] if vector else out
+    def _rmatvec(self, U: Tensor) -> Tensor:
+        # Reuses the pullback built at construction.
+        return self._in_chunks(lambda block: vmap(self._pullback)(block)[0], U, self.shape[1])
 
-    def gram(self, V: Float[Tensor, "d_model b"]) -> Float[Tensor, "d_model b"]:
-        """JᵀJ V."""
-        return self.rmatvec(self.matvec(V))
 
-    def dense(self) -> Float[Tensor, "n_out d_model"]:
-        """The exact Jacobian, from chunked vmapped JVPs of the identity's columns."""
-        return self.matvec(torch.eye(self.shape[1], dtype=self.dtype, device=self.device))
+class JacobianGraph:
+    """One recorded forward pass with its own zero vector at every source hook; ``operator``
+    applies the Jacobian of any of its (sources, targets) by autograd on that record.
 
-    def _in_chunks(self, product: Callable[[Tensor], Tensor], X: Tensor, out_rows: int) -> Tensor:
-        """``product`` (vmapped over rows of its argument) applied to the columns of X,
-        at most ``chunk_size`` at a time: memory stays bounded, and on CPU small blocks run
-        faster than one large vmapped call (see ``TOKEN_ROWS_PER_CHUNK``)."""
-        if X.shape[1] == 0:
-            return X.new_zeros(out_rows, 0)
-        with torch.no_grad():
-            blocks = [
-                product(X[:, i : i + self.chunk_size].T).T
-                for i in range(0, X.shape[1], self.chunk_size)
-            ]
-        return torch.cat(blocks, dim=1)
+    Products are those of ``LayerJacobian`` (reverse mode, and reverse-over-reverse for
+    J V), with no forward pass of their own: a bridge's forward pass is mostly Python
+    (about 20 ms per block on Gemma 3 270M, where a short prompt's arithmetic takes well
+    under 1 ms), and an atlas that built one ``LayerJacobian`` per pair or per layer spent a
+    third of its time there. The record (the activations autograd keeps, as for one
+    ``LayerJacobian`` to the last target) lives as long as this object.
+
+    Args:
+        model: a ``HookedTransformer`` or ``TransformerBridge`` (never modified).
+        prompts: a string, a list of strings, or an integer token tensor ``[batch, seq]``.
+        sources: source block indices, each with its own vector.
+        targets: target block indices; the last must come after every source.
+        source_site: hook suffix inside each source block where its vector is added.
+        target_site: hook suffix inside each target block that is read.
+        positions: how many final tokens of each prompt are read at the targets.
+        chunk_size: most columns per vmapped product, as for ``LayerJacobian``.
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        prompts: Prompts,
+        sources: Sequence[int],
+        targets: Sequence[int],
+        *,
+        source_site: str = "hook_mlp_out",
+        target_site: str = "hook_mlp_out",
+        positions: int = 4,
+        chunk_size: int | None = None,
+    ):
+        adapter = ModelAdapter(model)
+        self.sources = _layers(adapter, sources, "sources")
+        self.targets = _layers(adapter, targets, "targets")
+        _check_order(adapter, self.sources, [max(self.targets)])
+        self.source_hooks = {s: adapter.hook_name(s, source_site) for s in self.sources}
+        self.target_hooks = {t: adapter.hook_name(t, target_site) for t in self.targets}
+        reading = _readout_positions(adapter, prompts, positions, chunk_size)
+        self.adapter, self.chunk_size = adapter, reading.chunk_size
+        self.rows_per_target = reading.last.numel() * adapter.d_model
+        run = adapter.segment(
+            reading.batch, list(self.source_hooks.values()), list(self.target_hooks.values())
+        )
+        # Separate leaves, not rows of one tensor: autograd then walks back from a target
+        # only to the sources asked for, never through the blocks below them.
+        self._vectors = {
+            s: torch.zeros(
+                adapter.d_model, dtype=adapter.dtype, device=adapter.device, requires_grad=True
+            )
+            for s in self.sources
+        }
+        with torch.enable_grad():
+            acts = run([self._vectors[s] for s in self.sources], True)
+        self._reads = {
+            t: act[reading.rows, reading.last].reshape(-1)
+            for t, act in zip(self.targets, acts, strict=True)
+        }
+
+    def operator(
+        self, sources: int | Sequence[int], targets: int | Sequence[int]
+    ) -> RecordedJacobian:
+        """J of these sources (one block of columns each) and targets (one block of rows
+        each, in the order given), all among this graph's, every target after every source."""
+        return RecordedJacobian(self, sources, targets)
+
+
+class RecordedJacobian(_StackedJacobian):
+    """J of some of a ``JacobianGraph``'s sources and targets (``JacobianGraph.operator``)."""
+
+    def __init__(
+        self, graph: JacobianGraph, sources: int | Sequence[int], targets: int | Sequence[int]
+    ):
+        adapter = graph.adapter
+        chosen_sources = _layers(adapter, sources, "source")
+        chosen_targets = _layers(adapter, targets, "target")
+        for chosen, available, what in (
+            (chosen_sources, graph.sources, "source"),
+            (chosen_targets, graph.targets, "target"),
+        ):
+            missing = [layer for layer in chosen if layer not in available]
+            if missing:
+                raise ValueError(
+                    f"{what} layers {missing} are not in this graph; choose among {available}"
+                )
+        _check_order(adapter, chosen_sources, chosen_targets)
+        super().__init__(
+            adapter, chosen_sources, chosen_targets,
+            [graph.source_hooks[s] for s in chosen_sources],
+            [graph.target_hooks[t] for t in chosen_targets],
+            graph.rows_per_target, graph.chunk_size,
+        )  # fmt: skip
+        self._reads = [graph._reads[t] for t in chosen_targets]
+        self._vectors = [graph._vectors[s] for s in chosen_sources]
+        self._transpose: tuple[tuple[Tensor, ...], list[Tensor]] | None = None
+
+    def _rmatvec(self, U: Tensor) -> Tensor:
+        def product(block: Tensor) -> Tensor:
+            pieces = [block[:, self.rows(t)] for t in self.targets]
+            grads = torch.autograd.grad(
+                self._reads, self._vectors, pieces, retain_graph=True, is_grads_batched=True
+            )
+            return torch.cat(grads, dim=1)
+
+        return self._in_chunks(product, U, self.shape[1])
+
+    def _matvec(self, V: Tensor) -> Tensor:
+        # The pullback u ↦ Jᵀu is linear in u, so its own VJP is u' ↦ J u'.
+        if self._transpose is None:
+            cotangents = [torch.zeros_like(read, requires_grad=True) for read in self._reads]
+            with torch.enable_grad():
+                pulled = torch.autograd.grad(
+                    self._reads, self._vectors, cotangents, retain_graph=True, create_graph=True
+                )
+            self._transpose = pulled, cotangents
+        pulled, cotangents = self._transpose
+
+        def product(block: Tensor) -> Tensor:
+            pieces = [block[:, self.columns(s)] for s in self.sources]
+            grads = torch.autograd.grad(
+                pulled, cotangents, pieces, retain_graph=True, is_grads_batched=True
+            )
+            return torch.cat(grads, dim=1)
+
+        with _weights_marked_for_grad(self.adapter.model):
+            return self._in_chunks(product, V, self.shape[0])

@@ -11,6 +11,7 @@ import torch
 import tl_powersteer as tps
 from tests.reference import principal_angles, reference_jacobian
 from tl_powersteer import atlas as atlas_module
+from tl_powersteer.jacobian import RecordedJacobian
 
 
 def test_exact_matches_per_pair_svd(model: Any, tokens: torch.Tensor) -> None:
@@ -120,18 +121,18 @@ class Interrupt(Exception):
 
 
 def interrupt_call(monkeypatch: pytest.MonkeyPatch, method: str, number: int) -> Any:
-    """Make ``LayerJacobian.<method>`` raise ``Interrupt`` at its call ``number`` (from 0);
+    """Make ``RecordedJacobian.<method>`` raise ``Interrupt`` at its call ``number`` (from 0);
     returns the real method, to put back."""
-    real = getattr(tps.LayerJacobian, method)
+    real = getattr(RecordedJacobian, method)
     calls = [0]
 
-    def stopping(self: tps.LayerJacobian, X: torch.Tensor) -> torch.Tensor:
+    def stopping(self: RecordedJacobian, X: torch.Tensor) -> torch.Tensor:
         if calls[0] == number:
             raise Interrupt
         calls[0] += 1
         return real(self, X)
 
-    monkeypatch.setattr(tps.LayerJacobian, method, stopping)
+    monkeypatch.setattr(RecordedJacobian, method, stopping)
     return real
 
 
@@ -141,15 +142,15 @@ def test_checkpoint_resumes_without_recomputing(
     model = models["native_bridge"]
     ckpt = tmp_path / "atlas.safetensors"
     computed: list[int] = []
-    real_dense = tps.LayerJacobian.dense
+    real_dense = RecordedJacobian.dense
 
-    def dense_then_stop(self: tps.LayerJacobian) -> torch.Tensor:
+    def dense_then_stop(self: RecordedJacobian) -> torch.Tensor:
         if len(computed) == 2:
             raise Interrupt  # as if Ctrl-C arrived during the third source layer
         computed.append(self.source)
         return real_dense(self)
 
-    monkeypatch.setattr(tps.LayerJacobian, "dense", dense_then_stop)
+    monkeypatch.setattr(RecordedJacobian, "dense", dense_then_stop)
     with pytest.raises(Interrupt):
         tps.sensitivity_atlas(model, tokens, k=2, method="exact", checkpoint=ckpt, progress=False)
     partial = tps.load(ckpt)
@@ -158,7 +159,7 @@ def test_checkpoint_resumes_without_recomputing(
 
     computed.clear()
     monkeypatch.setattr(
-        tps.LayerJacobian, "dense", lambda self: (computed.append(self.source), real_dense(self))[1]
+        RecordedJacobian, "dense", lambda self: (computed.append(self.source), real_dense(self))[1]
     )
     resumed = tps.sensitivity_atlas(
         model, tokens, k=2, method="exact", checkpoint=ckpt, progress=False
@@ -362,7 +363,7 @@ def test_sketch_checkpoint_resumes(
     assert partial.completed_targets == [1, 2, 3] and partial.completed_sources == [0]
     assert partial.co_range_sketch is not None and partial.co_range_width == 3  # r
     assert partial.co_range_sketch.shape[2] == 3
-    monkeypatch.setattr(tps.LayerJacobian, "matvec", real_matvec)
+    monkeypatch.setattr(RecordedJacobian, "matvec", real_matvec)
     # A sketch made with another co-range width cannot be continued.
     other = tmp_path / "other.safetensors"
     partial.co_range_width = 17
@@ -410,7 +411,7 @@ def test_sketch_refine_pass_improves_and_resumes(
     partial = tps.load(ckpt)
     assert partial.completed_sources == [0, 1, 2] and partial.refined_targets == [1]
     assert partial.range_sketch is not None and partial.range_sketch.shape[-1] == 4  # 2k
-    monkeypatch.setattr(tps.LayerJacobian, "rmatvec", real_rmatvec)
+    monkeypatch.setattr(RecordedJacobian, "rmatvec", real_rmatvec)
     resumed = tps.sensitivity_atlas(model, tokens, checkpoint=ckpt, **options)
     torch.testing.assert_close(resumed.singular_values, refined.singular_values, equal_nan=True)
     assert resumed.refined_targets == [1, 2, 3] and tps.load(ckpt).range_sketch is None
@@ -457,7 +458,7 @@ def test_sketch_polishes_short_pairs_only_and_resumes(
     partial = tps.load(ckpt)
     assert partial.refined_targets == [1, 2, 3] and partial.polished_sources == [0]
     assert partial.leading_vectors is not None and partial.leading_vectors.shape[2:] == (4, 16)
-    monkeypatch.setattr(tps.LayerJacobian, "matvec", real_matvec)
+    monkeypatch.setattr(RecordedJacobian, "matvec", real_matvec)
     resumed = tps.sensitivity_atlas(model, tokens, checkpoint=ckpt, **options)
     torch.testing.assert_close(resumed.singular_values, polished.singular_values, equal_nan=True)
     assert resumed.polished_sources == [0, 1, 2] and tps.load(ckpt).leading_vectors is None

@@ -9,6 +9,7 @@ import torch
 
 import tl_powersteer as tps
 from tests.reference import reference_function, reference_jacobian
+from tl_powersteer.jacobian import JacobianGraph
 
 ATOL = 1e-10
 
@@ -304,3 +305,115 @@ def test_bad_target_lists(
 ) -> None:
     with pytest.raises(ValueError, match=message):
         tps.LayerJacobian(models["native_bridge"], tokens, source=0, target=target)
+
+
+def test_recorded_operators_match_jacfwd(model: Any, tokens: torch.Tensor) -> None:
+    """Every operator of one recorded forward pass, any sources and targets, against
+    jacfwd's dense Jacobians of the single pairs."""
+    graph = JacobianGraph(model, tokens, [0, 1, 2], [1, 2, 3], positions=2)
+    ref = {
+        (s, t): reference_jacobian(
+            model, list(tokens), graph.source_hooks[s], graph.target_hooks[t], 2
+        )
+        for s in (0, 1, 2)
+        for t in (1, 2, 3)
+        if t > s
+    }
+    for sources, targets in [(0, 1), (0, [3, 1, 2]), ([1, 0], [2, 3]), (2, 3)]:
+        op = graph.operator(sources, targets)
+        dense = torch.cat([torch.cat([ref[s, t] for s in op.sources], dim=1) for t in op.targets])
+        assert op.shape == dense.shape
+        torch.testing.assert_close(op.dense(), dense, atol=ATOL, rtol=1e-8)
+        V = torch.randn(op.shape[1], 5, dtype=torch.float64)
+        U = torch.randn(op.shape[0], 3, dtype=torch.float64)
+        torch.testing.assert_close(op.matvec(V), dense @ V, atol=ATOL, rtol=1e-8)
+        torch.testing.assert_close(op.rmatvec(U), dense.T @ U, atol=ATOL, rtol=1e-8)
+        torch.testing.assert_close(
+            op.gram(V[:, 0]), dense.T @ dense @ V[:, 0], atol=ATOL, rtol=1e-8
+        )
+    # Blocks are addressed like LayerJacobian's.
+    op = graph.operator([1, 0], [2, 3])
+    torch.testing.assert_close(op.dense()[op.rows(3), op.columns(0)], ref[0, 3], atol=ATOL, rtol=0)
+
+
+def test_recorded_products_run_no_forward_pass_and_stop_at_the_source(
+    model: Any, tokens: torch.Tensor
+) -> None:
+    """One forward pass records everything; products walk back only as far as their
+    sources (the blocks below a source are never differentiated)."""
+    forward_passes: list[int] = []
+    reached: list[int] = []  # the backward reached block 1's MLP input, below source 1
+
+    def count(act: torch.Tensor, hook: Any) -> None:
+        forward_passes.append(1)
+
+    def watch(act: torch.Tensor, hook: Any) -> None:
+        if act.requires_grad:
+            act.register_hook(lambda grad: reached.append(1))
+
+    spies = [("blocks.0.hook_resid_pre", count), ("blocks.1.hook_resid_mid", watch)]
+    with model.hooks(fwd_hooks=spies):
+        graph = JacobianGraph(model, tokens, [0, 1, 2], [3])
+        assert len(forward_passes) == 1
+        late = graph.operator([1, 2], 3)
+        late.matvec(torch.randn(late.shape[1], 2, dtype=torch.float64))
+        late.rmatvec(torch.randn(late.shape[0], 2, dtype=torch.float64))
+        assert not reached
+        graph.operator(0, 3).rmatvec(torch.randn(late.shape[0], dtype=torch.float64))
+        assert reached
+    assert len(forward_passes) == 1
+
+
+def test_recorded_products_leave_the_model_untouched(model: Any, tokens: torch.Tensor) -> None:
+    params = list(model.parameters())
+    flags = [i % 3 != 0 for i in range(len(params))]  # some frozen, some not
+    before = [p.requires_grad for p in params]
+    cached = [
+        (key, id(value))
+        for module in model.modules()
+        for key, value in vars(module).items()
+        if isinstance(value, torch.Tensor)
+    ]
+    try:
+        for p, flag in zip(params, flags, strict=True):
+            p.requires_grad_(flag)
+        graph = JacobianGraph(model, tokens, [0, 1], [2, 3])
+        op = graph.operator([0, 1], [2, 3])
+        op.gram(torch.randn(op.shape[1], 3, dtype=torch.float64))
+        assert [p.requires_grad for p in params] == flags
+    finally:
+        for p, flag in zip(params, before, strict=True):
+            p.requires_grad_(flag)
+    assert all(p.grad is None for p in params)
+    assert [
+        (key, id(value))
+        for module in model.modules()
+        for key, value in vars(module).items()
+        if isinstance(value, torch.Tensor)
+    ] == cached
+    for name, hook in model.hook_dict.items():
+        assert not hook._forward_hooks, f"hook left on {name}"
+
+
+@pytest.mark.parametrize(
+    ("sources", "targets", "message"),
+    [
+        (0, 2, r"target layers \[2\] are not in this graph; choose among \[1, 3\]"),
+        (3, 3, r"source layers \[3\] are not in this graph; choose among \[0, 1\]"),
+        (1, 1, "must come after the source"),
+        ([], 3, "empty list"),
+    ],
+)
+def test_recorded_operator_errors(
+    models: dict[str, Any], tokens: torch.Tensor, sources: Any, targets: Any, message: str
+) -> None:
+    graph = JacobianGraph(models["native_bridge"], tokens, [0, 1], [1, 3])
+    with pytest.raises(ValueError, match=message):
+        graph.operator(sources, targets)
+
+
+def test_graph_needs_a_target_after_every_source(
+    models: dict[str, Any], tokens: torch.Tensor
+) -> None:
+    with pytest.raises(ValueError, match="must come after the source"):
+        JacobianGraph(models["native_bridge"], tokens, [0, 2], [1, 2])
