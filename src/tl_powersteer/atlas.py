@@ -21,11 +21,11 @@ Methods:
   each pair's top-k come from the SVD of J_{s,t} P, i.e. of J_{s,t} restricted to P (a
   randomized range finder on the row space, Halko, Martinsson & Tropp 2011, whose basis is
   shared by all targets of a source). A refining pass turns to the other side: per target
-  layer, the pairs' top 2k directions of J_{s,t} P (scaled alike) give one basis Q of 3r
+  layer, the pairs' top 2k directions of J_{s,t} P (scaled alike) give one basis Q of 4r
   columns, one vmapped VJP of Q gives Qᵀ J_{s,t} for every earlier source, and a pair
   keeps that estimate where it holds more of its spectrum. Last, each pair at most three
   layers apart (the flattest spectra, and the cheapest products) takes one block Krylov
-  step of its own from its top 2k directions so far. Cost: about 7r products per layer
+  step of its own from its top 2k directions so far. Cost: about 8r products per layer
   instead of d_model, plus 6k products per short pair. The σ it returns are lower bounds
   of the exact ones (compare with ``"exact"``); with r = d_model it is exact.
 * ``"auto"``: ``"exact"`` up to d_model 1024; beyond that ``"power"`` unless the sketch
@@ -93,8 +93,11 @@ _BASIS_FACTOR = 3
 # Columns of each target's refining basis, as a multiple of r, and the directions of each
 # pair's J_{s,t} P (as a multiple of k) that build it. On the same 153 pairs, with 3r and
 # 2k the worst error was 1.4% at r = 32 (224 products per layer) and 3.5% at r = 24 (168),
-# where the first two passes alone need about 256 for 2.3%.
-_REFINE_FACTOR = 3
+# where the first two passes alone need about 256 for 2.3%. With the short pairs polished, the
+# refining basis is worth more than the others: at equal cost, 4r and r = 14 erred by 1.3% to
+# 1.7% (three seeds) where 3r and r = 16 erred by 1.6% to 2.1%; its products are also the
+# cheaper kind (VJPs, about a quarter cheaper than the JVPs of the shared basis).
+_REFINE_FACTOR = 4
 _REFINE_DIRECTIONS = 2
 # Pairs at most this many layers apart get one block Krylov step of their own from their
 # top 2k directions (6k products each, over at most this many layers). Short hops have the
@@ -474,8 +477,9 @@ def _plan(
         raise ValueError(f"the folder of checkpoint does not exist: {str(ckpt.parent)!r}")
     # Layer Jacobians have heavy spectral tails (on the worst Gemma 3 270M pair, σ65/σ1 is
     # still 0.14), so the sketch needs a wide basis: see docs/concepts/atlas.md. With the
-    # short pairs polished, r = d_model / 32 (20 on Gemma) erred by 1.1% at most there.
-    default_rank = min(max(4 * k + 4, adapter.d_model // 32), adapter.d_model)
+    # short pairs polished, r = 14 (d_model / 48 on Gemma, 3k + 2 for k = 4) erred by 1.3% to
+    # 1.7% there (three seeds), at over 20x the speed of the pair-by-pair reference.
+    default_rank = min(max(3 * k + 2, adapter.d_model // 48), adapter.d_model)
     r = default_rank if sketch_rank is None else sketch_rank
     if isinstance(r, bool) or not isinstance(r, int) or not k < r <= adapter.d_model:
         raise ValueError(
@@ -555,8 +559,8 @@ def sensitivity_atlas(
             1024 token rows per product (``LayerJacobian``'s default), tuned for a CPU;
             on a GPU, larger chunks run faster (``docs/how-to/gpu.md``).
         sketch_rank: r, the co-range sketch width of the sketch method (default the larger
-            of 4k + 4 and d_model / 32, at most d_model); each source's shared basis and
-            each target's refining basis have up to 3r columns. Larger is slower and more
+            of 3k + 2 and d_model / 48, at most d_model); each source's shared basis has up
+            to 3r columns and each target's refining basis up to 4r. Larger is slower and more
             accurate; r = d_model is exact.
         progress: show a progress bar over pairs.
     """

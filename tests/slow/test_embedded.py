@@ -95,7 +95,10 @@ def test_atlas_methods_on_real_pairs(gemma: Any) -> None:
     exact = tps.sensitivity_atlas(gemma, DEMO_PROMPT, method="exact", **pairs)
     power = tps.sensitivity_atlas(gemma, DEMO_PROMPT, method="power", **pairs)
     sketch = tps.sensitivity_atlas(gemma, DEMO_PROMPT, method="sketch", **pairs)
-    assert sketch.sketch_rank == 20 and sketch.co_range_width == 20  # d_model / 32
+    assert sketch.sketch_rank == 14 and sketch.co_range_width == 14  # 3k + 2 and d_model / 48
+    # Four pairs give the shared bases few sketches to draw from (the default rank is tuned
+    # on whole atlases), so a wider sketch is held to the 2% of a whole atlas.
+    wide = tps.sensitivity_atlas(gemma, DEMO_PROMPT, method="sketch", sketch_rank=20, **pairs)
     for s, t in exact.pairs():
         J = tps.LayerJacobian(gemma, DEMO_PROMPT, source=s, target=t).dense()
         S, Vh = torch.linalg.svd(J.double(), full_matrices=False)[1:]
@@ -103,9 +106,15 @@ def test_atlas_methods_on_real_pairs(gemma: Any) -> None:
         assert principal_angles(exact.vectors(s, t), Vh[:4]).max() < 1e-3
         rel = (power.singular_values[s, t] - exact.singular_values[s, t]).abs()
         assert (rel / exact.singular_values[s, t]).max() < 1e-3
-        # The sketch's σ are lower bounds, here 0.01% to 0.6% below.
-        found, want = sketch.singular_values[s, t], exact.singular_values[s, t]
-        assert ((found - want) / want).max() < 1e-4 and ((found - want) / want).min() > -0.02
+        # The sketch's σ are lower bounds: at r = 20 here 0.01% to 0.6% below, at the
+        # default r = 14 up to 3% below.
+        want = exact.singular_values[s, t]
+        for found, tolerance in (
+            (wide.singular_values[s, t], 0.02),
+            (sketch.singular_values[s, t], 0.05),
+        ):
+            assert ((found - want) / want).max() < 1e-4
+            assert ((found - want) / want).min() > -tolerance
 
 
 FORK_PROMPTS = [
