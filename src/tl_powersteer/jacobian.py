@@ -132,6 +132,10 @@ class _Readout:
     last: Tensor
     chunk_size: int
 
+    def read(self, act: Float[Tensor, "batch seq d_model"]) -> Float[Tensor, " n_out"]:
+        """The read positions of a target activation, flattened ``[prompt, position, d]``."""
+        return act[self.rows, self.last].reshape(-1)
+
 
 def _readout_positions(
     adapter: ModelAdapter, prompts: Prompts, positions: Any, chunk_size: Any
@@ -321,7 +325,7 @@ class LayerJacobian(_StackedJacobian):
 
         def readout(v: Tensor, check: bool = False) -> Tensor:
             acts = run(v.reshape(n_sources, d_model), check)
-            return torch.cat([act[reading.rows, reading.last].reshape(-1) for act in acts])
+            return torch.cat([reading.read(act) for act in acts])
 
         self._readout = readout
         zero = torch.zeros(n_sources * d_model, dtype=adapter.dtype, device=adapter.device)
@@ -416,10 +420,7 @@ class JacobianGraph:
         }
         with torch.enable_grad():
             acts = run([self._vectors[s] for s in self.sources], True)
-        self._reads = {
-            t: act[reading.rows, reading.last].reshape(-1)
-            for t, act in zip(self.targets, acts, strict=True)
-        }
+        self._reads = {t: reading.read(act) for t, act in zip(self.targets, acts, strict=True)}
 
     def operator(
         self, sources: int | Sequence[int], targets: int | Sequence[int]
