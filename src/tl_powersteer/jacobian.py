@@ -79,9 +79,14 @@ def check_chunk_size(chunk_size: Any) -> None:
         )
 
 
+def _float_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
+    # Listed once per operator: walking a bridge's modules takes about 10 ms.
+    return [p for p in model.parameters() if p.is_floating_point()]
+
+
 @contextmanager
-def _weights_marked_for_grad(model: torch.nn.Module) -> Iterator[None]:
-    """Frozen floating-point parameters marked as requiring grad for the block, then
+def _weights_marked_for_grad(weights: list[torch.nn.Parameter]) -> Iterator[None]:
+    """Frozen weights (of ``_float_weights``) marked as requiring grad for the block, then
     restored, exceptions included.
 
     With frozen weights, PyTorch 2.13's vmap of the second backward of a linear layer falls
@@ -89,7 +94,7 @@ def _weights_marked_for_grad(model: torch.nn.Module) -> Iterator[None]:
     products 30-45% faster on Gemma 3 270M and on random GPT-2s, same values). Products
     run under ``no_grad``, so no gradient ever reaches the weights.
     """
-    frozen = [p for p in model.parameters() if p.is_floating_point() and not p.requires_grad]
+    frozen = [p for p in weights if not p.requires_grad]
     try:
         for p in frozen:
             p.requires_grad_(True)
@@ -97,6 +102,74 @@ def _weights_marked_for_grad(model: torch.nn.Module) -> Iterator[None]:
     finally:
         for p in frozen:
             p.requires_grad_(False)
+
+
+class _KnownDerivative(torch.autograd.Function):
+    """y = f(x) for an elementwise f whose derivative f'(x) is computed in the forward pass;
+    the backward is g ↦ g f'(x), a product linear in g, and so is its own derivative."""
+
+    @staticmethod
+    def forward(
+        ctx: Any, x: Tensor, f: Callable[[Tensor], Tensor], df: Callable[[Tensor], Tensor]
+    ) -> Tensor:
+        ctx.save_for_backward(df(x))
+        return f(x)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None, None]:
+        (derivative,) = ctx.saved_tensors
+        return grad * derivative, None, None
+
+
+# Elementwise activations recorded as ``_KnownDerivative``: f ↦ (the keyword options it may
+# take, f'(x) for those options). Calls with anything else run as they are.
+_DERIVATIVES: dict[Any, tuple[frozenset[str], Callable[..., Tensor]]] = {
+    torch.nn.functional.gelu: (
+        frozenset({"approximate"}),
+        lambda x, approximate="none": torch.ops.aten.gelu_backward(
+            torch.ones_like(x), x, approximate=approximate
+        ),
+    ),
+    torch.nn.functional.silu: (
+        frozenset({"inplace"}),
+        lambda x, inplace=False: torch.ops.aten.silu_backward(torch.ones_like(x), x),
+    ),
+    torch.tanh: (frozenset(), lambda x: 1 - torch.tanh(x) ** 2),
+}
+
+
+class _ActivationsWithKnownDerivatives(torch.overrides.TorchFunctionMode):
+    """Records GELU, SiLU and tanh as ``_KnownDerivative``s, for a graph of first-order
+    products.
+
+    Their own backward recomputes f'(x) (tanh, sigmoid) for every vector of a block: a
+    vmapped product then evaluates the same derivative once per column (PyTorch 2.13's
+    batched gradients have no batching rule for ``gelu_backward`` and loop over columns).
+    Computed once, it leaves one multiplication per product: on Gemma 3 270M, blocks of 48
+    products 5% to 15% faster, the exact atlas about 3%, same values. Only first
+    derivatives stay exact: f'(x) is a constant of the record, so a second derivative in x
+    would miss f''.
+    """
+
+    def __torch_function__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        known = _DERIVATIVES.get(func)
+        x = args[0] if len(args) == 1 else None
+        if (
+            known is not None
+            and isinstance(x, Tensor)
+            and x.requires_grad
+            and x.is_floating_point()
+            and set(kwargs) <= known[0]
+            and not kwargs.get("inplace", False)
+        ):
+            derivative = known[1]
+            return _KnownDerivative.apply(
+                x, lambda x: func(x, **kwargs), lambda x: derivative(x, **kwargs)
+            )
+        return func(*args, **kwargs)
 
 
 def _layers(adapter: ModelAdapter, value: Any, what: str) -> list[int]:
@@ -345,7 +418,7 @@ class LayerJacobian(_StackedJacobian):
     def _matvec(self, V: Tensor) -> Tensor:
         if self.jvp_method == "forward":
             return self._in_chunks(vmap(self._forward_product), V, self.shape[0])
-        with _weights_marked_for_grad(self.adapter.model):
+        with _weights_marked_for_grad(_float_weights(self.adapter.model)):
             reverse = vmap(self._reverse_product())
             return self._in_chunks(lambda block: reverse(block)[0], V, self.shape[0])
 
@@ -418,8 +491,9 @@ class JacobianGraph:
             )
             for s in self.sources
         }
-        with torch.enable_grad():
+        with torch.enable_grad(), _ActivationsWithKnownDerivatives():
             acts = run([self._vectors[s] for s in self.sources], True)
+        self._weights = _float_weights(model)
         self._reads = {t: reading.read(act) for t, act in zip(self.targets, acts, strict=True)}
 
     def operator(
@@ -458,6 +532,7 @@ class RecordedJacobian(_StackedJacobian):
         self._reads = [graph._reads[t] for t in chosen_targets]
         self._vectors = [graph._vectors[s] for s in chosen_sources]
         self._transpose: tuple[tuple[Tensor, ...], list[Tensor]] | None = None
+        self._weights = graph._weights
 
     def _rmatvec(self, U: Tensor) -> Tensor:
         def product(block: Tensor) -> Tensor:
@@ -487,5 +562,5 @@ class RecordedJacobian(_StackedJacobian):
             )
             return torch.cat(grads, dim=1)
 
-        with _weights_marked_for_grad(self.adapter.model):
+        with _weights_marked_for_grad(self._weights):
             return self._in_chunks(product, V, self.shape[0])

@@ -9,7 +9,7 @@ import torch
 
 import tl_powersteer as tps
 from tests.reference import reference_function, reference_jacobian
-from tl_powersteer.jacobian import JacobianGraph
+from tl_powersteer.jacobian import JacobianGraph, _ActivationsWithKnownDerivatives
 
 ATOL = 1e-10
 
@@ -417,3 +417,66 @@ def test_graph_needs_a_target_after_every_source(
 ) -> None:
     with pytest.raises(ValueError, match="must come after the source"):
         JacobianGraph(models["native_bridge"], tokens, [0, 2], [1, 2])
+
+
+def _backward_node_names(outputs: Any) -> set[str]:
+    seen, names, stack = set(), set(), [out.grad_fn for out in outputs]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        names.add(type(node).__name__)
+        stack.extend(child for child, _ in node.next_functions)
+    return names
+
+
+ACTIVATIONS = [
+    (torch.nn.functional.gelu, {}),
+    (torch.nn.functional.gelu, {"approximate": "tanh"}),
+    (torch.nn.functional.silu, {}),
+    (torch.tanh, {}),
+]
+
+
+@pytest.mark.parametrize(("f", "options"), ACTIVATIONS)
+def test_activations_are_recorded_with_their_derivative(f: Any, options: dict[str, Any]) -> None:
+    """Inside a recorded graph an activation's value, vector-Jacobian products (batched, as
+    the operators run them) and reverse-over-reverse products are those of PyTorch's own."""
+    gen = torch.Generator().manual_seed(0)
+    x0 = torch.randn(3, 5, generator=gen, dtype=torch.float64)
+    G = torch.randn(4, 3, 5, generator=gen, dtype=torch.float64)
+    x = x0.clone().requires_grad_(True)
+    with _ActivationsWithKnownDerivatives():
+        y = f(x, **options)
+    assert type(y.grad_fn).__name__ == "_KnownDerivativeBackward"
+    torch.testing.assert_close(y, f(x0, **options), atol=0, rtol=0)
+    derivative = torch.func.jvp(lambda z: f(z, **options), (x0,), (torch.ones_like(x0),))[1]
+    (pulled,) = torch.autograd.grad(y, x, G, retain_graph=True, is_grads_batched=True)
+    torch.testing.assert_close(pulled, G * derivative, atol=1e-14, rtol=1e-12)
+    cotangent = torch.zeros_like(y, requires_grad=True)
+    (transpose,) = torch.autograd.grad(y, x, cotangent, retain_graph=True, create_graph=True)
+    (pushed,) = torch.autograd.grad(transpose, cotangent, G, is_grads_batched=True)
+    torch.testing.assert_close(pushed, G * derivative, atol=1e-14, rtol=1e-12)
+
+
+def test_other_calls_run_as_they_are() -> None:
+    x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
+    with _ActivationsWithKnownDerivatives():
+        relu = torch.nn.functional.relu(x)
+        frozen = torch.nn.functional.gelu(x.detach())
+        inplace = torch.nn.functional.silu(x * 1, inplace=True)
+        method = x.tanh()
+    assert type(relu.grad_fn).__name__ == "ReluBackward0"
+    assert frozen.grad_fn is None
+    assert type(inplace.grad_fn).__name__ == "SiluBackward0"
+    assert type(method.grad_fn).__name__ == "TanhBackward0"
+
+
+def test_graph_records_activation_derivatives_once(model: Any, tokens: torch.Tensor) -> None:
+    """No product of a recorded graph recomputes an activation's derivative (the operators
+    are checked against jacfwd above)."""
+    graph = JacobianGraph(model, tokens, [0], [2, 3])
+    names = _backward_node_names(graph._reads.values())
+    assert "_KnownDerivativeBackward" in names
+    assert not names & {"GeluBackward0", "SiluBackward0", "TanhBackward0"}, names
