@@ -25,8 +25,9 @@ Methods:
   columns, one vmapped VJP of Q gives Qᵀ J_{s,t} for every earlier source, and a pair
   keeps that estimate where it holds more of its spectrum. Last, each pair at most three
   layers apart (the flattest spectra, and the cheapest products) takes one block Krylov
-  step of its own from its top 2k directions so far. Cost: about 8r products per layer
-  instead of d_model, plus 6k products per short pair. The σ it returns are lower bounds
+  step of its own from the top 2k left directions U of Qᵀ J_{s,t}, whose Uᵀ J_{s,t} the
+  refining pass already holds. Cost: about 8r products per layer instead of d_model, plus
+  4k products per short pair. The σ it returns are lower bounds
   of the exact ones (compare with ``"exact"``); with r = d_model it is exact.
 * ``"auto"``: ``"exact"`` up to d_model 1024; beyond that ``"power"`` unless the sketch
   needs under a quarter of its products; ``atlas.method`` says which ran.
@@ -100,10 +101,12 @@ _BASIS_FACTOR = 3
 _REFINE_FACTOR = 4
 _REFINE_DIRECTIONS = 2
 # Pairs at most this many layers apart get one block Krylov step of their own from their
-# top 2k directions (6k products each, over at most this many layers). Short hops have the
-# flattest spectra (L2 -> L3 of Gemma 3 270M: σ5/σ1 = 0.75) and were the worst pairs of the
-# shared passes; on the 153 Gemma pairs at r = 16 the step took the worst error from 5% to
-# 1.5%-1.8% (three seeds), for the price of about 8 more products per layer.
+# top 2k left directions (4k products each, over at most this many layers). Short hops have
+# the flattest spectra (L2 -> L3 of Gemma 3 270M: σ5/σ1 = 0.75) and were the worst pairs of
+# the shared passes; on the 153 Gemma pairs at r = 16 the step took the worst error from 5%
+# to 1.5%-1.8% (three seeds), for the price of about 8 more products per layer. Taken on
+# the left, from the refining pass's Uᵀ J, it needs 4k products where a step on the right
+# needs 6k; at r = 14 the worst error was 1.4% to 1.9% (three seeds) for 4% fewer products.
 _POLISH_HOPS = 3
 # Typical iterations of the power method at the default tolerance (measured on Gemma 3 270M).
 _POWER_ITERATIONS = 12
@@ -145,9 +148,10 @@ class SensitivityAtlas:
     completed_targets: list[int] = field(default_factory=list)
     range_sketch: Tensor | None = None
     refined_targets: list[int] = field(default_factory=list)
-    # Then each pair's top 2k right directions so far, and the sources whose short pairs
-    # have taken their Krylov step.
-    leading_vectors: Tensor | None = None
+    # Then, for each pair the Krylov step will polish, the orthonormal left directions U it
+    # starts from (2k) and Uᵀ J_{s,t}; and the sources whose short pairs have taken it.
+    polish_basis: Tensor | None = None
+    polish_rows: Tensor | None = None
     polished_sources: list[int] = field(default_factory=list)
 
     @property
@@ -384,21 +388,22 @@ def _top_k_in_basis(
     return sig, nxt, V * canonical_signs(V)[:, None]
 
 
-def _top_directions(Z: Float[Tensor, "n b"], m: int) -> tuple[Tensor, Tensor]:
-    """The top m left singular vectors of Z, each times its singular value, [n, m]; and the
-    top m right singular vectors, [m, b]."""
-    U, S, Vh = torch.linalg.svd(Z.double(), full_matrices=False)
-    return (U[:, :m] * S[:m]).to(Z.dtype), Vh[:m].to(Z.dtype)
+def _top_directions(Z: Float[Tensor, "n b"], m: int) -> Float[Tensor, "n m"]:
+    """The top m left singular vectors of Z, each times its singular value: Z H for its top
+    m right singular vectors H, from the eigenvectors of the small float64 Gram ZᵀZ."""
+    Z64 = Z.double()
+    evals, evecs = torch.linalg.eigh(Z64.T @ Z64)
+    top = evecs[:, evals.argsort(descending=True)[:m]]
+    return (Z64 @ top).to(Z.dtype)
 
 
-def _top_k_of_rows(
-    B: Float[Tensor, "d l"], k: int, m: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Top-k of Qᵀ J from B = Jᵀ Q: (σ_1..σ_k, σ_{k+1}, right vectors of J with canonical
-    signs, and its top m right vectors, [m, d])."""
-    U, S, _ = torch.linalg.svd(B.double(), full_matrices=False)
-    V = U[:, :k].T
-    return S[:k], S[k], V * canonical_signs(V)[:, None], U[:, :m].T
+def _top_k_of_rows(R: Float[Tensor, "l d"], k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Top-k of J from its rows R = Uᵀ J on an orthonormal U: (σ_1..σ_k, σ_{k+1}, right
+    vectors with canonical signs, and the left singular vectors W of R: the columns of U W
+    are J's top left directions within U, in order)."""
+    W, S, Vh = torch.linalg.svd(R.double(), full_matrices=False)
+    V = Vh[:k]
+    return S[:k], S[k], V * canonical_signs(V)[:, None], W
 
 
 def _top_k_svd(J: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -477,8 +482,8 @@ def _plan(
         raise ValueError(f"the folder of checkpoint does not exist: {str(ckpt.parent)!r}")
     # Layer Jacobians have heavy spectral tails (on the worst Gemma 3 270M pair, σ65/σ1 is
     # still 0.14), so the sketch needs a wide basis: see docs/concepts/atlas.md. With the
-    # short pairs polished, r = 14 (d_model / 48 on Gemma, 3k + 2 for k = 4) erred by 1.3% to
-    # 1.7% there (three seeds), at over 20x the speed of the pair-by-pair reference.
+    # short pairs polished, r = 14 (d_model / 48 on Gemma, 3k + 2 for k = 4) erred by 1.4% to
+    # 1.9% there (three seeds).
     default_rank = min(max(3 * k + 2, adapter.d_model // 48), adapter.d_model)
     r = default_rank if sketch_rank is None else sketch_rank
     if isinstance(r, bool) or not isinstance(r, int) or not k < r <= adapter.d_model:
@@ -633,16 +638,10 @@ def sensitivity_atlas(
                 if atlas.range_sketch is None:
                     rows = op.shape[0] // len(later)
                     atlas.range_sketch = torch.full((n, n, rows, width), nan, dtype=dtype)
-                    atlas.leading_vectors = torch.full(
-                        (n, n, width, adapter.d_model), nan, dtype=dtype
-                    )
-                assert atlas.leading_vectors is not None
                 for t in later:
                     sig, nxt, V = _top_k_in_basis(Z[op.rows(t)], basis, k)
                     atlas._store(s, t, sig, nxt, V)
-                    left, right = _top_directions(Z[op.rows(t)], width)
-                    atlas.range_sketch[s, t] = left
-                    atlas.leading_vectors[s, t] = right @ basis.to(right.dtype).T
+                    atlas.range_sketch[s, t] = _top_directions(Z[op.rows(t)], width)
                     bar.update(1)
             elif method == "exact":
                 op = graph().operator(s, later)
@@ -712,13 +711,24 @@ def _refine_phase(
         basis = shared_basis([atlas.range_sketch[s, t].T for s in earlier], width)
         op = graph().operator(earlier, t)
         B = op.rmatvec(basis.to(op.device, op.dtype)).to("cpu")
-        assert atlas.leading_vectors is not None
-        m = atlas.leading_vectors.shape[2]
+        m = atlas.range_sketch.shape[-1]
         for s in earlier:
-            sig, nxt, V, leading = _top_k_of_rows(B[op.columns(s)], atlas.k, m)
+            R = B[op.columns(s)].T.double()  # Qᵀ J_{s,t}
+            sig, nxt, V, W = _top_k_of_rows(R, atlas.k)
             if _holds_more(atlas, s, t, sig):
                 atlas._store(s, t, sig, nxt, V)
-                atlas.leading_vectors[s, t] = leading
+            if t - s <= _POLISH_HOPS:
+                # The Krylov step starts from this pass's top left directions U = Q W,
+                # whose Uᵀ J (their singular values times the right vectors) is known.
+                if atlas.polish_basis is None:
+                    n, rows = atlas.n_layers, basis.shape[0]
+                    d = int(atlas.right_vectors.shape[-1])
+                    dtype = atlas.singular_values.dtype
+                    atlas.polish_basis = torch.full((n, n, rows, m), float("nan"), dtype=dtype)
+                    atlas.polish_rows = torch.full((n, n, m, d), float("nan"), dtype=dtype)
+                assert atlas.polish_rows is not None
+                atlas.polish_basis[s, t] = basis @ W[:, :m]
+                atlas.polish_rows[s, t] = W[:, :m].T @ R
     if atlas.range_sketch is not None:
         atlas.range_sketch = None  # only needed while running
         if ckpt is not None:
@@ -731,30 +741,32 @@ def _polish_phase(
     progress: bool,
     ckpt: Path | None,
 ) -> None:
-    """Per pair at most ``_POLISH_HOPS`` layers apart, one block Krylov step from its top
-    2k directions V so far: the top-k of J restricted to span(V, JᵀJ V), which holds at
-    least as much of its spectrum as V alone (so σ only grow, and stay lower bounds)."""
+    """Per pair at most ``_POLISH_HOPS`` layers apart, one block Krylov step from the 2k
+    left directions U of the refining pass, whose rows Uᵀ J it holds: the top-k of J on the
+    left subspace span(U, J Jᵀ U), which holds at least as much of its spectrum as U alone
+    (so σ only grow, and stay lower bounds). Two products: J (Jᵀ U), then Jᵀ on the new
+    directions."""
     short = [(s, t) for s, t in atlas.pairs() if t - s <= _POLISH_HOPS]
     sources = sorted({s for s, _ in short})
     for s in _layer_passes(atlas, sources, atlas.polished_sources, "polish", progress, ckpt):
-        assert atlas.leading_vectors is not None
+        assert atlas.polish_basis is not None and atlas.polish_rows is not None
         for t in [t for source, t in short if source == s]:
             op = graph().operator(s, t)
-            V = torch.linalg.qr(atlas.leading_vectors[s, t].T.double()).Q
-            JV = op.matvec(V.to(op.device, op.dtype))
-            # The step's new directions: JᵀJ V less its part in span(V), orthogonalized
-            # twice (float64); only they need a further product, J V being known.
-            new = op.rmatvec(JV).to("cpu", torch.float64)
+            U, R = atlas.polish_basis[s, t].double(), atlas.polish_rows[s, t].double()
+            pulled = torch.linalg.qr(R.T).Q  # spans Jᵀ U
+            JJtU = op.matvec(pulled.to(op.device, op.dtype)).to("cpu", torch.float64)
+            # Its part outside span(U), orthogonalized twice (float64); the SVD keeps only
+            # directions it really has, so that U and the new ones stay orthonormal.
             for _ in range(2):
-                new = new - V @ (V.T @ new)
-            new = torch.linalg.qr(new).Q
-            Z = torch.cat([JV, op.matvec(new.to(op.device, op.dtype))], dim=1).to("cpu")
-            basis = torch.cat([V, new], dim=1)
-            sig, nxt, vectors = _top_k_in_basis(Z, basis, atlas.k)
+                JJtU = JJtU - U @ (U.T @ JJtU)
+            H, S, _ = torch.linalg.svd(JJtU, full_matrices=False)
+            new = H[:, S > S.max().clamp_min(torch.finfo(torch.float64).tiny) * 1e-10]
+            rows = op.rmatvec(new.to(op.device, op.dtype)).to("cpu", torch.float64).T
+            sig, nxt, vectors, _ = _top_k_of_rows(torch.cat([R, rows]), atlas.k)
             if _holds_more(atlas, s, t, sig):
                 atlas._store(s, t, sig, nxt, vectors)
-    if atlas.leading_vectors is not None:
-        atlas.leading_vectors = None  # only needed while running
+    if atlas.polish_basis is not None:
+        atlas.polish_basis = atlas.polish_rows = None  # only needed while running
         if ckpt is not None:
             atlas.save(ckpt)
 

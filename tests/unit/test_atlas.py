@@ -243,16 +243,16 @@ def test_rows_of_a_left_basis_give_the_exact_top_k() -> None:
         4, 30, generator=gen, dtype=torch.float64
     )
     # A left basis built from J's own top directions holds its column space: Qᵀ J is exact.
-    left, right = atlas_module._top_directions(J, 4)
+    left = atlas_module._top_directions(J, 4)
     Q = atlas_module.shared_basis([left.T], 6)
-    sig, nxt, V, leading = atlas_module._top_k_of_rows(J.T @ Q, k=3, m=4)
+    sig, nxt, V, W = atlas_module._top_k_of_rows(Q.T @ J, k=3)
     U, S, Vh = torch.linalg.svd(J, full_matrices=False)
     torch.testing.assert_close(sig, S[:3], rtol=1e-10, atol=0)
     torch.testing.assert_close(nxt, S[3], rtol=1e-10, atol=0)
     assert principal_angles(V, Vh[:3]).max() < 1e-8
-    # Both sides' top directions, for the later passes.
-    assert principal_angles(leading, Vh[:4]).max() < 1e-8
-    assert principal_angles(right, Vh[:4]).max() < 1e-8
+    # J's top left directions within Q, in order (where the Krylov step starts), and those
+    # of Z = J, each times its singular value (what the refining basis is built from).
+    assert principal_angles((Q @ W[:, :4]).T, U[:, :4].T).max() < 1e-8
     torch.testing.assert_close(left.norm(dim=0), S[:4], rtol=1e-10, atol=0)
     assert principal_angles((left / S[:4]).T, U[:, :4].T).max() < 1e-8
 
@@ -282,12 +282,15 @@ def test_shared_basis_weighs_every_target_equally() -> None:
     torch.testing.assert_close(basis.T @ basis, torch.eye(6, dtype=torch.float64))
 
 
-def test_sketch_values_are_lower_bounds(models: dict[str, Any], tokens: torch.Tensor) -> None:
+@pytest.mark.parametrize(("sources", "targets"), [(None, None), ([0, 1], [2, 3])])
+def test_sketch_values_are_lower_bounds(
+    models: dict[str, Any], tokens: torch.Tensor, sources: Any, targets: Any
+) -> None:
+    # The second case's first refined target already has two sources.
     model = models["native_bridge"]
-    exact = tps.sensitivity_atlas(model, tokens, k=2, method="exact", progress=False)
-    sketch = tps.sensitivity_atlas(
-        model, tokens, k=2, method="sketch", sketch_rank=3, progress=False
-    )
+    layers = {"sources": sources, "targets": targets, "k": 2, "progress": False}
+    exact = tps.sensitivity_atlas(model, tokens, method="exact", **layers)
+    sketch = tps.sensitivity_atlas(model, tokens, method="sketch", sketch_rank=3, **layers)
     gap = sketch.singular_values - exact.singular_values
     assert bool((gap.nan_to_num(0.0) <= 1e-12 * exact.singular_values.nan_to_num(1.0)).all())
     assert float(gap.nan_to_num(0.0).abs().max()) > 1e-6  # r = 3 < d_model: not exact
@@ -450,18 +453,22 @@ def test_sketch_polishes_short_pairs_only_and_resumes(
         )
 
     # Interrupted while polishing source 1: one matvec per source for the shared basis,
-    # then two per polished pair (JᵀJ V, then J on the Krylov basis).
+    # then one per polished pair (J Jᵀ U).
     ckpt = tmp_path / "polish.safetensors"
-    real_matvec = interrupt_call(monkeypatch, "matvec", 3 + 2)
+    real_matvec = interrupt_call(monkeypatch, "matvec", 3 + 1)
     with pytest.raises(Interrupt):
         tps.sensitivity_atlas(model, tokens, checkpoint=ckpt, **options)
     partial = tps.load(ckpt)
     assert partial.refined_targets == [1, 2, 3] and partial.polished_sources == [0]
-    assert partial.leading_vectors is not None and partial.leading_vectors.shape[2:] == (4, 16)
+    assert partial.polish_basis is not None and partial.polish_rows is not None
+    assert partial.polish_basis.shape[2:] == (2 * 4 * 16, 4) and partial.polish_rows.shape[2:] == (
+        4,
+        16,
+    )
     monkeypatch.setattr(RecordedJacobian, "matvec", real_matvec)
     resumed = tps.sensitivity_atlas(model, tokens, checkpoint=ckpt, **options)
     torch.testing.assert_close(resumed.singular_values, polished.singular_values, equal_nan=True)
-    assert resumed.polished_sources == [0, 1, 2] and tps.load(ckpt).leading_vectors is None
+    assert resumed.polished_sources == [0, 1, 2] and tps.load(ckpt).polish_basis is None
 
 
 def test_token_effects_match_a_direct_steered_run(models: dict[str, Any]) -> None:
