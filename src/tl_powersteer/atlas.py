@@ -754,12 +754,12 @@ def _polish_phase(
             op = graph().operator(s, t)
             U, R = atlas.polish_basis[s, t].double(), atlas.polish_rows[s, t].double()
             pulled = torch.linalg.qr(R.T).Q  # spans Jᵀ U
-            JJtU = op.matvec(pulled.to(op.device, op.dtype)).to("cpu", torch.float64)
-            # Its part outside span(U), orthogonalized twice (float64); the SVD keeps only
-            # directions it really has, so that U and the new ones stay orthonormal.
+            outside = op.matvec(pulled.to(op.device, op.dtype)).to("cpu", torch.float64)
+            # J Jᵀ U less its part in span(U), orthogonalized twice (float64); the SVD keeps
+            # only directions it really has, so that U and the new ones stay orthonormal.
             for _ in range(2):
-                JJtU = JJtU - U @ (U.T @ JJtU)
-            H, S, _ = torch.linalg.svd(JJtU, full_matrices=False)
+                outside = outside - U @ (U.T @ outside)
+            H, S, _ = torch.linalg.svd(outside, full_matrices=False)
             new = H[:, S > S.max().clamp_min(torch.finfo(torch.float64).tiny) * 1e-10]
             rows = op.rmatvec(new.to(op.device, op.dtype)).to("cpu", torch.float64).T
             sig, nxt, vectors, _ = _top_k_of_rows(torch.cat([R, rows]), atlas.k)

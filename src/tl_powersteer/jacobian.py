@@ -80,7 +80,7 @@ def check_chunk_size(chunk_size: Any) -> None:
 
 
 def _float_weights(model: torch.nn.Module) -> list[torch.nn.Parameter]:
-    # Listed once per operator: walking a bridge's modules takes about 10 ms.
+    # Listed once per recorded graph: walking a bridge's modules takes about 10 ms.
     return [p for p in model.parameters() if p.is_floating_point()]
 
 
@@ -105,8 +105,9 @@ def _weights_marked_for_grad(weights: list[torch.nn.Parameter]) -> Iterator[None
 
 
 class _KnownDerivative(torch.autograd.Function):
-    """y = f(x) for an elementwise f whose derivative f'(x) is computed in the forward pass;
-    the backward is g ↦ g f'(x), a product linear in g, and so is its own derivative."""
+    """y = f(x) for an elementwise f whose derivative f'(x) is computed in the forward pass.
+    The backward, g ↦ g f'(x), is linear in g: differentiated again (the reverse-over-reverse
+    product) it is the same multiplication."""
 
     @staticmethod
     def forward(
