@@ -113,4 +113,12 @@ def load(path: str | os.PathLike[str]) -> Any:
     if cls is None:
         raise ValueError(f"{str(path)!r} holds an unknown result kind {header.get('kind')!r}")
     tensors: dict[str, Any] = load_file(str(path))
-    return cls(**header["fields"], **tensors)
+    stored = {**header["fields"], **tensors}
+    unknown = sorted(set(stored) - {f.name for f in dataclasses.fields(cls)})
+    if unknown:
+        raise ValueError(
+            f"{str(path)!r} holds fields this version of tl_powersteer ({_version()}) does "
+            f"not know: {unknown}; it was written by version "
+            f"{header.get('library_version', '?')}: load it with that version, or recompute it"
+        )
+    return cls(**stored)

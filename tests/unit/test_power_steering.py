@@ -7,6 +7,7 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors import safe_open
 
 import tl_powersteer as tps
 from tests.reference import principal_angles, reference_jacobian
@@ -148,3 +149,22 @@ def test_load_errors(tmp_path: Path) -> None:
     save_file({"x": torch.zeros(2)}, str(other))
     with pytest.raises(ValueError, match="not written by tl_powersteer"):
         tps.load(other)
+
+
+def test_load_refuses_fields_it_does_not_know(
+    models: dict[str, Any], tokens: torch.Tensor, tmp_path: Path
+) -> None:
+    """A file from a version with other fields (an atlas checkpoint written mid-run by an
+    older layout, say) is refused by name, not with a constructor's TypeError."""
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "atlas.safetensors"
+    atlas = tps.sensitivity_atlas(models["native_bridge"], tokens, k=2, progress=False)
+    atlas.save(path)
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata()
+    tensors = load_file(str(path))
+    tensors["leading_vectors"] = torch.zeros(2)
+    save_file(tensors, str(path), metadata=metadata)
+    with pytest.raises(ValueError, match=r"does not know: \['leading_vectors'\].*recompute"):
+        tps.load(path)
