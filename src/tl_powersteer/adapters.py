@@ -237,6 +237,32 @@ class ModelAdapter:
         lengths = torch.full((tokens.shape[0],), tokens.shape[1], device=self.device)
         return TokenBatch(tokens=tokens, lengths=lengths, texts=None)
 
+    def mlp_out_from_resid_mid(
+        self, layer: int
+    ) -> Callable[[Float[Tensor, "... d_model"]], Float[Tensor, "... d_model"]] | None:
+        """``f`` that computes block ``layer``'s ``hook_mlp_out`` from its ``hook_resid_mid``,
+        token by token: the MLP's norm, the MLP, and the norm after it where the block has
+        one (Gemma's). None where the block has no MLP after its attention.
+
+        This is the usual block's structure, not a guarantee: callers compare f's output
+        with the real activation before relying on it. Call it with no hooks of this
+        adapter active (the model's own ``hook_mlp_out`` fires inside it for a
+        ``HookedTransformer``).
+        """
+        prefix = f"blocks.{layer}."
+        if not {prefix + "hook_resid_mid", prefix + "hook_mlp_out"} <= set(self.model.hook_dict):
+            return None
+        block = self.model.blocks[layer]
+        ln2, mlp = getattr(block, "ln2", None), getattr(block, "mlp", None)
+        if not isinstance(ln2, nn.Module) or not isinstance(mlp, nn.Module):
+            return None
+        if self.kind == "hooked":
+            apply_mlp = getattr(block, "apply_mlp", None)  # the MLP, ln2_post, hook_mlp_out
+            return None if apply_mlp is None else lambda x: apply_mlp(ln2(x))
+        post = getattr(block, "ln2_post", None)
+        after = post if isinstance(post, nn.Module) else nn.Identity()
+        return lambda x: after(mlp(ln2(x)))
+
     def segment(
         self,
         batch: TokenBatch,

@@ -438,6 +438,15 @@ class LayerJacobian(_StackedJacobian):
         return self._in_chunks(lambda block: vmap(self._pullback)(block)[0], U, self.shape[1])
 
 
+def _same_activation(recomputed: Tensor, read: Tensor) -> bool:
+    """Whether a recomputed activation is the recorded one, up to rounding (a wrong guess
+    at a block's structure differs by far more)."""
+    with torch.no_grad():
+        scale = float(read.abs().max())
+        tol = 256 * torch.finfo(read.dtype).eps * max(scale, 1e-30)
+        return recomputed.shape == read.shape and float((recomputed - read).abs().max()) <= tol
+
+
 class JacobianGraph:
     """One recorded forward pass with its own zero vector at every source hook; ``operator``
     applies the Jacobian of any of its (sources, targets) by autograd on that record.
@@ -448,6 +457,13 @@ class JacobianGraph:
     under 1 ms), and an atlas that built one ``LayerJacobian`` per pair or per layer spent a
     third of its time there. The record (the activations autograd keeps, as for one
     ``LayerJacobian`` to the last target) lives as long as this object.
+
+    With ``target_site="hook_mlp_out"`` (float32 or float64), the record also holds each
+    target block's MLP run again on the read positions alone, from ``hook_resid_mid`` there
+    (``ModelAdapter.mlp_out_from_resid_mid``), wherever that reproduces the recorded
+    activation. An operator reads its last target there: its products cross that block's
+    MLP at ``positions`` tokens instead of every token (an earlier target's MLP is crossed
+    at every token anyway, on the way to the later ones).
 
     Args:
         model: a ``HookedTransformer`` or ``TransformerBridge`` (never modified).
@@ -481,8 +497,17 @@ class JacobianGraph:
         reading = _readout_positions(adapter, prompts, positions, chunk_size)
         self.adapter, self.chunk_size = adapter, reading.chunk_size
         self.rows_per_target = reading.last.numel() * adapter.d_model
+        # A target's hook_mlp_out at the read positions, recomputed from its hook_resid_mid
+        # there (see the class docstring).
+        recompute = {}
+        if target_site == "hook_mlp_out" and adapter.dtype in (torch.float32, torch.float64):
+            found = {t: adapter.mlp_out_from_resid_mid(t) for t in self.targets}
+            recompute = {t: f for t, f in found.items() if f is not None}
+        mid_hooks = [adapter.hook_name(t, "hook_resid_mid") for t in recompute]
         run = adapter.segment(
-            reading.batch, list(self.source_hooks.values()), list(self.target_hooks.values())
+            reading.batch,
+            list(self.source_hooks.values()),
+            list(self.target_hooks.values()) + mid_hooks,
         )
         # Separate leaves, not rows of one tensor: autograd then walks back from a target
         # only to the sources asked for, never through the blocks below them.
@@ -494,8 +519,15 @@ class JacobianGraph:
         }
         with torch.enable_grad(), _ActivationsWithKnownDerivatives():
             acts = run([self._vectors[s] for s in self.sources], True)
+            n = len(self.targets)
+            reads = zip(self.targets, acts[:n], strict=True)
+            self._reads = {t: reading.read(act) for t, act in reads}
+            self._short_reads: dict[int, Tensor] = {}
+            for (t, mlp_out), mid in zip(recompute.items(), acts[n:], strict=True):
+                read = mlp_out(mid[reading.rows, reading.last]).reshape(-1)
+                if _same_activation(read, self._reads[t]):
+                    self._short_reads[t] = read
         self._weights = _float_weights(model)
-        self._reads = {t: reading.read(act) for t, act in zip(self.targets, acts, strict=True)}
 
     def operator(
         self, sources: int | Sequence[int], targets: int | Sequence[int]
@@ -530,7 +562,11 @@ class RecordedJacobian(_StackedJacobian):
             [graph.target_hooks[t] for t in chosen_targets],
             graph.rows_per_target, graph.chunk_size,
         )  # fmt: skip
-        self._reads = [graph._reads[t] for t in chosen_targets]
+        last = max(chosen_targets)
+        self._reads = [
+            graph._short_reads[t] if t == last and t in graph._short_reads else graph._reads[t]
+            for t in chosen_targets
+        ]
         self._vectors = [graph._vectors[s] for s in chosen_sources]
         self._transpose: tuple[tuple[Tensor, ...], list[Tensor]] | None = None
         self._weights = graph._weights

@@ -90,6 +90,16 @@ def test_hooked_transformer_matches_bridge(gemma: Any) -> None:
     assert principal_angles(a.vectors, b.vectors).max() < 1e-2
 
 
+def test_recorded_graph_reads_gemma_targets_at_the_read_positions(gemma: Any) -> None:
+    """Gemma's blocks (a norm after the MLP) are recomputed exactly, so atlas products cross
+    a target's MLP at the read positions only (the values are checked against dense
+    Jacobians below)."""
+    from tl_powersteer.jacobian import JacobianGraph
+
+    graph = JacobianGraph(gemma, DEMO_PROMPT, [0], [1, 9, 17])
+    assert sorted(graph._short_reads) == [1, 9, 17]
+
+
 def test_atlas_methods_on_real_pairs(gemma: Any) -> None:
     pairs = {"sources": [3, 8], "targets": [10, 16], "k": 4, "progress": False}
     exact = tps.sensitivity_atlas(gemma, DEMO_PROMPT, method="exact", **pairs)

@@ -9,6 +9,7 @@ import torch
 
 import tl_powersteer as tps
 from tests.reference import reference_function, reference_jacobian
+from tl_powersteer.adapters import ModelAdapter
 from tl_powersteer.jacobian import JacobianGraph, _ActivationsWithKnownDerivatives
 
 ATOL = 1e-10
@@ -480,3 +481,65 @@ def test_graph_records_activation_derivatives_once(model: Any, tokens: torch.Ten
     names = _backward_node_names(graph._reads.values())
     assert "_KnownDerivativeBackward" in names
     assert not names & {"GeluBackward0", "SiluBackward0", "TanhBackward0"}, names
+
+
+def test_adapter_recomputes_mlp_out_from_resid_mid(model: Any, tokens: torch.Tensor) -> None:
+    """On a few positions, as the graph uses it: every tiny model's block is the usual one."""
+    adapter = ModelAdapter(model)
+    _, cache = model.run_with_cache(tokens)
+    for layer in range(model.cfg.n_layers):
+        mlp_out = adapter.mlp_out_from_resid_mid(layer)
+        assert mlp_out is not None
+        mid = cache[f"blocks.{layer}.hook_resid_mid"][:, -3:]
+        torch.testing.assert_close(
+            mlp_out(mid), cache[f"blocks.{layer}.hook_mlp_out"][:, -3:], atol=1e-12, rtol=1e-10
+        )
+
+
+def test_operators_read_their_last_target_at_the_read_positions(
+    model: Any, tokens: torch.Tensor
+) -> None:
+    """An operator's products never reach its last target's MLP output at every position
+    (only its recomputation at the read ones), while earlier targets are read there as
+    recorded; the values are checked against jacfwd above."""
+    seen: list[torch.Tensor] = []
+    reached: list[int] = []
+
+    def watch(act: torch.Tensor, hook: Any) -> None:
+        # The forward pass's activation, not the recomputation's (where the hook fires too).
+        if not seen:
+            seen.append(act)
+            act.register_hook(lambda grad: reached.append(1))
+
+    with model.hooks(fwd_hooks=[("blocks.3.hook_mlp_out", watch)]):
+        graph = JacobianGraph(model, tokens, [0, 1], [2, 3], positions=2)
+    assert sorted(graph._short_reads) == [2, 3]
+    for t in (2, 3):
+        torch.testing.assert_close(graph._short_reads[t], graph._reads[t], atol=1e-12, rtol=0)
+    op = graph.operator([0, 1], [2, 3])
+    assert op._reads[0] is graph._reads[2] and op._reads[1] is graph._short_reads[3]
+    op.matvec(torch.randn(op.shape[1], 2, dtype=torch.float64))
+    op.rmatvec(torch.randn(op.shape[0], 2, dtype=torch.float64))
+    assert not reached
+    # The last layer, not the last listed; alone, a target is its operator's last.
+    swapped = graph.operator(0, [3, 2])
+    assert swapped._reads[0] is graph._short_reads[3] and swapped._reads[1] is graph._reads[2]
+    assert graph.operator(1, 2)._reads[0] is graph._short_reads[2]
+
+
+def test_graph_reads_as_recorded_where_the_recomputation_differs(
+    model: Any, tokens: torch.Tensor, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A block of another structure (here: an MLP output that is not what the guess
+    computes) is read where it was recorded, with the same Jacobians."""
+    exact = JacobianGraph(model, tokens, [0, 1], [2, 3], positions=2).operator([0, 1], [2, 3])
+    monkeypatch.setattr(ModelAdapter, "mlp_out_from_resid_mid", lambda self, layer: lambda x: 2 * x)
+    graph = JacobianGraph(model, tokens, [0, 1], [2, 3], positions=2)
+    assert graph._short_reads == {}
+    op = graph.operator([0, 1], [2, 3])
+    torch.testing.assert_close(op.dense(), exact.dense(), atol=ATOL, rtol=1e-8)
+
+
+def test_other_target_sites_are_read_as_recorded(model: Any, tokens: torch.Tensor) -> None:
+    graph = JacobianGraph(model, tokens, [0], [2, 3], target_site="hook_resid_post")
+    assert graph._short_reads == {}
