@@ -524,7 +524,10 @@ class JacobianGraph:
             self._reads = {t: reading.read(act) for t, act in reads}
             self._short_reads: dict[int, Tensor] = {}
             for (t, mlp_out), mid in zip(recompute.items(), acts[n:], strict=True):
-                read = mlp_out(mid[reading.rows, reading.last]).reshape(-1)
+                try:
+                    read = mlp_out(mid[reading.rows, reading.last]).reshape(-1)
+                except (IndexError, RuntimeError, ValueError):
+                    continue  # a hook of the user's inside the block wants every position
                 if _same_activation(read, self._reads[t]):
                     self._short_reads[t] = read
         self._weights = _float_weights(model)

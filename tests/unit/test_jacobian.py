@@ -540,6 +540,24 @@ def test_graph_reads_as_recorded_where_the_recomputation_differs(
     torch.testing.assert_close(op.dense(), exact.dense(), atol=ATOL, rtol=1e-8)
 
 
+def test_graph_reads_as_recorded_where_a_hook_of_the_user_wants_every_position(
+    model: Any, tokens: torch.Tensor
+) -> None:
+    def seventh_token(act: torch.Tensor, hook: Any) -> torch.Tensor:
+        return act + 0.1 * act[:, 6:7]  # fails on the 2 read positions alone
+
+    exact = JacobianGraph(model, tokens, [0, 1], [2, 3], positions=2).operator([0, 1], [2, 3])
+    with model.hooks(fwd_hooks=[("blocks.3.ln2.hook_normalized", seventh_token)]):
+        graph = JacobianGraph(model, tokens, [0, 1], [2, 3], positions=2)
+        op = graph.operator([0, 1], [2, 3])
+        assert sorted(graph._short_reads) == [2]
+        ref = reference_jacobian(
+            model, list(tokens), graph.source_hooks[0], graph.target_hooks[3], 2
+        )
+    torch.testing.assert_close(op.dense()[op.rows(3), op.columns(0)], ref, atol=ATOL, rtol=1e-8)
+    assert not torch.allclose(op.dense(), exact.dense())  # the hook did change the model
+
+
 def test_other_target_sites_are_read_as_recorded(model: Any, tokens: torch.Tensor) -> None:
     graph = JacobianGraph(model, tokens, [0], [2, 3], target_site="hook_resid_post")
     assert graph._short_reads == {}
