@@ -20,7 +20,7 @@ hooks and applies J of any of its (source, target) pairs by autograd on that rec
 further forward pass: for many pairs of one prompt (the atlas), where a bridge's forward pass,
 mostly Python, would otherwise cost more than the products of a short pair.
 
-Blocks wider than ``chunk_size`` are split (by default into blocks of about
+Blocks wider than ``chunk_size`` are split (by default evenly, into blocks of about
 ``TOKEN_ROWS_PER_CHUNK`` token rows, see ``default_chunk_size``). ``dense()`` forms J from
 products with the identity, for tests and small models. Left vectors (length ``n_out``) are
 ordered as ``[prompt, position, d_model]`` flattened.
@@ -205,6 +205,7 @@ class _Readout:
     rows: Tensor
     last: Tensor
     chunk_size: int
+    default_chunks: bool
 
     def read(self, act: Float[Tensor, "batch seq d_model"]) -> Float[Tensor, " n_out"]:
         """The read positions of a target activation, flattened ``[prompt, position, d]``."""
@@ -229,7 +230,7 @@ def _readout_positions(
     last = batch.lengths[:, None] - positions + torch.arange(positions, device=adapter.device)
     rows = torch.arange(last.shape[0], device=adapter.device)[:, None]
     chunk = default_chunk_size(batch.tokens.numel()) if chunk_size is None else chunk_size
-    return _Readout(batch, rows, last, chunk)
+    return _Readout(batch, rows, last, chunk, chunk_size is None)
 
 
 class _StackedJacobian:
@@ -246,12 +247,14 @@ class _StackedJacobian:
         target_hooks: list[str],
         rows_per_target: int,
         chunk_size: int,
+        default_chunks: bool = False,
     ):
         self.adapter = adapter
         self.sources, self.targets = sources, targets
         self.source, self.target = min(sources), max(targets)
         self.source_hooks, self.target_hooks = source_hooks, target_hooks
         self.chunk_size = chunk_size
+        self._default_chunks = default_chunks
         self._rows_per_target = rows_per_target
         self.n_jvp = 0
         self.n_vjp = 0
@@ -332,14 +335,21 @@ class _StackedJacobian:
     def _in_chunks(self, product: Callable[[Tensor], Tensor], X: Tensor, out_rows: int) -> Tensor:
         """``product`` (vmapped over rows of its argument) applied to the columns of X,
         at most ``chunk_size`` at a time: memory stays bounded, and on CPU small blocks run
-        faster than one large vmapped call (see ``TOKEN_ROWS_PER_CHUNK``)."""
-        if X.shape[1] == 0:
+        faster than one large vmapped call (see ``TOKEN_ROWS_PER_CHUNK``).
+
+        The default chunk size is a speed guide, not a bound: X is then split evenly into
+        the nearest number of blocks, up to 1.5x as wide, rather than leave a small block
+        over (56 columns as one block instead of 48 + 8: one backward pass, not two)."""
+        n = X.shape[1]
+        if n == 0:
             return X.new_zeros(out_rows, 0)
+        if self._default_chunks:
+            pieces = max(1, int(n / self.chunk_size + 0.5))
+            sizes = [n // pieces + (i < n % pieces) for i in range(pieces)]
+        else:
+            sizes = [min(self.chunk_size, n - i) for i in range(0, n, self.chunk_size)]
         with torch.no_grad():
-            blocks = [
-                product(X[:, i : i + self.chunk_size].T).T
-                for i in range(0, X.shape[1], self.chunk_size)
-            ]
+            blocks = [product(block.T).T for block in X.split(sizes, dim=1)]
         return torch.cat(blocks, dim=1)
 
 
@@ -359,7 +369,7 @@ class LayerJacobian(_StackedJacobian):
         jvp_method: ``"reverse"`` or ``"forward"``, how ``matvec`` computes J V.
         chunk_size: most columns per vmapped product; larger blocks (``dense`` included)
             are split. ``None``: ``default_chunk_size`` of the prompts' batch x seq, tuned
-            for a CPU; on a GPU, larger chunks run faster while memory allows.
+            for a CPU (blocks then split evenly, up to 1.5x as wide); on a GPU, larger chunks run faster while memory allows.
     """
 
     def __init__(
@@ -391,7 +401,7 @@ class LayerJacobian(_StackedJacobian):
         rows_per_target = reading.last.numel() * adapter.d_model
         super().__init__(
             adapter, sources, targets, source_hooks, target_hooks, rows_per_target,
-            reading.chunk_size,
+            reading.chunk_size, reading.default_chunks,
         )  # fmt: skip
 
         run = adapter.segment(self.batch, source_hooks, target_hooks)
@@ -496,6 +506,7 @@ class JacobianGraph:
         self.target_hooks = {t: adapter.hook_name(t, target_site) for t in self.targets}
         reading = _readout_positions(adapter, prompts, positions, chunk_size)
         self.adapter, self.chunk_size = adapter, reading.chunk_size
+        self._default_chunks = reading.default_chunks
         self.rows_per_target = reading.last.numel() * adapter.d_model
         # A target's hook_mlp_out at the read positions, recomputed from its hook_resid_mid
         # there (see the class docstring).
@@ -563,7 +574,7 @@ class RecordedJacobian(_StackedJacobian):
             adapter, chosen_sources, chosen_targets,
             [graph.source_hooks[s] for s in chosen_sources],
             [graph.target_hooks[t] for t in chosen_targets],
-            graph.rows_per_target, graph.chunk_size,
+            graph.rows_per_target, graph.chunk_size, graph._default_chunks,
         )  # fmt: skip
         last = max(chosen_targets)
         self._reads = [

@@ -151,9 +151,18 @@ def test_default_chunk_keeps_about_1024_token_rows(
     explicit = tps.LayerJacobian(model, long_tokens, 0, 2, chunk_size=16)
     calls = record_vmap_sizes(monkeypatch)
     dense = op.dense()
-    assert calls == [10, 6]
+    assert calls == [8, 8]  # evenly, in the nearest number of blocks of about 10
     torch.testing.assert_close(dense, explicit.dense(), atol=1e-13, rtol=0)
-    assert calls == [10, 6, 16]
+    assert calls == [8, 8, 16]
+    calls.clear()
+    V = torch.randn(16, 15, dtype=torch.float64)
+    torch.testing.assert_close(op.matvec(V[:, :14]), dense @ V[:, :14], atol=1e-12, rtol=0)
+    torch.testing.assert_close(op.matvec(V), dense @ V, atol=1e-12, rtol=0)
+    assert calls == [14, 8, 7]  # no block of 4 left over, never past 1.5x
+    # An explicit chunk size is a bound on memory, kept to the column.
+    calls.clear()
+    tps.LayerJacobian(model, long_tokens, 0, 2, chunk_size=10).matvec(V[:, :14])
+    assert calls == [10, 4]
     with pytest.raises(ValueError, match="positive int \\(or None for the default\\), got 0"):
         tps.LayerJacobian(model, long_tokens, 0, 2, chunk_size=0)
 
