@@ -369,7 +369,8 @@ class LayerJacobian(_StackedJacobian):
         jvp_method: ``"reverse"`` or ``"forward"``, how ``matvec`` computes J V.
         chunk_size: most columns per vmapped product; larger blocks (``dense`` included)
             are split. ``None``: ``default_chunk_size`` of the prompts' batch x seq, tuned
-            for a CPU (blocks then split evenly, up to 1.5x as wide); on a GPU, larger chunks run faster while memory allows.
+            for a CPU (blocks then split evenly, up to 1.5x as wide); on a GPU, larger
+            chunks run faster while memory allows.
     """
 
     def __init__(
