@@ -21,6 +21,7 @@ Two lines put the ratios in context, both measured in the same run:
     python benchmarks/bench_atlas.py                          # tiny random GPT-2, offline
     python benchmarks/bench_atlas.py --model gemma-3-270m     # all 153 pairs of Gemma 3 270M
     python benchmarks/bench_atlas.py --model gemma-3-270m --sketch-ranks 12 16 20 24 32
+    python benchmarks/bench_atlas.py --model gemma-3-270m --sketch-matmuls default float32
     python benchmarks/bench_atlas.py --model gemma-3-270m --device cuda --chunk-size 640
 """
 
@@ -122,6 +123,14 @@ def main(argv: list[str] | None = None) -> int:
         default=None,
         help="sketch ranks r to run (each one a row); default the method's default rank",
     )
+    parser.add_argument(
+        "--sketch-matmuls",
+        nargs="+",
+        choices=["default", "float32", "bfloat16"],
+        default=["default"],
+        help="sketch_matmul_dtype of each sketch row: the library's default for this "
+        "device (bfloat16 where it multiplies bfloat16 natively), or a given dtype",
+    )
     parser.add_argument("--device", type=torch.device, default="cpu", help="cpu or cuda")
     parser.add_argument(
         "--chunk-size", type=int, default=None, help="sensitivity_atlas's (default its own)"
@@ -140,12 +149,14 @@ def main(argv: list[str] | None = None) -> int:
     else:
         model = tps.load_model(args.model, device=str(device))
         prompt = REAL_PROMPT
+    matmuls = [None if m == "default" else getattr(torch, m) for m in args.sketch_matmuls]
     try:  # bad options fail here, with the library's own message, before any timing
         for rank in args.sketch_ranks or [None]:
-            validate_atlas_arguments(
-                model, prompt, sources=args.sources, k=args.k, sketch_rank=rank,
-                chunk_size=args.chunk_size,
-            )  # fmt: skip
+            for matmul in matmuls:
+                validate_atlas_arguments(
+                    model, prompt, sources=args.sources, k=args.k, sketch_rank=rank,
+                    sketch_matmul_dtype=matmul, chunk_size=args.chunk_size,
+                )  # fmt: skip
     except (TypeError, ValueError) as error:
         parser.error(str(error))
     n = model.cfg.n_layers
@@ -158,23 +169,26 @@ def main(argv: list[str] | None = None) -> int:
     n_pairs = sum(n - 1 - s for s in set(sources))
     print(f"model {args.model or 'tiny GPT-2'}: {n} layers, d_model {model.cfg.d_model}, "
           f"{n_pairs} pairs, top-{args.k}, {where}")  # fmt: skip
-    runs: list[tuple[str, str, int | None]] = [("exact", "exact", None)]
+    runs: list[tuple[str, int | None, torch.dtype | None]] = [("exact", None, None)]
     for method in [m for m in args.methods if m != "exact"]:
-        if method == "sketch" and args.sketch_ranks:
-            runs += [(f"sketch r={r}", "sketch", r) for r in args.sketch_ranks]
+        if method == "sketch":
+            runs += [(method, r, m) for r in args.sketch_ranks or [None] for m in matmuls]
         else:
-            runs.append((method, method, None))
+            runs.append((method, None, None))
     results = {}
-    for label, method, rank in runs:
+    for method, rank, matmul in runs:
         synchronize()
         reset_peak(device)
         before = peak_mb(device)
         start = time.perf_counter()
         atlas = tps.sensitivity_atlas(
             model, prompt, sources=args.sources, k=args.k, method=method, sketch_rank=rank,
-            chunk_size=args.chunk_size, progress=False,
+            sketch_matmul_dtype=matmul, chunk_size=args.chunk_size, progress=False,
         )  # fmt: skip
         synchronize()
+        label = method
+        if method == "sketch":  # the rank and matmul dtype it ran with
+            label = f"sketch r={atlas.sketch_rank} {atlas.sketch_matmul_dtype}"
         results[label] = (atlas, time.perf_counter() - start, peak_mb(device) - before)
     exact, exact_s, _ = results["exact"]
     reference_s, iterations = float("nan"), []
@@ -208,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         f"({rate / 1e9:.0f} GFLOP/s): {floor_s:.2f} s, at most {reference_s / floor_s:.1f}x vs ref"
     )
     print(
-        f"{'method':>12} {'seconds':>9} {'vs ref':>8} {'vs exact':>9} {'peak/weights':>13} "
+        f"{'method':>24} {'seconds':>9} {'vs ref':>8} {'vs exact':>9} {'peak/weights':>13} "
         f"{'median err':>11} {'worst err':>10} {'worst pair':>11}"
     )
     worst_sketch: tuple[float, int, int] = (-1.0, 0, 0)
@@ -218,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
         s_w, t_w = divmod(int(worst.argmax()), atlas.n_layers)
         flat = rel[~rel.isnan()]
         print(
-            f"{method:>12} {seconds:9.1f} {reference_s / seconds:7.1f}x {exact_s / seconds:8.2f}x "
+            f"{method:>24} {seconds:9.1f} {reference_s / seconds:7.1f}x {exact_s / seconds:8.2f}x "
             f"{grown / weights_mb:13.2f} {flat.median().item():11.2e} {flat.max().item():10.2e} "
             f"{f'L{s_w} -> L{t_w}':>11}",
             flush=True,

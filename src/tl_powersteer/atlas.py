@@ -27,8 +27,13 @@ Methods:
   layers apart (the flattest spectra, and the cheapest products) takes one block Krylov
   step of its own from the top 2k left directions U of Qᵀ J_{s,t}, whose Uᵀ J_{s,t} the
   refining pass already holds. Cost: about 8r products per layer instead of d_model, plus
-  4k products per short pair. The σ it returns are lower bounds
-  of the exact ones (compare with ``"exact"``); with r = d_model it is exact.
+  4k products per short pair. In full precision the σ it returns are lower bounds of the
+  exact ones (compare with ``"exact"``), and with r = d_model it is exact. For a float32
+  model on a CPU that multiplies bfloat16 in hardware, its products run their matrix
+  multiplications with bfloat16 factors by default (``sketch_matmul_dtype``): on Gemma 3
+  270M, a quarter of the time saved, at a relative error of 0.5% to 1% per product that
+  moves the worst pair's error by under 0.1% (but σ may then exceed the exact ones, by up
+  to 0.5% there).
 * ``"auto"``: ``"exact"`` up to d_model 1024; beyond that ``"power"`` unless the sketch
   needs under a quarter of its products; ``atlas.method`` says which ran.
 
@@ -70,7 +75,12 @@ from .adapters import (
     decode_token,
     steered_logits,
 )
-from .jacobian import JacobianGraph, check_chunk_size
+from .jacobian import (
+    JacobianGraph,
+    check_chunk_size,
+    check_matmul_dtype,
+    cpu_multiplies_bfloat16,
+)
 from .power import block_power_iteration, canonical_signs, check_iteration_args
 from .power_steering import power_steering_vector
 from .steering import SteeringVector
@@ -139,9 +149,11 @@ class SensitivityAtlas:
     prompts: list[str] | None
     tokens: Tensor | None = None
     completed_sources: list[int] = field(default_factory=list)
-    # Sketch method only: r, and the width of its co-range sketches (r; 0 for other methods).
+    # Sketch method only: r, the width of its co-range sketches (r; 0 for other methods),
+    # and the dtype its products' matrix multiplications rounded their factors to.
     sketch_rank: int = 0
     co_range_width: int = 0
+    sketch_matmul_dtype: str = ""
     # Sketch method only, while running: Ψᵀ J_{s,t} per pair, and the targets done; then
     # each pair's top 2k directions of J_{s,t} P, and the targets whose pairs are refined.
     co_range_sketch: Tensor | None = None
@@ -320,6 +332,7 @@ class SensitivityAtlas:
             "seed": self.seed,
             "sketch_rank": self.sketch_rank,
             "co_range_width": self.co_range_width,
+            "sketch_matmul_dtype": self.sketch_matmul_dtype,
             "prompts": self.prompts,
             "tokens": None if self.tokens is None else self.tokens.tolist(),
         }
@@ -432,6 +445,7 @@ class _Plan:
     checkpoint: Path | None
     method: str
     sketch_rank: int
+    matmul_dtype: torch.dtype
 
 
 def _plan(
@@ -447,6 +461,7 @@ def _plan(
     positions: int,
     checkpoint: str | os.PathLike[str] | None,
     sketch_rank: int | None,
+    sketch_matmul_dtype: torch.dtype | None,
     tol: float,
     max_iters: int,
     chunk_size: int | None,
@@ -495,6 +510,13 @@ def _plan(
         method = _choose_method(
             adapter.d_model, len(source_layers), len(target_layers), len(pairs), k, r
         )
+    check_matmul_dtype(sketch_matmul_dtype, adapter.dtype, "sketch_matmul_dtype")
+    matmul_dtype = sketch_matmul_dtype
+    if matmul_dtype is None:
+        # On Gemma 3 270M the rounding moved the worst pair's error by at most 0.06% (three
+        # seeds) and saved a quarter of the time; on a GPU it is not measured.
+        cpu = adapter.device.type == "cpu" and cpu_multiplies_bfloat16()
+        matmul_dtype = torch.bfloat16 if cpu and adapter.dtype == torch.float32 else adapter.dtype
 
     batch = adapter.tokenize(prompts)
     shortest = int(batch.lengths.min())
@@ -506,7 +528,10 @@ def _plan(
         raise ValueError(
             f"positions must be an int between 1 and {shortest} (the shortest prompt), got {positions!r}"
         )
-    return _Plan(adapter, batch, source_layers, target_layers, pairs, source_hooks, ckpt, method, r)
+    return _Plan(
+        adapter, batch, source_layers, target_layers, pairs, source_hooks, ckpt, method, r,
+        matmul_dtype,
+    )  # fmt: skip
 
 
 def validate_atlas_arguments(model: Any, prompts: Prompts, **options: Any) -> None:
@@ -515,8 +540,8 @@ def validate_atlas_arguments(model: Any, prompts: Prompts, **options: Any) -> No
     defaults: dict[str, Any] = {
         "sources": None, "targets": None, "k": 4, "method": "auto",
         "source_site": "hook_mlp_out", "target_site": "hook_mlp_out", "positions": 4,
-        "checkpoint": None, "sketch_rank": None, "tol": 1e-4, "max_iters": 50,
-        "chunk_size": None,
+        "checkpoint": None, "sketch_rank": None, "sketch_matmul_dtype": None, "tol": 1e-4,
+        "max_iters": 50, "chunk_size": None,
     }  # fmt: skip
     # Options that need no checking (seed, progress) are left out.
     _plan(model, prompts, **{**defaults, **{k: v for k, v in options.items() if k in defaults}})
@@ -539,6 +564,7 @@ def sensitivity_atlas(
     max_iters: int = 50,
     chunk_size: int | None = None,
     sketch_rank: int | None = None,
+    sketch_matmul_dtype: torch.dtype | None = None,
     progress: bool = True,
 ) -> SensitivityAtlas:
     """Top-``k`` Power Steering spectra for every pair ``s -> t`` (t > s) of the given layers.
@@ -567,13 +593,18 @@ def sensitivity_atlas(
             of 3k + 2 and d_model / 48, at most d_model); each source's shared basis has up
             to 3r columns and each target's refining basis up to 4r. Larger is slower and more
             accurate; r = d_model is exact.
+        sketch_matmul_dtype: ``torch.bfloat16`` runs the matrix multiplications of the
+            sketch's products with bfloat16 factors (``JacobianGraph``'s ``matmul_dtype``);
+            the model's dtype runs them in full precision. ``None``: bfloat16 for a float32
+            model on a CPU that multiplies bfloat16 in hardware (AVX512-BF16 or AMX), else
+            full precision. The atlas records the choice (``atlas.sketch_matmul_dtype``).
         progress: show a progress bar over pairs.
     """
     plan = _plan(
         model, prompts, sources=sources, targets=targets, k=k, method=method,
         source_site=source_site, target_site=target_site, positions=positions,
-        checkpoint=checkpoint, sketch_rank=sketch_rank, tol=tol, max_iters=max_iters,
-        chunk_size=chunk_size,
+        checkpoint=checkpoint, sketch_rank=sketch_rank, sketch_matmul_dtype=sketch_matmul_dtype,
+        tol=tol, max_iters=max_iters, chunk_size=chunk_size,
     )  # fmt: skip
     adapter, batch, method, r = plan.adapter, plan.batch, plan.method, plan.sketch_rank
     source_layers, target_layers, pairs = plan.sources, plan.targets, plan.pairs
@@ -600,6 +631,9 @@ def sensitivity_atlas(
         tokens=None if batch.texts is not None else batch.tokens.cpu(),
         sketch_rank=r if method == "sketch" else 0,
         co_range_width=r if method == "sketch" else 0,
+        sketch_matmul_dtype=str(plan.matmul_dtype).removeprefix("torch.")
+        if method == "sketch"
+        else "",
     )
     if ckpt is not None and ckpt.exists():
         atlas = _resume(atlas, ckpt)
@@ -614,6 +648,7 @@ def sensitivity_atlas(
         return JacobianGraph(
             model, prompts, source_layers, target_layers, source_site=source_site,
             target_site=target_site, positions=positions, chunk_size=chunk_size,
+            matmul_dtype=plan.matmul_dtype if method == "sketch" else None,
         )  # fmt: skip
 
     if method == "sketch":

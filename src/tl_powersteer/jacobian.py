@@ -43,7 +43,7 @@ True
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any
 
@@ -51,10 +51,16 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 from torch.func import jvp, vjp, vmap
+from torch.utils._python_dispatch import TorchDispatchMode
 
 from .adapters import ModelAdapter, Prompts, TokenBatch
 
-__all__ = ["JVP_METHODS", "JacobianGraph", "LayerJacobian", "default_chunk_size"]
+__all__ = [
+    "JVP_METHODS",
+    "JacobianGraph",
+    "LayerJacobian",
+    "default_chunk_size",
+]
 
 JVP_METHODS = ("reverse", "forward")
 # A vmapped product over c columns runs the model on c x batch x seq token rows. On CPU its
@@ -173,6 +179,66 @@ class _ActivationsWithKnownDerivatives(torch.overrides.TorchFunctionMode):
         return func(*args, **kwargs)
 
 
+_aten = torch.ops.aten
+_MATRIX_PRODUCTS = {
+    _aten.mm.default: _aten.mm.default,
+    _aten.bmm.default: _aten.bmm.default,
+    _aten.addmm.default: _aten.mm.default,
+    _aten.baddbmm.default: _aten.bmm.default,
+}
+
+
+class _RoundedMatrixProducts(TorchDispatchMode):
+    """Runs every matrix product of two ``dtype`` tensors with both factors rounded to
+    ``low`` (bfloat16): the backends accumulate in float32 and round the product to ``low``,
+    which comes back as ``dtype``. Everything else (the elementwise work, the norms, the
+    softmax) keeps ``dtype``.
+
+    Entered around a recorded graph's backward passes, it reaches the products autograd
+    runs there (the linear layers' and the attention's), whichever model class made them.
+    """
+
+    def __init__(self, dtype: torch.dtype, low: torch.dtype):
+        super().__init__()
+        self.dtype, self.low = dtype, low
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple[Any, ...] = (), kwargs: Any = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        product = _MATRIX_PRODUCTS.get(func)
+        if product is not None:
+            *added, a, b = args
+            if a.dtype == b.dtype == self.dtype:
+                out = product(a.to(self.low), b.to(self.low)).to(self.dtype)
+                if added:  # addmm and baddbmm: beta * added + alpha * a @ b
+                    alpha, beta = kwargs.get("alpha", 1), kwargs.get("beta", 1)
+                    out = out * alpha if alpha != 1 else out
+                    out = out + beta * added[0] if beta != 0 else out
+                return out
+        return func(*args, **kwargs)
+
+
+def cpu_multiplies_bfloat16() -> bool:
+    """Whether this machine's CPU multiplies bfloat16 matrices in hardware (AVX512-BF16 or
+    AMX): there bfloat16 GEMMs run 2.2x to 2.6x as fast as float32 (measured on the MLP
+    shapes of Gemma 3 270M, two cores of an AMD EPYC with AVX512-BF16)."""
+    # PyTorch's own CPU feature checks (private; absent in some builds).
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(torch.cpu, name, lambda: False)()) for name in checks)
+
+
+def check_matmul_dtype(matmul_dtype: Any, model_dtype: torch.dtype, what: str) -> None:
+    """``matmul_dtype`` must be None, bfloat16, or the model's own dtype."""
+    if matmul_dtype is None:
+        return
+    choices = f"None, torch.bfloat16 or the model's {model_dtype}"
+    if not isinstance(matmul_dtype, torch.dtype):
+        raise TypeError(f"{what} must be {choices}, got {type(matmul_dtype).__name__}")
+    if matmul_dtype not in (torch.bfloat16, model_dtype):
+        raise ValueError(f"{what} must be {choices}, got {matmul_dtype}")
+
+
 def _layers(adapter: ModelAdapter, value: Any, what: str) -> list[int]:
     """Layer indices (one or a list of them), resolved against the model and distinct."""
     if not isinstance(value, (int, Sequence)) or isinstance(value, str):
@@ -256,6 +322,8 @@ class _StackedJacobian:
         self.chunk_size = chunk_size
         self._default_chunks = default_chunks
         self._rows_per_target = rows_per_target
+        # Rounds the factors of the products' matrix multiplications (RecordedJacobian).
+        self._matmul_dtype: torch.dtype | None = None
         self.n_jvp = 0
         self.n_vjp = 0
 
@@ -348,7 +416,11 @@ class _StackedJacobian:
             sizes = [n // pieces + (i < n % pieces) for i in range(pieces)]
         else:
             sizes = [min(self.chunk_size, n - i) for i in range(0, n, self.chunk_size)]
-        with torch.no_grad():
+        low = self._matmul_dtype
+        rounding = (
+            nullcontext() if low in (None, self.dtype) else _RoundedMatrixProducts(self.dtype, low)
+        )
+        with torch.no_grad(), rounding:
             blocks = [product(block.T).T for block in X.split(sizes, dim=1)]
         return torch.cat(blocks, dim=1)
 
@@ -485,6 +557,10 @@ class JacobianGraph:
         target_site: hook suffix inside each target block that is read.
         positions: how many final tokens of each prompt are read at the targets.
         chunk_size: most columns per vmapped product, as for ``LayerJacobian``.
+        matmul_dtype: ``torch.bfloat16`` runs the matrix multiplications of every product
+            with bfloat16 factors (float32 accumulation; the rest in the model's dtype):
+            faster where ``cpu_multiplies_bfloat16``, at a relative error of 0.5% to 1% per
+            product (Gemma 3 270M). ``None`` or the model's dtype: full precision.
     """
 
     def __init__(
@@ -498,8 +574,11 @@ class JacobianGraph:
         target_site: str = "hook_mlp_out",
         positions: int = 4,
         chunk_size: int | None = None,
+        matmul_dtype: torch.dtype | None = None,
     ):
         adapter = ModelAdapter(model)
+        check_matmul_dtype(matmul_dtype, adapter.dtype, "matmul_dtype")
+        self.matmul_dtype = matmul_dtype
         self.sources = _layers(adapter, sources, "sources")
         self.targets = _layers(adapter, targets, "targets")
         _check_order(adapter, self.sources, [max(self.targets)])
@@ -585,6 +664,7 @@ class RecordedJacobian(_StackedJacobian):
         self._vectors = [graph._vectors[s] for s in chosen_sources]
         self._transpose: tuple[tuple[Tensor, ...], list[Tensor]] | None = None
         self._weights = graph._weights
+        self._matmul_dtype = graph.matmul_dtype
 
     def _rmatvec(self, U: Tensor) -> Tensor:
         def product(block: Tensor) -> Tensor:

@@ -65,6 +65,22 @@ def test_bench_atlas_sketch_ranks(capsys: pytest.CaptureFixture[str]) -> None:
     ]  # fmt: skip
 
 
+def test_bench_atlas_sketch_matmuls(capsys: pytest.CaptureFixture[str]) -> None:
+    import bench_atlas
+
+    argv = ["--d-model", "16", "--layers", "3", "--k", "2", "--no-reference", "--methods"]
+    argv += ["sketch", "--sketch-ranks", "16", "--sketch-matmuls", "float32", "bfloat16"]
+    assert bench_atlas.main(argv) == 0
+    out = capsys.readouterr().out
+    rows = [line.split() for line in out.splitlines() if line.strip().startswith("sketch")]
+    assert [row[:3] for row in rows] == [
+        ["sketch", "r=16", "float32"],
+        ["sketch", "r=16", "bfloat16"],
+    ]
+    # At full rank only the rounded products err (the worst error, before the worst pair).
+    assert float(rows[0][-4]) < 1e-5 < float(rows[1][-4]) < 2e-2
+
+
 def test_matmul_floor_counts_every_block_crossed() -> None:
     from types import SimpleNamespace
 

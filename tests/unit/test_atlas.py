@@ -195,6 +195,12 @@ def test_checkpoint_with_other_arguments_is_refused(
         ({"checkpoint": "x.pt"}, ValueError, r"checkpoint must be a \.safetensors path"),
         ({"sketch_rank": 2, "k": 2}, ValueError, "sketch_rank must be an int between k \\+ 1 = 3"),
         ({"chunk_size": 0}, ValueError, r"chunk_size must be a positive int \(or None"),
+        (
+            {"sketch_matmul_dtype": torch.float16},
+            ValueError,
+            r"sketch_matmul_dtype must be None, torch.bfloat16 or the model's torch.float64",
+        ),
+        ({"sketch_matmul_dtype": "bfloat16"}, TypeError, "sketch_matmul_dtype must be None"),
         ({"tol": -1.0}, ValueError, "tol must be a positive number"),
         ({"max_iters": 0}, ValueError, "max_iters must be at least 1"),
     ],
@@ -308,6 +314,56 @@ def test_sketch_at_full_rank_equals_exact(models: dict[str, Any], tokens: torch.
             sketch.singular_values[s, t], exact.singular_values[s, t], rtol=1e-8, atol=0
         )
         assert principal_angles(sketch.vectors(s, t), exact.vectors(s, t)).max() < 1e-6
+
+
+def test_sketch_matmul_dtype(
+    models: dict[str, Any], tokens: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import copy
+
+    model64 = models["native_bridge"]
+    model32 = copy.deepcopy(model64).to(torch.float32)
+    exact = tps.sensitivity_atlas(model64, tokens, k=2, method="exact", progress=False)
+    made: list[Any] = []
+    real_graph = atlas_module.JacobianGraph
+
+    def recording_graph(*args: Any, **kwargs: Any) -> Any:
+        made.append(kwargs["matmul_dtype"])
+        return real_graph(*args, **kwargs)
+
+    monkeypatch.setattr(atlas_module, "JacobianGraph", recording_graph)
+
+    def sketch(model: Any, native: bool, **kwargs: Any) -> tps.SensitivityAtlas:
+        monkeypatch.setattr(atlas_module, "cpu_multiplies_bfloat16", lambda: native)
+        return tps.sensitivity_atlas(
+            model, tokens, k=2, method="sketch", sketch_rank=16, progress=False, **kwargs
+        )
+
+    def error(atlas: tps.SensitivityAtlas) -> float:
+        rel = (atlas.singular_values - exact.singular_values).abs() / exact.singular_values
+        return float(rel.nan_to_num(0.0).max())
+
+    ckpt = tmp_path / "sketch.safetensors"
+    atlases = {
+        "native": sketch(model32, True, checkpoint=ckpt),
+        "not native": sketch(model32, False),
+        "asked for": sketch(model32, False, sketch_matmul_dtype=torch.bfloat16),
+        "turned off": sketch(model32, True, sketch_matmul_dtype=torch.float32),
+        "float64 model": sketch(model64, True),
+    }
+    chosen = ["bfloat16", "float32", "bfloat16", "float32", "float64"]
+    assert [atlas.sketch_matmul_dtype for atlas in atlases.values()] == chosen
+    assert made == [getattr(torch, name) for name in chosen]
+    # At full rank (r = d_model) the sketch is exact but for its products' rounding.
+    for name in ("not native", "turned off", "float64 model"):
+        assert error(atlases[name]) < 1e-5, name
+    for name in ("native", "asked for"):
+        assert 1e-4 < error(atlases[name]) < 2e-2, name
+    made.clear()
+    exact32 = tps.sensitivity_atlas(model32, tokens, k=2, method="exact", progress=False)
+    assert exact32.sketch_matmul_dtype == "" and made == [None]
+    with pytest.raises(ValueError, match="sketch_matmul_dtype: 'bfloat16' there, 'float32' now"):
+        sketch(model32, False, checkpoint=ckpt)
 
 
 def test_sketch_draws_each_test_matrix_once(

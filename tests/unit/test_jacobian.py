@@ -10,7 +10,12 @@ import torch
 import tl_powersteer as tps
 from tests.reference import reference_function, reference_jacobian
 from tl_powersteer.adapters import ModelAdapter
-from tl_powersteer.jacobian import JacobianGraph, _ActivationsWithKnownDerivatives
+from tl_powersteer.jacobian import (
+    JacobianGraph,
+    _ActivationsWithKnownDerivatives,
+    _RoundedMatrixProducts,
+    cpu_multiplies_bfloat16,
+)
 
 ATOL = 1e-10
 
@@ -570,3 +575,83 @@ def test_graph_reads_as_recorded_where_a_hook_of_the_user_wants_every_position(
 def test_other_target_sites_are_read_as_recorded(model: Any, tokens: torch.Tensor) -> None:
     graph = JacobianGraph(model, tokens, [0], [2, 3], target_site="hook_resid_post")
     assert graph._short_reads == {}
+
+
+def test_rounded_matrix_products_round_both_factors_and_nothing_else() -> None:
+    gen = torch.Generator().manual_seed(0)
+    a, b, bias = (torch.randn(*shape, generator=gen) for shape in [(6, 5), (5, 4), (4,)])
+    A, B = torch.randn(3, 6, 5, generator=gen), torch.randn(3, 5, 4, generator=gen)
+    with _RoundedMatrixProducts(torch.float32, torch.bfloat16):
+        mm, bmm = a @ b, torch.bmm(A, B)
+        addmm = torch.addmm(bias, a, b, beta=0.5, alpha=2.0)
+        linear = torch.nn.functional.linear(a, b.T, bias)
+        wide, scaled = a.double() @ b.double(), a * 3
+
+    rounded = (a.bfloat16() @ b.bfloat16()).float()
+    torch.testing.assert_close(mm, rounded, rtol=0, atol=0)
+    torch.testing.assert_close(bmm, torch.bmm(A.bfloat16(), B.bfloat16()).float(), rtol=0, atol=0)
+    torch.testing.assert_close(addmm, 2.0 * rounded + 0.5 * bias, rtol=0, atol=0)
+    torch.testing.assert_close(linear, rounded + bias, rtol=0, atol=0)
+    assert float((mm - a @ b).abs().max()) > 1e-4  # really rounded
+    # Other dtypes and other operations are left alone.
+    torch.testing.assert_close(wide, a.double() @ b.double(), rtol=0, atol=0)
+    torch.testing.assert_close(scaled, a * 3, rtol=0, atol=0)
+
+
+def test_graph_products_with_bfloat16_matmuls(models: dict[str, Any], tokens: torch.Tensor) -> None:
+    import copy
+
+    model32 = copy.deepcopy(models["native_bridge"]).to(torch.float32)
+    kwargs: dict[str, Any] = {"positions": 2}
+    full = JacobianGraph(model32, tokens, [0, 1], [2, 3], **kwargs)
+    low = JacobianGraph(model32, tokens, [0, 1], [2, 3], matmul_dtype=torch.bfloat16, **kwargs)
+    # The record is made in float32: only the products are rounded.
+    for t in (2, 3):
+        torch.testing.assert_close(low._reads[t], full._reads[t], rtol=0, atol=0)
+    graph64 = JacobianGraph(models["native_bridge"], tokens, [0, 1], [2, 3], **kwargs)
+    exact = graph64.operator([0, 1], [2, 3]).dense()
+    gen = torch.Generator().manual_seed(0)
+    V = torch.randn(exact.shape[1], 5, generator=gen)
+    U = torch.randn(exact.shape[0], 5, generator=gen)
+
+    def errors(graph: JacobianGraph) -> list[float]:
+        op = graph.operator([0, 1], [2, 3])
+        pairs = [(op.matvec(V), exact @ V.double()), (op.rmatvec(U), exact.T @ U.double())]
+        return [float((got.double() - want).norm() / want.norm()) for got, want in pairs]
+
+    assert max(errors(full)) < 1e-6
+    assert all(1e-4 < error < 3e-2 for error in errors(low))
+
+
+@pytest.mark.parametrize(
+    ("matmul_dtype", "error", "message"),
+    [
+        (torch.float16, ValueError, "must be None, torch.bfloat16 or the model's torch.float64"),
+        (
+            "bfloat16",
+            TypeError,
+            "must be None, torch.bfloat16 or the model's torch.float64, got str",
+        ),
+    ],
+)
+def test_bad_matmul_dtype(
+    models: dict[str, Any], tokens: torch.Tensor, matmul_dtype: Any, error: type, message: str
+) -> None:
+    with pytest.raises(error, match=message):
+        JacobianGraph(models["native_bridge"], tokens, [0], [1], matmul_dtype=matmul_dtype)
+
+
+@pytest.mark.parametrize(
+    ("avx512_bf16", "amx", "expected"),
+    [(True, False, True), (False, True, True), (False, False, False)],
+)
+def test_cpu_bfloat16_follows_the_cpu_features(
+    monkeypatch: pytest.MonkeyPatch, avx512_bf16: bool, amx: bool, expected: bool
+) -> None:
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16, raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx, raising=False)
+    assert cpu_multiplies_bfloat16() is expected
+    # A PyTorch build without the checks counts as having neither feature.
+    monkeypatch.delattr(torch.cpu, "_is_avx512_bf16_supported")
+    monkeypatch.delattr(torch.cpu, "_is_amx_tile_supported")
+    assert cpu_multiplies_bfloat16() is False
