@@ -55,12 +55,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from .adapters import ModelAdapter, Prompts, TokenBatch
 
-__all__ = [
-    "JVP_METHODS",
-    "JacobianGraph",
-    "LayerJacobian",
-    "default_chunk_size",
-]
+__all__ = ["JVP_METHODS", "JacobianGraph", "LayerJacobian", "default_chunk_size"]
 
 JVP_METHODS = ("reverse", "forward")
 # A vmapped product over c columns runs the model on c x batch x seq token rows. On CPU its
