@@ -115,10 +115,14 @@ def plot_atlas(atlas: SensitivityAtlas, rank: int = 0, *, log: bool = True) -> A
         buttons.append({"label": label, "method": "update", "args": [{"visible": visible}]})
     prompt = (atlas.prompts or ["(token ids)"])[0]
     more = f" (+{len(atlas.prompts) - 1} more)" if atlas.prompts and len(atlas.prompts) > 1 else ""
+    method = atlas.method
+    if method == "sketch":  # how approximate the map is
+        products = f", {atlas.sketch_matmul_dtype} products" if atlas.sketch_matmul_dtype else ""
+        method += f" (r = {atlas.sketch_rank}{products})"
     fig.update_layout(
         title={
             "text": f"{html.escape(atlas.model_name, quote=False)}: {atlas.source_site} -> "
-            f"{atlas.target_site}, {atlas.method}<br><sub>{html.escape(prompt[:80], quote=False)}{more}</sub>"
+            f"{atlas.target_site}, {method}<br><sub>{html.escape(prompt[:80], quote=False)}{more}</sub>"
         },
         xaxis={"title": {"text": "source layer"}, "type": "category"},
         yaxis={"title": {"text": "target layer"}, "type": "category"},

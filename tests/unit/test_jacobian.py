@@ -598,17 +598,18 @@ def test_rounded_matrix_products_round_both_factors_and_nothing_else() -> None:
     torch.testing.assert_close(scaled, a * 3, rtol=0, atol=0)
 
 
-def test_graph_products_with_bfloat16_matmuls(models: dict[str, Any], tokens: torch.Tensor) -> None:
+def test_graph_products_with_bfloat16_matmuls(model: Any, tokens: torch.Tensor) -> None:
+    """Every model class's products (einsum, linear and Conv1D layers) are rounded."""
     import copy
 
-    model32 = copy.deepcopy(models["native_bridge"]).to(torch.float32)
+    model32 = copy.deepcopy(model).to(torch.float32)
     kwargs: dict[str, Any] = {"positions": 2}
     full = JacobianGraph(model32, tokens, [0, 1], [2, 3], **kwargs)
     low = JacobianGraph(model32, tokens, [0, 1], [2, 3], matmul_dtype=torch.bfloat16, **kwargs)
     # The record is made in float32: only the products are rounded.
     for t in (2, 3):
         torch.testing.assert_close(low._reads[t], full._reads[t], rtol=0, atol=0)
-    graph64 = JacobianGraph(models["native_bridge"], tokens, [0, 1], [2, 3], **kwargs)
+    graph64 = JacobianGraph(model, tokens, [0, 1], [2, 3], **kwargs)
     exact = graph64.operator([0, 1], [2, 3]).dense()
     gen = torch.Generator().manual_seed(0)
     V = torch.randn(exact.shape[1], 5, generator=gen)

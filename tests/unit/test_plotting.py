@@ -36,6 +36,17 @@ def test_heatmap_traces_and_axes(atlas: tps.SensitivityAtlas) -> None:
     assert fig.layout.updatemenus[0].buttons[2].args[0]["visible"] == [False, False, True, False]
 
 
+def test_title_says_how_the_map_was_made(
+    atlas: tps.SensitivityAtlas, models: dict[str, Any]
+) -> None:
+    assert ", exact<br>" in tps.plot_atlas(atlas).layout.title.text
+    tokens = torch.tensor([[1, 4, 6, 8, 9, 4, 10, 5]])
+    sketch = tps.sensitivity_atlas(
+        models["native_bridge"], tokens, k=2, method="sketch", sketch_rank=3, progress=False
+    )
+    assert ", sketch (r = 3, float64 products)<br>" in tps.plot_atlas(sketch).layout.title.text
+
+
 def test_normalised_view_and_linear_scale(atlas: tps.SensitivityAtlas) -> None:
     fig = tps.plot_atlas(atlas, log=False)
     expected = atlas.singular_values[0, 2, 0] / atlas.source_norms[0]
