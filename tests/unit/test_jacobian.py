@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import tl_powersteer as tps
+from tests.conftest import build_models
 from tests.reference import reference_function, reference_jacobian
 from tl_powersteer.adapters import ModelAdapter
 from tl_powersteer.jacobian import (
@@ -598,11 +599,16 @@ def test_rounded_matrix_products_round_both_factors_and_nothing_else() -> None:
     torch.testing.assert_close(scaled, a * 3, rtol=0, atol=0)
 
 
-def test_graph_products_with_bfloat16_matmuls(model: Any, tokens: torch.Tensor) -> None:
+@pytest.mark.parametrize("name", ["hooked", "native_bridge", "hf_bridge"])
+def test_graph_products_with_bfloat16_matmuls(
+    name: str, models: dict[str, Any], tokenizer_dir: str, gpt2_dir: str, tokens: torch.Tensor
+) -> None:
     """Every model class's products (einsum, linear and Conv1D layers) are rounded."""
-    import copy
-
-    model32 = copy.deepcopy(model).to(torch.float32)
+    if name not in models:
+        pytest.skip(f"{name} is not available in this TransformerLens version")
+    model = models[name]
+    # A fresh copy with the same weights (a used bridge holds tensors deepcopy refuses).
+    model32 = build_models(tokenizer_dir, gpt2_dir)[name].to(torch.float32)
     kwargs: dict[str, Any] = {"positions": 2}
     full = JacobianGraph(model32, tokens, [0, 1], [2, 3], **kwargs)
     low = JacobianGraph(model32, tokens, [0, 1], [2, 3], matmul_dtype=torch.bfloat16, **kwargs)
