@@ -2,8 +2,8 @@
 
 Runs ``sensitivity_atlas`` with the exact, sketch and (optionally) power methods on the
 same pairs and prints, for each, seconds, speed-up over the reference, peak memory growth
-(resident memory on the CPU, allocated GPU memory with ``--device cuda``) as a multiple of
-the model's fp32 weights, and the error of its top-k singular values
+during that run (resident memory on the CPU, sampled every few milliseconds; allocated GPU
+memory with ``--device cuda``) as a multiple of the model's fp32 weights, and the error of its top-k singular values
 against the exact ones (median and worst relative error over pairs and ranks, and the worst
 pair). The reference is the original Power Steering algorithm run pair by pair
 (double-backward JᵀJ w, block 12; ``bench_power.py``), each pair iterated until its top-k
@@ -28,11 +28,17 @@ Two lines put the ratios in context, both measured in the same run:
 from __future__ import annotations
 
 import argparse
+import ctypes
+import gc
+import os
 import resource
 import statistics
 import sys
+import threading
 import time
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -43,16 +49,53 @@ from tl_powersteer.atlas import validate_atlas_arguments
 from tl_powersteer.jacobian import default_chunk_size
 
 
-def peak_mb(device: torch.device) -> float:
-    """Peak memory so far: allocated on a GPU (reset with ``reset_peak``), else resident."""
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated(device) / 2**20
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def release_freed_memory() -> None:
+    """Hand the memory that freed tensors leave in the C allocator's heap back to the system
+    (glibc's ``malloc_trim``; elsewhere nothing), so that an earlier run's does not count
+    as resident before the next one and hide what the latter really needs."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
 
 
-def reset_peak(device: torch.device) -> None:
+def resident_mb() -> float:
+    """This process's resident memory now (Linux), else its peak so far."""
+    try:
+        with open("/proc/self/statm") as statm:
+            return int(statm.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+    except OSError:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+@contextmanager
+def peak_growth(device: torch.device, every: float = 0.002) -> Iterator[list[float]]:
+    """MB the block adds to memory at its peak, in the list it yields once the block is over:
+    allocated memory on a CUDA device, else resident memory sampled every ``every`` seconds
+    (the process's own peak would hide a run's behind an earlier, larger one's)."""
+    grown: list[float] = []
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        yield grown
+        grown.append((torch.cuda.max_memory_allocated(device) - before) / 2**20)
+        return
+    gc.collect()
+    release_freed_memory()
+    before, peak, done = resident_mb(), [0.0], threading.Event()
+
+    def sample() -> None:
+        while not done.wait(every):
+            peak[0] = max(peak[0], resident_mb())
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield grown
+    finally:
+        done.set()
+        sampler.join()
+    grown.append(max(peak[0], resident_mb()) - before)
 
 
 def gemm_rate(
@@ -178,18 +221,18 @@ def main(argv: list[str] | None = None) -> int:
     results = {}
     for method, rank, matmul in runs:
         synchronize()
-        reset_peak(device)
-        before = peak_mb(device)
-        start = time.perf_counter()
-        atlas = tps.sensitivity_atlas(
-            model, prompt, sources=args.sources, k=args.k, method=method, sketch_rank=rank,
-            sketch_matmul_dtype=matmul, chunk_size=args.chunk_size, progress=False,
-        )  # fmt: skip
-        synchronize()
+        with peak_growth(device) as grown:
+            start = time.perf_counter()
+            atlas = tps.sensitivity_atlas(
+                model, prompt, sources=args.sources, k=args.k, method=method, sketch_rank=rank,
+                sketch_matmul_dtype=matmul, chunk_size=args.chunk_size, progress=False,
+            )  # fmt: skip
+            synchronize()
+            seconds = time.perf_counter() - start
         label = method
         if method == "sketch":  # the rank and matmul dtype it ran with
             label = f"sketch r={atlas.sketch_rank} {atlas.sketch_matmul_dtype}"
-        results[label] = (atlas, time.perf_counter() - start, peak_mb(device) - before)
+        results[label] = (atlas, seconds, grown[0])
     exact, exact_s, _ = results["exact"]
     reference_s, iterations = float("nan"), []
     if not args.no_reference:

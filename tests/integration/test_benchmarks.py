@@ -81,6 +81,25 @@ def test_bench_atlas_sketch_matmuls(capsys: pytest.CaptureFixture[str]) -> None:
     assert float(rows[0][-4]) < 1e-5 < float(rows[1][-4]) < 2e-2
 
 
+def test_peak_growth_is_each_runs_own() -> None:
+    import time
+
+    import bench_atlas
+
+    def hold(mb: int) -> None:
+        block = torch.ones(mb * 2**20 // 4)  # written, so resident
+        time.sleep(0.05)  # long enough to be sampled
+        del block
+
+    cpu = torch.device("cpu")
+    with bench_atlas.peak_growth(cpu) as first:
+        hold(256)
+    with bench_atlas.peak_growth(cpu) as second:
+        hold(64)
+    # The second run's peak is its own, not the process's (still the first one's).
+    assert 240 < first[0] < 300 and 56 < second[0] < 100
+
+
 def test_matmul_floor_counts_every_block_crossed() -> None:
     from types import SimpleNamespace
 
