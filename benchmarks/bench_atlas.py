@@ -3,11 +3,11 @@
 Runs ``sensitivity_atlas`` with the exact, sketch and (optionally) power methods on the
 same pairs and prints, for each, seconds, speed-up over the reference, peak memory growth
 during that run (resident memory on the CPU, sampled every few milliseconds; allocated GPU
-memory with ``--device cuda``) as a multiple of the model's fp32 weights, and the error of its top-k singular values
-against the exact ones (median and worst relative error over pairs and ranks, and the worst
-pair). The reference is the original Power Steering algorithm run pair by pair
-(double-backward JᵀJ w, block 12; ``bench_power.py``), each pair iterated until its top-k
-singular values are within 1e-3 of the exact ones.
+memory with ``--device cuda``) as a multiple of the model's fp32 weights, and the error of
+its top-k singular values against the exact ones (median and worst relative error over
+pairs and ranks, and the worst pair). The reference is the original Power Steering
+algorithm run pair by pair (double-backward JᵀJ w, block 12; ``bench_power.py``), each
+pair iterated until its top-k singular values are within 1e-3 of the exact ones.
 
 Two lines put the ratios in context, both measured in the same run:
 
@@ -171,8 +171,8 @@ def main(argv: list[str] | None = None) -> int:
         nargs="+",
         choices=["default", "float32", "bfloat16"],
         default=["default"],
-        help="sketch_matmul_dtype of each sketch row: the library's default for this "
-        "device (bfloat16 where it multiplies bfloat16 natively), or a given dtype",
+        help="sketch_matmul_dtype of each sketch row: the library's default (bfloat16 on a "
+        "CPU that multiplies it in hardware, else full precision), or a given dtype",
     )
     parser.add_argument("--device", type=torch.device, default="cpu", help="cpu or cuda")
     parser.add_argument(
