@@ -338,6 +338,14 @@ class SensitivityAtlas:
         }
 
 
+def _method_label(atlas: SensitivityAtlas) -> str:
+    """The method that ran, with the sketch's settings (how approximate the map is)."""
+    if atlas.method != "sketch":
+        return atlas.method
+    products = f", {atlas.sketch_matmul_dtype} products" if atlas.sketch_matmul_dtype else ""
+    return f"sketch (r = {atlas.sketch_rank}{products})"
+
+
 def _layer_list(
     adapter: ModelAdapter, layers: Sequence[int] | None, what: str, default: range
 ) -> list[int]:

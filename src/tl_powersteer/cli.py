@@ -34,7 +34,7 @@ from typing import Any, NoReturn
 import torch
 
 from .adapters import ModelAdapter
-from .atlas import ATLAS_METHODS, sensitivity_atlas, validate_atlas_arguments
+from .atlas import ATLAS_METHODS, _method_label, sensitivity_atlas, validate_atlas_arguments
 from .baselines import caa_vector, melbo
 from .effects import effect
 from .jacobian import JVP_METHODS
@@ -53,6 +53,7 @@ DEMO_ANSWERS = (" great", " terrible")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 _MARKER = "summary.md"
 STEER_METHODS = ("power_steering", "melbo", "caa")
+SKETCH_MATMULS = ("auto", "full", "bfloat16")
 
 
 class UsageError(Exception):
@@ -238,6 +239,24 @@ def build_parser() -> argparse.ArgumentParser:
         help="exact, power, sketch, or auto by model size (default: %(default)s)",
     )
     _jacobian_options(atlas, k=4, k_help="singular values kept per pair")
+    sketch = atlas.add_argument_group("sketch method (--method sketch, or auto where it picks it)")
+    sketch.add_argument(
+        "--sketch-rank",
+        type=int,
+        default=None,
+        metavar="R",
+        help="r, the sketch's width: larger is slower and more accurate, d_model is exact "
+        "(default: the larger of 3k + 2 and d_model / 48)",
+    )
+    sketch.add_argument(
+        "--sketch-matmuls",
+        choices=SKETCH_MATMULS,
+        default="auto",
+        help="precision of the sketch's matrix products: bfloat16 factors (faster on a CPU "
+        "with AVX512-BF16 or AMX, about 0.5%% error per product), full (the model's dtype: "
+        "every machine agrees to rounding), or auto: bfloat16 for a float32 model on such "
+        "a CPU, else full (default: %(default)s)",
+    )
     atlas.add_argument("--out", required=True, help="output folder (created if missing)")
     _model_options(atlas)
     atlas.set_defaults(run=_run_atlas)
@@ -362,6 +381,12 @@ def _run_atlas(args: argparse.Namespace) -> int:
         raise UsageError(f"--positions must be at least 1, got {args.positions}")
     if any(not p.strip() for p in args.prompt):
         raise UsageError("--prompt must not be empty")
+    sketch_options = args.sketch_rank is not None or args.sketch_matmuls != "auto"
+    if sketch_options and args.method not in ("sketch", "auto"):
+        raise UsageError(
+            f"--sketch-rank and --sketch-matmuls apply to --method sketch (or auto), not "
+            f"{args.method}; drop them or choose --method sketch"
+        )
     out = Path(args.out)
     if out.exists() and not out.is_dir():
         raise UsageError(f"--out {str(out)!r} exists and is not a folder")
@@ -378,7 +403,11 @@ def _run_atlas(args: argparse.Namespace) -> int:
         "target_site": args.target_site,
         "positions": args.positions,
         "seed": args.seed,
-    }
+        "sketch_rank": args.sketch_rank,
+        "sketch_matmul_dtype": {
+            "auto": None, "full": ModelAdapter(model).dtype, "bfloat16": torch.bfloat16
+        }[args.sketch_matmuls],
+    }  # fmt: skip
     # A dry run of the checks: bad layers or sites fail here, before the folder exists.
     validate_atlas_arguments(model, args.prompt, **options)
     out.mkdir(exist_ok=True)
@@ -388,7 +417,7 @@ def _run_atlas(args: argparse.Namespace) -> int:
     result.to_pandas().to_csv(out / "atlas.csv", index=False)
     result.to_html(out / "atlas.html", model=model)
     print(
-        f"atlas of {len(result.pairs())} pairs ({result.method}) in {seconds:.1f} s; "
+        f"atlas of {len(result.pairs())} pairs ({_method_label(result)}) in {seconds:.1f} s; "
         f"open {(out / 'atlas.html').resolve()}"
     )
     return 0

@@ -39,7 +39,7 @@ from typing import Any
 
 import torch
 
-from .atlas import SensitivityAtlas
+from .atlas import SensitivityAtlas, _method_label
 
 __all__ = ["GAP_WARNING", "atlas_html", "plot_atlas"]
 
@@ -115,10 +115,7 @@ def plot_atlas(atlas: SensitivityAtlas, rank: int = 0, *, log: bool = True) -> A
         buttons.append({"label": label, "method": "update", "args": [{"visible": visible}]})
     prompt = (atlas.prompts or ["(token ids)"])[0]
     more = f" (+{len(atlas.prompts) - 1} more)" if atlas.prompts and len(atlas.prompts) > 1 else ""
-    method = atlas.method
-    if method == "sketch":  # how approximate the map is
-        products = f", {atlas.sketch_matmul_dtype} products" if atlas.sketch_matmul_dtype else ""
-        method += f" (r = {atlas.sketch_rank}{products})"
+    method = _method_label(atlas)
     fig.update_layout(
         title={
             "text": f"{html.escape(atlas.model_name, quote=False)}: {atlas.source_site} -> "

@@ -163,9 +163,32 @@ def test_atlas(gpt2_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(args) == 0  # a rerun resumes from the finished checkpoint
 
 
+@pytest.mark.parametrize(("matmuls", "recorded"), [("full", "float64"), ("bfloat16", "bfloat16")])
+def test_atlas_sketch_options(
+    gpt2_dir: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    matmuls: str,
+    recorded: str,
+) -> None:
+    out = tmp_path / "atlas"
+    args = ["atlas", "--prompt", "the cat sat on the mat", "--sources", "0:2", "--k", "2",
+            "--method", "sketch", "--sketch-rank", "5", "--sketch-matmuls", matmuls,
+            "--model", gpt2_dir, "--dtype", "float64", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert f"pairs (sketch (r = 5, {recorded} products))" in capsys.readouterr().out
+    atlas = tps.load(out / "atlas.safetensors")
+    assert (atlas.method, atlas.sketch_rank, atlas.sketch_matmul_dtype) == ("sketch", 5, recorded)
+    assert atlas.is_complete()
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
+        (["--method", "sketch", "--sketch-rank", "2"], "sketch_rank must be an int between"),
+        (["--method", "exact", "--sketch-rank", "8"], "apply to --method sketch (or auto)"),
+        (["--method", "power", "--sketch-matmuls", "full"], "not power; drop them"),
+        (["--sketch-matmuls", "float16"], "invalid choice"),
         (["--sources", "a:b"], "expected start:stop or a comma list"),
         (["--sources", "3:3"], "selects no layer"),
         (["--sources", "3", "--targets", "1"], "no pair with target > source"),
