@@ -243,6 +243,28 @@ def test_shared_basis_holds_every_low_rank_sketch_exactly() -> None:
         assert principal_angles(V, Vh[:2]).max() < 1e-8
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_top_k_of_a_dense_jacobian_is_float64_accurate(dtype: torch.dtype) -> None:
+    # Heavy-tailed like a layer Jacobian's spectrum; σ_5 close to σ_6, where a step on
+    # the top k + 1 directions alone would mix them.
+    gen = torch.Generator().manual_seed(3)
+    U = torch.linalg.qr(torch.randn(300, 80, generator=gen, dtype=torch.float64)).Q
+    W = torch.linalg.qr(torch.randn(80, 80, generator=gen, dtype=torch.float64)).Q
+    spectrum = torch.cat(
+        [torch.tensor([9.0, 5.0, 3.0, 2.0, 1.98, 1.9799]), torch.linspace(1.5, 0.1, 74)]
+    )
+    J = ((U * spectrum.double()) @ W.T).to(dtype)
+    sig, nxt, V = atlas_module._top_k_svd(J, k=4)
+    # The reference: a float64 SVD of the very matrix given (rounded to its dtype).
+    S, Vh = torch.linalg.svd(J.double(), full_matrices=False)[1:]
+    assert sig.dtype == nxt.dtype == V.dtype == torch.float64
+    # float32 eigenvectors are orthonormal to ~1e-7 only: unless made orthonormal in
+    # float64 before the Rayleigh-Ritz step, σ would be off by about that much.
+    torch.testing.assert_close(sig, S[:4], rtol=1e-10, atol=0)
+    torch.testing.assert_close(nxt, S[4], rtol=1e-10, atol=0)
+    assert principal_angles(V, Vh[:4]).max() < (1e-8 if dtype == torch.float64 else 1e-4)
+
+
 def test_rows_of_a_left_basis_give_the_exact_top_k() -> None:
     gen = torch.Generator().manual_seed(2)
     J = torch.randn(40, 4, generator=gen, dtype=torch.float64) @ torch.randn(
