@@ -16,7 +16,7 @@ Two lines put the ratios in context, both measured in the same run:
   device's best fp32 GEMM rate on the model's MLP shapes. No fp32 implementation of the exact
   atlas can be faster, so reference / floor bounds its achievable speed-up;
 * the singular value spectrum of the pair where the sketch errs most: restricted to a basis
-  of 3r columns, a sketch cannot resolve σ1..σk better than the tail σ_{3r+1} / σ1 allows.
+  of 4r columns, a sketch cannot resolve σ1..σk better than the tail σ_{4r+1} / σ1 allows.
 
     python benchmarks/bench_atlas.py                          # tiny random GPT-2, offline
     python benchmarks/bench_atlas.py --model gemma-3-270m     # all 153 pairs of Gemma 3 270M
@@ -45,7 +45,7 @@ import torch
 from bench_power import REAL_PROMPT, synchronize, time_reference, tiny_gpt2
 
 import tl_powersteer as tps
-from tl_powersteer.atlas import validate_atlas_arguments
+from tl_powersteer.atlas import _BASIS_FACTOR, validate_atlas_arguments
 from tl_powersteer.jacobian import default_chunk_size
 
 
@@ -285,7 +285,7 @@ def main(argv: list[str] | None = None) -> int:
     if worst_sketch[0] >= 0:
         _, s_w, t_w = worst_sketch
         sketch_ranks = {a.sketch_rank for a, _, _ in results.values() if a.method == "sketch"}
-        ranks = sorted({args.k, *(3 * r for r in sketch_ranks)})
+        ranks = sorted({args.k, *(_BASIS_FACTOR * r for r in sketch_ranks)})
         print(f"spectrum of L{s_w} -> L{t_w}: {spectrum_tail(model, prompt, s_w, t_w, ranks)}")
     return 0
 

@@ -17,7 +17,7 @@ Methods:
   of a random block Ψ (r columns) gives Ψᵀ J_{s,t} for every earlier source in the same
   backward pass. Per source layer, the top right singular vectors of those co-range
   sketches (each scaled to unit norm, so every target counts) form one orthonormal basis P
-  of up to 3r columns, and one vmapped JVP of P gives J_{s,t} P for every later target;
+  of up to 4r columns, and one vmapped JVP of P gives J_{s,t} P for every later target;
   each pair's top-k come from the SVD of J_{s,t} P, i.e. of J_{s,t} restricted to P (a
   randomized range finder on the row space, Halko, Martinsson & Tropp 2011, whose basis is
   shared by all targets of a source). A refining pass turns to the other side: per target
@@ -26,7 +26,7 @@ Methods:
   keeps that estimate where it holds more of its spectrum. Last, each pair at most three
   layers apart (the flattest spectra, and the cheapest products) takes one block Krylov
   step of its own from the top 2k left directions U of Qᵀ J_{s,t}, whose Uᵀ J_{s,t} the
-  refining pass already holds. Cost: about 8r products per layer instead of d_model, plus
+  refining pass already holds. Cost: about 9r products per layer instead of d_model, plus
   4k products per short pair. In full precision the σ it returns are lower bounds of the
   exact ones (compare with ``"exact"``), and with r = d_model it is exact. For a float32
   model on a CPU that multiplies bfloat16 in hardware, its products run their matrix
@@ -96,11 +96,14 @@ __all__ = [
 
 ATLAS_METHODS = ("auto", "exact", "power", "sketch")
 _EXACT_UP_TO = 1024
-# Columns of each source's shared basis P, as a multiple of the co-range width r. On the 153
-# Gemma 3 270M pairs at a cost of 256 products per layer, a basis of 3r had a worst σ1..σ4
-# error of 2% to 5% (three seeds), against 3% for 2.2r, 4% for 4.3r and 14% for r, and 8%
-# for the single-pass rebuild of Tropp et al. (2017), Q (ΨᵀQ)⁺ ΨᵀJ, at the same cost.
-_BASIS_FACTOR = 3
+# Columns of each source's shared basis P, as a multiple of the co-range width r. With the
+# refining pass and the polish, at r = 14, on three prompts of Gemma 3 270M (21, 13 and 21
+# tokens, seeds 0 to 2, 153 pairs each) the worst σ1..σ4 error was 1.6% with 4r against 2.2%
+# with 3r (1.9% for 3r with a 5r refining basis, 2.0% for 3r at r = 16, 2.7% for 4r at
+# r = 12), for 6% to 10% more time. Alone, without the later passes, a basis is best at
+# about 3r, and far better than the single-pass rebuild of Tropp et al. (2017),
+# Q (ΨᵀQ)⁺ ΨᵀJ (8% where 3r erred by 2% to 5%, at 256 products per layer).
+_BASIS_FACTOR = 4
 # Columns of each target's refining basis, as a multiple of r, and the directions of each
 # pair's J_{s,t} P (as a multiple of k) that build it. On the same 153 pairs, with 3r and
 # 2k the worst error was 1.4% at r = 32 (224 products per layer) and 3.5% at r = 24 (168),
@@ -513,8 +516,8 @@ def _plan(
         raise ValueError(f"the folder of checkpoint does not exist: {str(ckpt.parent)!r}")
     # Layer Jacobians have heavy spectral tails (on the worst Gemma 3 270M pair, σ65/σ1 is
     # still 0.14), so the sketch needs a wide basis: see docs/concepts/atlas.md. With the
-    # short pairs polished, r = 14 (d_model / 48 on Gemma, 3k + 2 for k = 4) erred by 1.4% to
-    # 1.9% there (three seeds).
+    # short pairs polished, r = 14 (d_model / 48 on Gemma, 3k + 2 for k = 4) erred by 1.2% to
+    # 1.6% there (three prompts, three seeds).
     default_rank = min(max(3 * k + 2, adapter.d_model // 48), adapter.d_model)
     r = default_rank if sketch_rank is None else sketch_rank
     if isinstance(r, bool) or not isinstance(r, int) or not k < r <= adapter.d_model:
@@ -607,7 +610,7 @@ def sensitivity_atlas(
             on a GPU, larger chunks run faster (``docs/how-to/gpu.md``).
         sketch_rank: r, the co-range sketch width of the sketch method (default the larger
             of 3k + 2 and d_model / 48, at most d_model); each source's shared basis has up
-            to 3r columns and each target's refining basis up to 4r. Larger is slower and more
+            to 4r columns and each target's refining basis up to 4r. Larger is slower and more
             accurate; r = d_model is exact.
         sketch_matmul_dtype: ``torch.bfloat16`` runs the matrix multiplications of the
             sketch's products with bfloat16 factors (``JacobianGraph``'s ``matmul_dtype``);

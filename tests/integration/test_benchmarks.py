@@ -54,12 +54,12 @@ def test_bench_atlas_sketch_ranks(capsys: pytest.CaptureFixture[str]) -> None:
     import bench_atlas
 
     argv = ["--d-model", "16", "--layers", "3", "--k", "2", "--no-reference"]
-    assert bench_atlas.main([*argv, "--sketch-ranks", "4", "8"]) == 0
+    assert bench_atlas.main([*argv, "--sketch-ranks", "3", "8"]) == 0
     out = capsys.readouterr().out
     rows = [line.split()[:2] for line in out.splitlines() if line.strip().startswith("sketch")]
-    assert rows == [["sketch", "r=4"], ["sketch", "r=8"]]
+    assert rows == [["sketch", "r=3"], ["sketch", "r=8"]]
     tail = next(line for line in out.splitlines() if line.startswith("spectrum of L"))
-    # σ_{k+1} and σ_{3r+1} for r = 4 (3r + 1 = 25 is past d_model 16 for r = 8).
+    # σ_{k+1} and σ_{4r+1} for r = 3 (4r + 1 = 33 is past d_model 16 for r = 8).
     assert [part.split()[0] for part in tail.split(": ", 1)[1].split(", ")] == [
         "σ3/σ1", "σ13/σ1",
     ]  # fmt: skip
