@@ -155,10 +155,12 @@ class SensitivityAtlas:
     prompts: list[str] | None
     tokens: Tensor | None = None
     completed_sources: list[int] = field(default_factory=list)
-    # Sketch method only: r, the width of its co-range sketches (r; 0 for other methods),
-    # and the dtype its products' matrix multiplications rounded their factors to.
+    # Sketch method only (0 or "" for other methods): r, the width of its co-range sketches
+    # (r), the most columns of each source's shared basis, and the dtype its products'
+    # matrix multiplications rounded their factors to.
     sketch_rank: int = 0
     co_range_width: int = 0
+    basis_width: int = 0
     sketch_matmul_dtype: str = ""
     # Sketch method only, while running: Ψᵀ J_{s,t} per pair, and the targets done; then
     # each pair's top 2k directions of J_{s,t} P, and the targets whose pairs are refined.
@@ -338,6 +340,7 @@ class SensitivityAtlas:
             "seed": self.seed,
             "sketch_rank": self.sketch_rank,
             "co_range_width": self.co_range_width,
+            "basis_width": self.basis_width,
             "sketch_matmul_dtype": self.sketch_matmul_dtype,
             "prompts": self.prompts,
             "tokens": None if self.tokens is None else self.tokens.tolist(),
@@ -650,6 +653,7 @@ def sensitivity_atlas(
         tokens=None if batch.texts is not None else batch.tokens.cpu(),
         sketch_rank=r if method == "sketch" else 0,
         co_range_width=r if method == "sketch" else 0,
+        basis_width=_BASIS_FACTOR * r if method == "sketch" else 0,
         sketch_matmul_dtype=str(plan.matmul_dtype).removeprefix("torch.")
         if method == "sketch"
         else "",
@@ -685,7 +689,7 @@ def sensitivity_atlas(
                 assert atlas.co_range_sketch is not None
                 # Built and used on the CPU, beside the co-range sketch that is kept there.
                 basis = shared_basis(
-                    [atlas.co_range_sketch[s, t] for t in later], _BASIS_FACTOR * r
+                    [atlas.co_range_sketch[s, t] for t in later], atlas.basis_width
                 )
                 Z = op.matvec(basis.to(op.device, op.dtype)).to("cpu")
                 width = min(_REFINE_DIRECTIONS * k, basis.shape[1])

@@ -434,7 +434,7 @@ def test_sketch_checkpoint_resumes(
 ) -> None:
     model = models["native_bridge"]
     ckpt = tmp_path / "sketch.safetensors"
-    # r = 3: each basis (9 of 16 columns) depends on the co-range sketches being resumed.
+    # r = 3: each basis (12 of 16 columns) depends on the co-range sketches being resumed.
     real_matvec = interrupt_call(monkeypatch, "matvec", 1)
     with pytest.raises(Interrupt):
         tps.sensitivity_atlas(
@@ -443,16 +443,23 @@ def test_sketch_checkpoint_resumes(
     partial = tps.load(ckpt)
     assert partial.completed_targets == [1, 2, 3] and partial.completed_sources == [0]
     assert partial.co_range_sketch is not None and partial.co_range_width == 3  # r
-    assert partial.co_range_sketch.shape[2] == 3
+    assert partial.co_range_sketch.shape[2] == 3 and partial.basis_width == 12  # 4r
     monkeypatch.setattr(RecordedJacobian, "matvec", real_matvec)
-    # A sketch made with another co-range width cannot be continued.
-    other = tmp_path / "other.safetensors"
-    partial.co_range_width = 17
-    partial.save(other)
-    with pytest.raises(ValueError, match=r"co_range_width: 17 there, 3 now"):
-        tps.sensitivity_atlas(
-            model, tokens, k=2, method="sketch", sketch_rank=3, checkpoint=other, progress=False
-        )
+    # A sketch made with another co-range width or shared basis (an earlier version's 3r,
+    # where no width was saved) cannot be continued.
+    for name, value, message in [
+        ("co_range_width", 17, "co_range_width: 17 there, 3 now"),
+        ("basis_width", 0, "basis_width: 0 there, 12 now"),
+    ]:
+        other = tmp_path / f"other_{name}.safetensors"
+        changed = tps.load(ckpt)
+        setattr(changed, name, value)
+        changed.save(other)
+        with pytest.raises(ValueError, match=message):
+            tps.sensitivity_atlas(
+                model, tokens, k=2, method="sketch", sketch_rank=3, checkpoint=other,
+                progress=False,
+            )  # fmt: skip
     resumed = tps.sensitivity_atlas(
         model, tokens, k=2, method="sketch", sketch_rank=3, checkpoint=ckpt, progress=False
     )
