@@ -45,7 +45,7 @@ import torch
 from bench_power import REAL_PROMPT, synchronize, time_reference, tiny_gpt2
 
 import tl_powersteer as tps
-from tl_powersteer.atlas import _BASIS_FACTOR, validate_atlas_arguments
+from tl_powersteer.atlas import validate_atlas_arguments
 from tl_powersteer.jacobian import default_chunk_size
 
 
@@ -284,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
             worst_sketch = (flat.max().item(), s_w, t_w)
     if worst_sketch[0] >= 0:
         _, s_w, t_w = worst_sketch
-        sketch_ranks = {a.sketch_rank for a, _, _ in results.values() if a.method == "sketch"}
-        ranks = sorted({args.k, *(_BASIS_FACTOR * r for r in sketch_ranks)})
+        widths = {a.basis_width for a, _, _ in results.values() if a.method == "sketch"}
+        ranks = sorted({args.k, *widths})
         print(f"spectrum of L{s_w} -> L{t_w}: {spectrum_tail(model, prompt, s_w, t_w, ranks)}")
     return 0
 
