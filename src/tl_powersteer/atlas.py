@@ -375,15 +375,18 @@ def _layer_list(
 
 
 def _choose_method(
-    d_model: int, n_sources: int, n_targets: int, n_pairs: int, k: int, sketch_rank: int
+    d_model: int, sources: list[int], targets: list[int], k: int, sketch_rank: int
 ) -> str:
     if d_model <= _EXACT_UP_TO:
         return "exact"
     # The sketch is approximate: only worth it when it saves a lot over the power method.
+    # Both costs count products through the layers, per layer.
+    n_pairs = sum(t > s for s in sources for t in targets)
     power_cost = n_pairs * 2 * _POWER_ITERATIONS * (k + 5)
-    sketch_cost = (
-        _BASIS_FACTOR * sketch_rank * n_sources + (1 + _REFINE_FACTOR) * sketch_rank * n_targets
-    )
+    co_range, _ = _sketch_widths(sources, targets, sketch_rank, k, d_model)
+    basis = min(_BASIS_FACTOR * sketch_rank, d_model)
+    refining = min(_REFINE_FACTOR * sketch_rank, d_model)
+    sketch_cost = sum(co_range.values()) + basis * len(sources) + refining * len(co_range)
     return "power" if power_cost <= 4 * sketch_cost else "sketch"
 
 
@@ -566,9 +569,7 @@ def _plan(
             f"{adapter.d_model}, got {r!r}"
         )
     if method == "auto":
-        method = _choose_method(
-            adapter.d_model, len(source_layers), len(target_layers), len(pairs), k, r
-        )
+        method = _choose_method(adapter.d_model, source_layers, target_layers, k, r)
     check_matmul_dtype(sketch_matmul_dtype, adapter.dtype, "sketch_matmul_dtype")
     matmul_dtype = sketch_matmul_dtype
     if matmul_dtype is None:

@@ -97,14 +97,16 @@ def test_repr_is_a_short_summary(models: dict[str, Any], tokens: torch.Tensor) -
 
 def test_auto_picks_a_method() -> None:
     choose = atlas_module._choose_method
-    assert (
-        choose(d_model=640, n_sources=17, n_targets=17, n_pairs=153, k=4, sketch_rank=20) == "exact"
-    )
-    assert (
-        choose(d_model=2304, n_sources=25, n_targets=25, n_pairs=325, k=4, sketch_rank=20)
-        == "sketch"
-    )
-    assert choose(d_model=8192, n_sources=1, n_targets=1, n_pairs=1, k=4, sketch_rank=20) == "power"
+    gemma = list(range(18))
+    assert choose(640, gemma[:-1], gemma[1:], k=4, sketch_rank=20) == "exact"
+    layers = list(range(26))
+    assert choose(2304, layers[:-1], layers[1:], k=4, sketch_rank=20) == "sketch"
+    assert choose(8192, [3], [20], k=4, sketch_rank=20) == "power"
+    # Two targets for eight sources: each source's basis is filled by widening the two
+    # co-range sketches to 2r rows, which makes the sketch dearer than the power method on
+    # the 16 pairs (18 pairs tip it back).
+    assert choose(2304, layers[:8], [24, 25], k=4, sketch_rank=20) == "power"
+    assert choose(2304, layers[:9], [24, 25], k=4, sketch_rank=20) == "sketch"
 
 
 def test_save_load(models: dict[str, Any], tokens: torch.Tensor, tmp_path: Path) -> None:
