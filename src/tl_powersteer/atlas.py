@@ -384,8 +384,7 @@ def _choose_method(
     n_pairs = sum(t > s for s in sources for t in targets)
     power_cost = n_pairs * 2 * _POWER_ITERATIONS * (k + 5)
     co_range, _ = _sketch_widths(sources, targets, sketch_rank, k, d_model)
-    basis = min(_BASIS_FACTOR * sketch_rank, d_model)
-    refining = min(_REFINE_FACTOR * sketch_rank, d_model)
+    basis, refining = _basis_widths(sketch_rank, d_model)
     sketch_cost = sum(co_range.values()) + basis * len(sources) + refining * len(co_range)
     return "power" if power_cost <= 4 * sketch_cost else "sketch"
 
@@ -394,6 +393,11 @@ def _test_matrix(rows: int, cols: int, seed: int, layer: int, dtype: torch.dtype
     """The sketch's Gaussian test matrix for one layer, the same on every call."""
     gen = torch.Generator().manual_seed(seed * 1_000_003 + layer)
     return torch.randn(rows, cols, generator=gen, dtype=torch.float64).to(dtype)
+
+
+def _basis_widths(r: int, d: int) -> tuple[int, int]:
+    """Columns of a source's shared basis and of a target's refining basis."""
+    return min(_BASIS_FACTOR * r, d), min(_REFINE_FACTOR * r, d)
 
 
 def _sketch_widths(
@@ -410,8 +414,7 @@ def _sketch_widths(
     16 sources of L16 by 4%. So where a layer with a pair too long for the polish has too
     few partners, its partners' sketches are widened until its basis is full.
     """
-    basis = min(_BASIS_FACTOR * r, d)
-    refining = min(_REFINE_FACTOR * r, d)
+    basis, refining = _basis_widths(r, d)
     later = {s: [t for t in targets if t > s] for s in sources}
     earlier = {t: [s for s in sources if s < t] for t in targets}
     co_range = {t: r for t, found in earlier.items() if found}
