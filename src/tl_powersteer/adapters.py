@@ -37,7 +37,6 @@ __all__ = [
     "ModelKind",
     "Prompts",
     "TokenBatch",
-    "activation_norms",
     "activations",
     "boot",
     "decode_token",
@@ -441,12 +440,6 @@ def boot(
     return HookedTransformer.from_pretrained_no_processing(
         hooked_name, hf_model=hf_model, tokenizer=tokenizer, device=device, dtype=dtype
     ).eval()
-
-
-def activation_norms(adapter: ModelAdapter, batch: TokenBatch, hooks: Sequence[str]) -> Tensor:
-    """Median L2 norm over real tokens of each hook's activation, from one forward pass."""
-    acts = activations(adapter, batch, hooks)
-    return torch.stack([act[batch.mask].float().norm(dim=-1).median() for act in acts])
 
 
 def steered_logits(

@@ -2,7 +2,7 @@
 
 ``plot_atlas`` draws a sensitivity atlas as a heatmap (source layer on x, target layer on
 y, σ of one rank as colour, log10 by default) with a dropdown that switches the rank and
-the view: raw σ, or σ divided by the source activation's median norm, which makes layers
+the view: raw σ, or σ divided by the source activation's typical norm, which makes layers
 of different scale comparable. Hovering a cell shows its pair (``L3 -> L8``), σ1..σk and
 the spectral gap σ_k/σ_{k+1}; pairs whose gap is under ``GAP_WARNING`` are flagged, since
 their k-th vector is not separated from the next and should not be trusted on its own.
@@ -10,7 +10,8 @@ their k-th vector is not separated from the next and should not be trusted on it
 ``atlas_html`` writes one self-contained page (plotly.js inlined, works offline): the
 heatmap, and a side panel that shows the clicked pair's spectrum as a bar chart and, when
 token effects are given, each vector's most promoted and suppressed next tokens for both
-signs. Prompt, model and token text is HTML-escaped or set as plain text, never as markup.
+signs at a scale of about equal next-token KL. Prompt, model and token text is HTML-escaped
+or set as plain text, never as markup.
 
 >>> import torch
 >>> from tl_powersteer.plotting import plot_atlas
@@ -163,14 +164,17 @@ table.effect caption {{ text-align: left; font-weight: bold; }}
     const vectors = data.effects && data.effects.pairs[s + "," + t];
     if (!vectors) {{ return; }}
     const note = document.createElement("p");
-    note.textContent = "Next-token logit changes with each vector added at " +
-      data.effects.scale + " x the source norm:";
+    note.textContent = "Next-token logit changes at the last token, each vector added " +
+      "with each sign at the scale where the next-token KL is " + data.effects.kl +
+      " nats (searched to within 10%; scale in typical norms of the source activation):";
     box.appendChild(note);
     vectors.forEach(function (effect, i) {{
       const table = document.createElement("table");
       table.className = "effect";
       const caption = table.createCaption();
-      caption.textContent = "v" + (i + 1);
+      caption.textContent = "v" + (i + 1) + ": +v at " + effect["+"].relative.toPrecision(2) +
+        " (KL " + effect["+"].kl.toPrecision(2) + "), -v at " +
+        effect["-"].relative.toPrecision(2) + " (KL " + effect["-"].kl.toPrecision(2) + ")";
       ["+", "-"].forEach(function (sign) {{
         ["promoted", "suppressed"].forEach(function (kind) {{
           const row = table.insertRow();

@@ -172,10 +172,15 @@ def typical_norm(model: Any, prompts: Prompts, layer: int, site: str) -> float:
     many times the others')."""
     adapter = ModelAdapter(model)
     batch = adapter.tokenize(prompts)
-    act = activations(adapter, batch, [adapter.hook_name(layer, site)])[0]
+    return float(typical_norms(adapter, batch, [adapter.hook_name(layer, site)])[0])
+
+
+def typical_norms(adapter: ModelAdapter, batch: TokenBatch, hooks: Sequence[str]) -> Tensor:
+    """``typical_norm`` of each hook's activation, from one forward pass."""
+    acts = activations(adapter, batch, list(hooks))
     mask = batch.mask.clone()
     mask[:, 0] &= batch.lengths == 1
-    return robust_norm(act[mask])
+    return torch.tensor([robust_norm(act[mask]) for act in acts], dtype=torch.float64)
 
 
 def _check_positions(positions: Any) -> None:

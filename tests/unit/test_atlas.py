@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any
 
@@ -565,25 +566,44 @@ def test_token_effects_match_a_direct_steered_run(models: dict[str, Any]) -> Non
     model = models["hf_bridge"]
     prompts = ["the cat sat on the mat", "i liked it"]
     atlas = tps.sensitivity_atlas(model, prompts, sources=[0], targets=[2, 3], k=2, progress=False)
-    effects = atlas_module.token_effects(model, atlas, scale=0.5, top=3, progress=False)
-    assert effects["scale"] == 0.5 and sorted(effects["pairs"]) == ["0,2", "0,3"]
+    # This random-weight model is nearly insensitive: 2e-3 nats needs ~8 typical norms.
+    effects = atlas_module.token_effects(model, atlas, kl=2e-3, top=3, progress=False)
+    assert effects["kl"] == 2e-3 and sorted(effects["pairs"]) == ["0,2", "0,3"]
 
-    def delta_logits(vector: torch.Tensor) -> torch.Tensor:
-        rows = []
+    def steered(vector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits at each prompt's last token, unsteered and with the vector added."""
+        base, moved = [], []
         for prompt in prompts:
             tokens = model.to_tokens(prompt)
             with torch.no_grad():
-                base = model(tokens)[0, -1]
-                steered = model.run_with_hooks(
-                    tokens, fwd_hooks=[("blocks.0.hook_mlp_out", lambda act, hook: act + vector)]
-                )[0, -1]
-            rows.append(steered - base)
-        return torch.stack(rows).mean(0)
+                base.append(model(tokens)[0, -1])
+                moved.append(
+                    model.run_with_hooks(
+                        tokens,
+                        fwd_hooks=[("blocks.0.hook_mlp_out", lambda act, hook: act + vector)],
+                    )[0, -1]
+                )
+        return torch.stack(base), torch.stack(moved)
 
-    v = atlas.vectors(0, 3)[1] * 0.5 * atlas.source_norms[0]
+    def mean_kl(base: torch.Tensor, moved: torch.Tensor) -> float:
+        log_p, log_q = moved.double().log_softmax(-1), base.double().log_softmax(-1)
+        return float((log_p.exp() * (log_p - log_q)).sum(-1).mean())
+
+    unit = float(atlas.source_norms[0])
+    assert unit == pytest.approx(tps.typical_norm(model, prompts, 0, "hook_mlp_out"), rel=1e-6)
+    # Every vector and sign is shown within 10% (0.1 in log) of the KL asked for.
+    for pair in effects["pairs"].values():
+        for entry in pair:
+            for sign in "+-":
+                assert abs(math.log(entry[sign]["kl"] / 2e-3)) <= 0.1
+                assert entry[sign]["relative"] == pytest.approx(entry[sign]["scale"] / unit)
+    v = atlas.vectors(0, 3)[1].to(torch.float64)
+    entry = effects["pairs"]["0,3"][1]
     for sign, direction in (("+", v), ("-", -v)):
-        expected = delta_logits(direction.to(torch.float64))
-        listed = effects["pairs"]["0,3"][1][sign]
+        listed = entry[sign]
+        base, moved = steered(direction * listed["scale"])
+        expected = (moved - base).mean(0)
+        assert listed["kl"] == pytest.approx(mean_kl(base, moved), rel=1e-6)
         top_ids = expected.topk(3).indices.tolist()
         assert [text for text, _ in listed["promoted"]] == [
             model.tokenizer.decode([i]) for i in top_ids
@@ -593,12 +613,19 @@ def test_token_effects_match_a_direct_steered_run(models: dict[str, Any]) -> Non
         )
         low = expected.topk(3, largest=False)
         assert [d for _, d in listed["suppressed"]] == pytest.approx(low.values.tolist(), abs=1e-4)
+    # A KL out of reach is shown at the largest scale searched, 64 typical norms.
+    strong = atlas_module.token_effects(model, atlas, kl=10.0, top=1, progress=False)
+    found = {
+        e[sign]["relative"] for pair in strong["pairs"].values() for e in pair for sign in "+-"
+    }
+    assert found == {64.0}
 
 
 def test_token_effects_refuse_another_model(models: dict[str, Any], tokens: torch.Tensor) -> None:
     atlas = tps.sensitivity_atlas(models["native_bridge"], tokens, k=2, progress=False)
-    with pytest.raises(ValueError, match="scale must be a positive"):
-        atlas_module.token_effects(models["native_bridge"], atlas, scale=0)
+    for bad in (0, -1.0, float("nan"), float("inf"), True, "1"):
+        with pytest.raises(ValueError, match="kl must be a positive number of nats"):
+            atlas_module.token_effects(models["native_bridge"], atlas, kl=bad)  # type: ignore[arg-type]
     from transformer_lens.config import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -669,3 +696,55 @@ def test_sketch_bases_hold_no_filler(
     rel = (sketch.singular_values - exact.singular_values).abs() / exact.singular_values
     # 2e-3 at most here, where bases filled up with arbitrary directions erred by 5e-3 to 1e-2.
     assert float(rel.nan_to_num(0.0).max()) < 3e-3
+
+
+def _kl_curves(a: torch.Tensor, p: torch.Tensor, cap: float = math.inf) -> Any:
+    """A ``kl_at`` for rows whose KL is a·scale^p (at most ``cap``), counting calls per
+    row; each payload is the scale it was evaluated at."""
+    calls = torch.zeros(len(a), dtype=torch.long)
+
+    def kl_at(rows: torch.Tensor, scales: torch.Tensor) -> tuple[torch.Tensor, list[Any]]:
+        calls[rows] += 1
+        return (a[rows] * scales ** p[rows]).clamp(max=cap), scales.tolist()
+
+    return kl_at, calls
+
+
+def test_kl_matched_scales_on_known_curves() -> None:
+    a = torch.tensor([1e-3, 2e-2, 0.5, 4.0, 1e-4, 3e-3], dtype=torch.float64)
+    p = torch.tensor([2.0, 1.6, 1.3, 1.2, 3.0, 1.0], dtype=torch.float64)
+    kl_at, calls = _kl_curves(a, p)
+    n = len(a)
+    probe = torch.full((n,), 1.0, dtype=torch.float64)
+    bounds = (
+        torch.full((n,), 1e-3, dtype=torch.float64),
+        torch.full((n,), 1e3, dtype=torch.float64),
+    )
+    scales, kls, payloads = atlas_module._kl_matched_scales(kl_at, probe, 0.7, bounds)
+    torch.testing.assert_close(kls, a * scales**p)
+    assert (kls / 0.7).log().abs().max() <= 0.1
+    assert payloads == scales.tolist()  # the payload of the evaluation that was kept
+    # KL ∝ scale² is hit by the first step; the others take a few more.
+    assert calls[0] == 2 and calls.max() <= 5
+    assert float(scales[0]) == pytest.approx((0.7 / 1e-3) ** 0.5)
+
+
+def test_kl_matched_scales_stop_at_what_they_cannot_reach() -> None:
+    # Row 0 saturates at 0.3 nats; row 1 never moves; row 2 exceeds the target at the
+    # smallest scale allowed.
+    a = torch.tensor([1e-2, 0.0, 50.0], dtype=torch.float64)
+    p = torch.tensor([2.0, 2.0, 1.0], dtype=torch.float64)
+    kl_at, calls = _kl_curves(a, p, cap=0.3)
+    kl_at_big, _ = _kl_curves(a[2:], p[2:])
+    probe = torch.full((3,), 1.0, dtype=torch.float64)
+    bounds = (
+        torch.full((3,), 0.5, dtype=torch.float64),
+        torch.full((3,), 64.0, dtype=torch.float64),
+    )
+    scales, kls, _ = atlas_module._kl_matched_scales(kl_at, probe, 1.0, bounds, rounds=6)
+    assert float(kls[0]) == pytest.approx(0.3) and float(kls[1]) == 0.0
+    assert ((scales >= 0.5) & (scales <= 64.0)).all() and (calls <= 7).all()
+    high, high_kl, _ = atlas_module._kl_matched_scales(
+        kl_at_big, probe[2:], 1.0, (bounds[0][2:], bounds[1][2:])
+    )
+    assert float(high) == 0.5 and float(high_kl) == pytest.approx(25.0)
