@@ -166,7 +166,8 @@ table.effect caption {{ text-align: left; font-weight: bold; }}
     const note = document.createElement("p");
     note.textContent = "Next-token logit changes at the last token, each vector added " +
       "with each sign at the scale where the next-token KL is " + data.effects.kl +
-      " nats (searched to within 10%; scale in typical norms of the source activation):";
+      (data.effects.kl === 1 ? " nat" : " nats") +
+      " (searched to within 10%; scale in typical norms of the source activation):";
     box.appendChild(note);
     vectors.forEach(function (effect, i) {{
       const table = document.createElement("table");

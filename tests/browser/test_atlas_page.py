@@ -87,7 +87,7 @@ def test_page_renders_hovers_and_clicks(page_file: Path, tmp_path: Path) -> None
         first = tables.first.inner_text()
         assert "+v promoted" in first and "-v suppressed" in first
         assert re.search(r"v1: \+v at [0-9.e+-]+ \(KL [0-9.e+-]+\), -v at [0-9.e+-]+ \(KL ", first)
-        assert "where the next-token KL is 1 nats" in page.inner_text("#effects p")
+        assert "where the next-token KL is 1 nat (searched" in page.inner_text("#effects p")
         assert '"' in first  # token texts are listed, quoted
         page.screenshot(path=str(tmp_path / "atlas.png"))
         browser.close()
