@@ -85,7 +85,7 @@ from .jacobian import (
 )
 from .power import block_power_iteration, canonical_signs, check_iteration_args
 from .power_steering import power_steering_vector
-from .steering import SteeringVector, kl_divergence, typical_norms
+from .steering import KL_SCALE_RANGE, SteeringVector, kl_divergence, typical_norms
 
 __all__ = [
     "ATLAS_METHODS",
@@ -949,9 +949,6 @@ def _resume(fresh: SensitivityAtlas, path: Path) -> SensitivityAtlas:
 # The search's first scale, as a fraction of the source's typical norm: on Gemma 3 270M a
 # KL of 0.01 to 2 nats, mostly where it still grows like the square of the scale.
 _PROBE_FRACTION = 1 / 32
-# The range ``kl_scales`` searches, in typical norms: a vector that barely moves the output
-# is shown at the largest, one that moves it at once at the smallest.
-_SCALE_RANGE = (1 / 256, 64.0)
 
 
 def _kl_matched_scales(
@@ -980,7 +977,7 @@ def _kl_matched_scales(
     x_min, x_max = bounds[0].log(), bounds[1].log()
     x = probe.log().clone()
     n = x.shape[0]
-    y = torch.empty(n, dtype=x.dtype)
+    y = torch.full((n,), math.nan, dtype=x.dtype)
     best_x, best_y = x.clone(), torch.full((n,), math.inf, dtype=x.dtype)
     best_kl, payloads = torch.zeros(n, dtype=x.dtype), [None] * n
     below = torch.full((n,), -math.inf, dtype=x.dtype)  # largest x with y < 0, and its y
@@ -1064,7 +1061,9 @@ def _kl_matched_effects(
         kls, changes = kl_at(torch.arange(n), scales)
         return scales, kls, changes
     full = functools.partial(torch.full, (n,), dtype=torch.float64)
-    bounds = (full(unit * _SCALE_RANGE[0]), full(unit * _SCALE_RANGE[1]))
+    # A vector that barely moves the output is shown at the largest scale, one that moves
+    # it at once at the smallest.
+    bounds = (full(unit * KL_SCALE_RANGE[0]), full(unit * KL_SCALE_RANGE[1]))
     return _kl_matched_scales(kl_at, full(_PROBE_FRACTION * unit), kl, bounds)
 
 

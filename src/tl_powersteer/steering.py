@@ -369,6 +369,10 @@ def _position_weights(batch: TokenBatch, positions: Positions) -> Tensor:
     return torch.stack(rows)
 
 
+# The scales a KL search tries, in typical norms of the hook's activation.
+KL_SCALE_RANGE = (1 / 256, 64.0)
+
+
 def kl_scales(
     model: Any,
     prompts: Prompts,
@@ -431,7 +435,8 @@ def kl_scales(
                 out[j] = math.log(max(value, 1e-300))
         return out
 
-    factors = [4.0**e for e in range(-4, 4)]
+    low, high = KL_SCALE_RANGE
+    factors = [low * 4.0**e for e in range(round(math.log(high / low, 4)) + 1)]
     grid = [
         (i, units[(v.layer, v.site)] * f) for i, (_, v, _) in enumerate(checked) for f in factors
     ]
