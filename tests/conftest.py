@@ -15,6 +15,8 @@ from typing import Any
 import pytest
 import torch
 
+import tl_powersteer as tps
+
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
@@ -168,3 +170,44 @@ def text_model(request: pytest.FixtureRequest, models: dict[str, Any]) -> Any:
 @pytest.fixture
 def tokens() -> torch.Tensor:
     return torch.tensor([[1, 4, 6, 8, 9, 4, 10, 5], [1, 5, 7, 13, 14, 15, 16, 17]])
+
+
+@pytest.fixture(scope="session")
+def generation_models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Any]:
+    """Tiny random models whose greedy continuations vary from token to token: one per
+    HuggingFace architecture, booted through ``boot_transformers`` so that generation runs
+    transformers' own code, and the HookedTransformer where TransformerLens has one."""
+    from tl_powersteer.doctor import TINY_ARCHITECTURES, write_tiny_model
+
+    root = tmp_path_factory.mktemp("generation")
+    found = {
+        architecture: tps.load_model(
+            str(write_tiny_model(root / architecture, architecture)),
+            device="cpu",
+            dtype=torch.float64,
+            progress=False,
+        )
+        for architecture in TINY_ARCHITECTURES
+    }
+    try:
+        from transformer_lens import HookedTransformer, HookedTransformerConfig
+    except ImportError:
+        return found
+    cfg = HookedTransformerConfig(
+        **{**TINY_CONFIG, "d_model": 32, "d_mlp": 64, "d_vocab": 64},
+        initializer_range=0.3,
+        dtype=torch.float64,
+    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        tokenizer = found["gpt2"].tokenizer
+        found["hooked"] = HookedTransformer(cfg, tokenizer=tokenizer).eval()
+        found["hooked, no tokenizer"] = HookedTransformer(cfg).eval()
+    return found
+
+
+@pytest.fixture(params=["gemma3", "llama", "gpt2", "hooked"])
+def generation_model(request: pytest.FixtureRequest, generation_models: dict[str, Any]) -> Any:
+    if request.param not in generation_models:
+        pytest.skip(f"{request.param} is not available in this TransformerLens version")
+    return generation_models[request.param]

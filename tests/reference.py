@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
 
-from tl_powersteer.adapters import _tensor_attributes_kept
+import tl_powersteer as tps
+from tl_powersteer.adapters import ModelAdapter, _tensor_attributes_kept
 
 
 def reference_function(
@@ -63,3 +65,70 @@ def principal_angles(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
     A, B = A.double(), B.double()
     sines = torch.linalg.svdvals(A - (A @ B.T) @ B).clamp(max=1.0)
     return torch.arcsin(sines)
+
+
+def greedy_loop(
+    model: Any,
+    tokens: torch.Tensor,
+    n_new: int,
+    hook: str,
+    delta: torch.Tensor | float,
+    where: Callable[[int], torch.Tensor],
+) -> torch.Tensor:
+    """Greedy continuation by full forward passes, no cache: ``delta`` is added at ``hook``
+    with weight ``where(length)[position]``, positions counted in the whole sequence."""
+    seq = tokens
+    for _ in range(n_new):
+        weight = where(seq.shape[1])
+
+        def add(act: torch.Tensor, hook: Any, weight: torch.Tensor = weight) -> torch.Tensor:
+            return act + weight[:, None].to(act.dtype) * torch.as_tensor(delta).to(act.dtype)
+
+        with torch.no_grad():
+            logits = model.run_with_hooks(seq, fwd_hooks=[(hook, add)])
+        seq = torch.cat([seq, logits[:, -1].argmax(-1, keepdim=True)], dim=1)
+    return seq
+
+
+# Half the typical norm changes the text without drowning it; the last prompt token alone
+# needs more.
+RELATIVE_SCALE = {None: 0.0, "all": 0.5, "generated": 0.5, -1: 3.0}
+
+
+def steered_where(rule: Any, length: int, prompt_length: int) -> torch.Tensor:
+    """The positions each rule steers, written out independently of the library."""
+    pos = torch.arange(length)
+    if rule == "all":
+        return torch.ones(length)
+    if rule == "generated":
+        return (pos >= prompt_length).double()
+    return (pos == rule % prompt_length).double()  # a negative int counts from the prompt's end
+
+
+def assert_generation_is_greedy(
+    model: Any, prompt: torch.Tensor, rule: Any, n_new: int, *, layer: int
+) -> None:
+    """Generation with the KV cache, without it, and ``greedy_loop`` agree token for token,
+    unsteered (``rule`` None) or under ``steer`` with a random direction at ``layer``'s
+    residual stream, at ``RELATIVE_SCALE[rule]`` typical norms; and the vector changes
+    the text (an unsteered text must vary instead)."""
+    gen = torch.Generator().manual_seed(3)
+    direction = torch.randn(model.cfg.d_model, generator=gen, dtype=torch.float64)
+    v = tps.SteeringVector(direction, layer, "hook_resid_post", "random")
+    scale = RELATIVE_SCALE[rule] * tps.typical_norm(model, prompt, layer, v.site)
+    n = prompt.shape[1]
+    expected = greedy_loop(
+        model, prompt, n_new, v.hook_name, scale * v.direction,
+        lambda length: steered_where(rule or "all", length, n),
+    )  # fmt: skip
+    for use_cache in (True, False):
+        with tps.steer(model, v, scale, positions=rule or "all"):
+            out = ModelAdapter(model).generate(
+                prompt, max_new_tokens=n_new, greedy=True, use_cache=use_cache, stop_at_eos=False
+            )
+        assert out.tolist() == expected.tolist(), f"use_cache={use_cache}"
+    unsteered = greedy_loop(model, prompt, n_new, v.hook_name, 0.0, torch.ones)
+    if rule is None:
+        assert len(set(unsteered[0, n:].tolist())) > 3, "the text varies"
+    else:
+        assert unsteered.tolist() != expected.tolist(), "the vector changes the text"

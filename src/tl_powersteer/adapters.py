@@ -23,9 +23,11 @@ from __future__ import annotations
 
 import difflib
 import sys
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
+from importlib import metadata
 from typing import Any, Literal
 
 import torch
@@ -41,6 +43,8 @@ __all__ = [
     "boot",
     "decode_token",
     "steered_logits",
+    "installed_version",
+    "versions_line",
 ]
 
 Prompts = str | Sequence[str] | Tensor
@@ -357,8 +361,17 @@ class ModelAdapter:
         use_cache: bool = True,
         stop_at_eos: bool = True,
     ) -> Int[Tensor, "batch total"]:
-        """The prompt tokens followed by the generated ones (sampling uses torch's RNG)."""
-        with torch.no_grad(), _tensor_attributes_kept(self.model):
+        """The prompt tokens followed by the generated ones (sampling uses torch's RNG).
+
+        A ``HookedTransformer`` without a tokenizer always generates without its cache:
+        there (TransformerLens 3.9) the cached steps re-embed the whole sequence at the
+        cache's offset, so absolute position embeddings land at the wrong positions.
+        """
+        if self.kind == "hooked" and getattr(self.model, "tokenizer", None) is None:
+            use_cache = False
+        with torch.no_grad(), _tensor_attributes_kept(self.model), warnings.catch_warnings():
+            # Raised inside transformers by TransformerLens' own call: nothing a user can change.
+            warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
             out = self.model.generate(
                 tokens.to(self.device),
                 max_new_tokens=max_new_tokens,
@@ -370,6 +383,40 @@ class ModelAdapter:
         # HookedTransformer generates under inference mode; a clone made outside it is an
         # ordinary tensor that later autograd-tracked passes may use.
         return out.clone()
+
+    def hook_count(self) -> int:
+        """Forward and backward hooks registered on the model's modules right now."""
+        return sum(
+            len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
+            for m in self.model.modules()
+        )
+
+    def greedy_mismatch(
+        self, tokens: Int[Tensor, "1 total"], prompt_length: int
+    ) -> tuple[int, int, int] | None:
+        """Where a greedy continuation departs from the model's own cache-free choice.
+
+        One full forward pass over ``tokens`` gives the next-token logits at every prefix
+        (attention is causal), so each generated token can be checked against the argmax
+        that a plain loop of full passes would pick. A token whose logit is within
+        ``sqrt(eps)`` (relative) of the best counts as a tie. Returns ``(index in the
+        continuation, generated id, greedy id)`` of the first departure, or None. Hooks
+        active around the call (a ``steer`` block) apply to this pass as to generation.
+        """
+        tokens = tokens.to(self.device)
+        if tokens.shape[1] <= prompt_length:
+            return None
+        with torch.no_grad(), _tensor_attributes_kept(self.model):
+            logits = self.model(tokens[:, :-1])[0, prompt_length - 1 :].double()
+        chosen = tokens[0, prompt_length:]
+        best = logits.max(dim=-1).values
+        picked = logits.gather(-1, chosen[:, None])[:, 0]
+        tolerance = torch.finfo(self.dtype).eps ** 0.5 * best.abs().clamp(min=1.0)
+        bad = torch.nonzero(picked < best - tolerance)
+        if len(bad) == 0:
+            return None
+        i = int(bad[0, 0])
+        return i, int(chosen[i]), int(logits[i].argmax())
 
     def decode(self, tokens: Int[Tensor, " seq"]) -> str:
         """Text of a token sequence (``#id`` per token for a model without a tokenizer)."""
@@ -401,6 +448,19 @@ class ModelAdapter:
                 "compared as single next tokens (mind the leading space, e.g. ' great')"
             )
         return int(ids[0])
+
+
+def installed_version(name: str) -> str | None:
+    """The installed version of a distribution (``"transformers"``), or None."""
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return None
+
+
+def versions_line(names: Sequence[str]) -> str:
+    """``"transformers 5.23.0, transformer-lens 4.3.0"``, for messages."""
+    return ", ".join(f"{name} {installed_version(name) or 'not installed'}" for name in names)
 
 
 def boot(

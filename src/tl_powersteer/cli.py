@@ -7,6 +7,7 @@ Subcommands:
 * ``atlas``: the sensitivity atlas of every layer pair, with its HTML browser.
 * ``steer``: vectors from Power Steering, MELBO and (given contrast pairs) CAA for one
   pair, steered generations for both signs, and a table of measured effects.
+* ``doctor``: versions and self-checks of the environment, for when something looks wrong.
 * ``demo``: the main job on the embedded model (Gemma 3 270M) with a built-in prompt that
   has a decision fork: vectors, steered generations and effects, written to a folder it
   names at the end.
@@ -36,6 +37,7 @@ import torch
 from .adapters import ModelAdapter
 from .atlas import ATLAS_METHODS, _method_label, sensitivity_atlas, validate_atlas_arguments
 from .baselines import caa_vector, melbo
+from .doctor import TINY_MODEL, doctor
 from .effects import effect
 from .jacobian import JVP_METHODS
 from .models import EMBEDDED_MODEL, KINDS, load_model
@@ -329,6 +331,27 @@ def build_parser() -> argparse.ArgumentParser:
     _steering_options(demo, answers=list(DEMO_ANSWERS), scales=[1.0])
     _model_options(demo)
     demo.set_defaults(run=_run_demo)
+
+    doctor = sub.add_parser(
+        "doctor",
+        help="print versions and check that this environment computes what it should",
+        description="Print the versions of Python, torch, transformers, TransformerLens, this "
+        "package and the embedded model, and where the model cache is; then run quick "
+        "self-checks (KV-cache generation against cache-free generation, hook removal, "
+        "JVP/VJP adjointness, the model cache's digests), each PASS or FAIL with a fix. "
+        "Exits 1 if any check fails.",
+    )
+    doctor.add_argument(
+        "--model",
+        default=None,
+        help=f"model whose generation is checked: {EMBEDDED_MODEL!r}, {TINY_MODEL!r} (a tiny "
+        "random Gemma 3) or a local HuggingFace directory (default: the embedded model if "
+        "it is converted, else the tiny one)",
+    )
+    doctor.add_argument(
+        "--kind", choices=KINDS, default="bridge", help="model class (default: %(default)s)"
+    )
+    doctor.set_defaults(run=_run_doctor)
     return parser
 
 
@@ -438,10 +461,6 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    from transformers.utils import logging as hf_logging
-
-    # Per-shard weight-loading bars drown the command's own output.
-    hf_logging.disable_progress_bar()
     return load_model(args.model, kind=args.kind, device=args.device, dtype=_DTYPES[args.dtype])
 
 
@@ -661,6 +680,9 @@ def _steering_stage(
         "",
         f"## Generations from {args.prompt[0]!r}",
         "",
+        "Greedy, with the KV cache; every row was checked token by token against the "
+        "model's own forward passes without it.",
+        "",
         "```",
         texts.drop(columns=["site", "layer"]).to_string(index=False, max_colwidth=90),
         "```",
@@ -739,6 +761,12 @@ def _run_demo(args: argparse.Namespace) -> int:
     _write_folder(out, write)
     print(f"demo outputs written to {out.resolve()}")
     return 0
+
+
+def _run_doctor(args: argparse.Namespace) -> int:
+    report = doctor(model=args.model, kind=args.kind)
+    print(report.to_text())
+    return 0 if report.ok else 1
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -28,7 +28,8 @@ import os
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +37,16 @@ import torch
 
 from .adapters import ModelKind, boot
 
-__all__ = ["EMBEDDED_MODEL", "cache_root", "embedded_model_dir", "ensure_cached", "load_model"]
+__all__ = [
+    "EMBEDDED_MODEL",
+    "cache_problem",
+    "cache_root",
+    "embedded_cache_dir",
+    "embedded_model_dir",
+    "ensure_cached",
+    "load_model",
+    "transformers_bars_off",
+]
 
 EMBEDDED_MODEL = "gemma-3-270m"
 CACHE_ENV = "TL_POWERSTEER_CACHE"
@@ -75,8 +85,12 @@ def _write_manifest(folder: Path) -> None:
     (folder / _MANIFEST).write_text(json.dumps({"schema_version": 1, "files": files}, indent=1))
 
 
-def _cache_problem(folder: Path) -> str | None:
-    """Why ``folder`` is not a complete, intact cache entry, or None if it is."""
+def cache_problem(folder: Path, *, rehash: bool = False) -> str | None:
+    """Why ``folder`` is not a complete, intact cache entry, or None if it is.
+
+    Sizes are always checked; digests only for files touched since the manifest, or for
+    every file with ``rehash``.
+    """
     if not folder.is_dir():
         return "missing"
     try:
@@ -93,7 +107,8 @@ def _cache_problem(folder: Path) -> str | None:
         if stat.st_size != expected["size"]:
             return f"{name} has {stat.st_size} bytes, expected {expected['size']}"
         # Hashing 1 GB takes seconds: only files touched since the manifest are re-hashed.
-        if stat.st_mtime_ns > newest_manifest and _sha256(path) != expected["sha256"]:
+        touched = rehash or stat.st_mtime_ns > newest_manifest
+        if touched and _sha256(path) != expected["sha256"]:
             return f"{name} does not match its SHA-256 digest"
     return None
 
@@ -111,7 +126,7 @@ def ensure_cached(
     it is complete and its manifest written, so an interruption never leaves a half cache.
     ``steps`` is how many times ``build`` calls ``step``, for the progress bar.
     """
-    problem = _cache_problem(folder)
+    problem = cache_problem(folder)
     if problem is None:
         return folder
     if problem != "missing":
@@ -143,7 +158,7 @@ def ensure_cached(
             os.rename(tmp, folder)
         except OSError:
             # Another process finished the same build first: keep theirs if it is whole.
-            if _cache_problem(folder) is not None:
+            if cache_problem(folder) is not None:
                 raise
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -181,11 +196,28 @@ def _convert_embedded(out: Path, step: Step) -> None:
     tokenizer.save_pretrained(str(out))
 
 
+@contextmanager
+def transformers_bars_off() -> Iterator[None]:
+    """Hide transformers' own per-tensor and per-shard bars: ours reports the conversion."""
+    from transformers.utils import logging as hf_logging
+
+    was_enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if was_enabled:
+            hf_logging.enable_progress_bar()
+
+
+def embedded_cache_dir() -> Path:
+    """Where the converted embedded model is (or will be) kept; nothing is built."""
+    return cache_root() / _EMBEDDED_DIR
+
+
 def embedded_model_dir(*, progress: bool = True) -> Path:
     """The embedded model as a local HuggingFace directory, converted on first use."""
-    return ensure_cached(
-        cache_root() / _EMBEDDED_DIR, _convert_embedded, steps=4, progress=progress
-    )
+    return ensure_cached(embedded_cache_dir(), _convert_embedded, steps=4, progress=progress)
 
 
 def load_model(
@@ -218,13 +250,17 @@ def load_model(
         )
     if device is None:
         device = "cuda" if torch.cuda.is_available() else "cpu"
-    device = str(device)
+    with transformers_bars_off():
+        return _load(name, model_kind, str(device), dtype, progress)
+
+
+def _load(name: str, kind: ModelKind, device: str, dtype: torch.dtype, progress: bool) -> Any:
     local = Path(name).expanduser()
     if name == EMBEDDED_MODEL:
         path = embedded_model_dir(progress=progress)
         model = boot(
             str(path),
-            kind=model_kind,
+            kind=kind,
             device=device,
             dtype=dtype,
             hooked_name=_EMBEDDED_OFFICIAL_NAME,
@@ -239,7 +275,7 @@ def load_model(
             )
         return boot(str(local), kind="bridge", device=device, dtype=dtype)
     try:
-        return boot(name, kind=model_kind, device=device, dtype=dtype)
+        return boot(name, kind=kind, device=device, dtype=dtype)
     except OSError as err:
         raise RuntimeError(
             f"could not load {name!r}: it is not a local directory and the HuggingFace hub "

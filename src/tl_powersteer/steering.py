@@ -47,13 +47,21 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .adapters import ModelAdapter, Prompts, TokenBatch, activations, steered_logits
+from .adapters import (
+    ModelAdapter,
+    Prompts,
+    TokenBatch,
+    activations,
+    steered_logits,
+    versions_line,
+)
 
 __all__ = [
     "POSITION_CHOICES",
     "SCALE_MODES",
     "SteeringVector",
     "Steering",
+    "check_greedy_continuation",
     "generate_steered",
     "kl_scale",
     "kl_scales",
@@ -706,6 +714,27 @@ def generate_steered(
     )  # fmt: skip
 
 
+def check_greedy_continuation(adapter: ModelAdapter, out: Tensor, prompt_length: int) -> None:
+    """Refuse a greedy generation that is not the model's own cache-free continuation.
+
+    A faulty KV cache (as in transformers 5.24.0 under TransformerLens 4.3) gives fluent-
+    looking garbage with no error; one teacher-forced pass finds it (see
+    ``ModelAdapter.greedy_mismatch``).
+    """
+    found = adapter.greedy_mismatch(out, prompt_length)
+    if found is None:
+        return
+    i, got, best = found
+    raise RuntimeError(
+        f"generation went wrong at token {i} of the continuation: it produced "
+        f"{adapter.decode(out.new_tensor([got]))!r} where the model's own forward pass picks "
+        f"{adapter.decode(out.new_tensor([best]))!r}. The KV cache of this environment is "
+        f"broken ({versions_line(('transformers', 'transformer-lens'))}); install "
+        "'transformers<5.24' (the verified versions are in requirements/), or generate with "
+        "use_cache=False. `tl-powersteer doctor` checks the environment."
+    )
+
+
 def generations(
     model: Any,
     tokens: Tensor,
@@ -733,6 +762,8 @@ def generations(
                 out = adapter.generate(
                     tokens, max_new_tokens=max_new_tokens, greedy=greedy, use_cache=use_cache
                 )
+                if greedy:
+                    check_greedy_continuation(adapter, out, tokens.shape[1])
         return adapter.decode(out[0, tokens.shape[1] :])
 
     rows = [

@@ -132,7 +132,7 @@ def test_demo_refuses_a_foreign_folder(tmp_path: Path, capsys: pytest.CaptureFix
 def test_every_option_is_explained() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"vectors", "atlas", "steer", "demo"}
+    assert set(sub.choices) == {"vectors", "atlas", "steer", "demo", "doctor"}
     for name, subparser in sub.choices.items():
         for action in subparser._actions:
             if action.dest != "help":

@@ -90,7 +90,7 @@ def test_cli_reference_covers_every_subcommand() -> None:
     parser = build_parser()
     (subparsers,) = [a.choices for a in parser._actions if isinstance(a.choices, dict)]
     subcommands = set(subparsers)
-    assert {"vectors", "atlas", "steer", "demo"} <= subcommands
+    assert {"vectors", "atlas", "steer", "demo", "doctor"} <= subcommands
     page = (ROOT / "docs" / "cli.md").read_text()
     markers = set(re.findall(r"<!-- cli-help:\s*(\S*)\s*-->", page))
     assert subcommands | {""} == markers

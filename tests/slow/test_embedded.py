@@ -3,15 +3,22 @@
 from __future__ import annotations
 
 import math
+import re
 import shutil
 from pathlib import Path
 from typing import Any
 
+import pandas as pd
 import pytest
 import torch
 
 import tl_powersteer as tps
-from tests.reference import principal_angles
+from tests.reference import (
+    RELATIVE_SCALE,
+    assert_generation_is_greedy,
+    greedy_loop,
+    principal_angles,
+)
 from tl_powersteer import models as M
 from tl_powersteer.cli import DEMO_PROMPT, main
 from tl_powersteer.jacobian import cpu_multiplies_bfloat16
@@ -47,7 +54,9 @@ def test_power_steer_matches_dense_svd(gemma: Any, source: int, target: int) -> 
     assert principal_angles(res.vectors[:4], Vh[:4]).max() < 1e-2
 
 
-def test_cli_vectors_and_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+def test_cli_vectors_and_demo(
+    gemma: Any, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "v.safetensors"
     args = ["vectors", "--prompt", DEMO_PROMPT, "--source", "6", "--target", "12", "--k", "4",
             "--out", str(out)]  # fmt: skip
@@ -56,9 +65,34 @@ def test_cli_vectors_and_demo(tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(["demo", "--out", str(tmp_path / "demo")]) == 0
     demo = tps.load(tmp_path / "demo" / "vectors.safetensors")
     assert (demo.source, demo.target, demo.k, demo.prompts) == (8, 16, 8, [DEMO_PROMPT])
-    assert "demo outputs written to" in capsys.readouterr().out
-    generations = (tmp_path / "demo" / "generations.csv").read_text()
-    assert "baseline" in generations and "power_steering L8->L16 #7" in generations
+    printed = capsys.readouterr()
+    assert "demo outputs written to" in printed.out
+    assert "past_key_values" not in printed.err and "Loading weights" not in printed.err
+    # What the user reads: the unsteered line is the model's own cache-free continuation.
+    table = pd.read_csv(tmp_path / "demo" / "generations.csv", keep_default_na=False)
+    assert table.vector.tolist() == ["baseline"] + [
+        f"power_steering L8->L16 #{i}" for i in range(8) for _ in (1, -1)
+    ]
+    tokens = gemma.to_tokens(DEMO_PROMPT)
+    own = greedy_loop(gemma, tokens, 30, "blocks.0.hook_resid_post", 0.0, torch.ones)
+    baseline = gemma.tokenizer.decode(own[0, tokens.shape[1] :])
+    assert baseline.startswith(" a bit of a letdown")
+    assert table.text[0] == baseline
+    assert all(text != baseline for text in table.text[1:])
+    summary = (tmp_path / "demo" / "summary.md").read_text()
+    assert re.search(r"\n\s*baseline\s+none\s+0\s+0\.0\s+0\.0+\s+a bit of a letdown", summary)
+
+
+@pytest.mark.parametrize("rule", list(RELATIVE_SCALE))
+def test_gemma_generation_is_its_own_greedy_continuation(gemma: Any, rule: Any) -> None:
+    assert_generation_is_greedy(gemma, gemma.to_tokens(DEMO_PROMPT), rule, 8, layer=6)
+
+
+def test_doctor_passes_on_the_embedded_model(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["doctor"]) == 0
+    out = capsys.readouterr().out
+    assert "PASS  generation" in out and "(gemma-3-270m, 12 tokens" in out
+    assert out.count("PASS  ") == 4 and "all checks passed" in out
 
 
 def test_corrupted_cache_is_rebuilt(
@@ -72,7 +106,7 @@ def test_corrupted_cache_is_rebuilt(
     monkeypatch.setenv(M.CACHE_ENV, str(tmp_path))
     model = tps.load_model(device="cpu", progress=False)
     assert "model.safetensors has 1000 bytes" in capsys.readouterr().err
-    assert M._cache_problem(copy) is None
+    assert M.cache_problem(copy) is None
     assert (copy / "model.safetensors").stat().st_size == (
         good / "model.safetensors"
     ).stat().st_size
