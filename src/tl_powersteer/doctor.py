@@ -204,6 +204,7 @@ def _random_vector(adapter: ModelAdapter, layer: int, site: str, seed: int) -> S
 def check_generation(model: Any, prompt: str, *, max_new_tokens: int = 12) -> Check:
     """KV-cache greedy generation equals the model's cache-free continuation, unsteered and
     steered (a random direction at half the middle block's typical norm)."""
+    claim = "KV-cache generation equals cache-free generation"
     adapter = ModelAdapter(model)
     tokens = adapter.tokenize(prompt).tokens
     n = tokens.shape[1]
@@ -237,7 +238,7 @@ def check_generation(model: Any, prompt: str, *, max_new_tokens: int = 12) -> Ch
                 continuation = adapter.decode(outs[cache][0, n:])
                 return Check(
                     "generation",
-                    "KV-cache generation equals cache-free generation",
+                    claim,
                     False,
                     f"{label}, {'with' if cache else 'without'} the cache: token {i} is "
                     f"{adapter.decode(torch.tensor([got]))!r}, the forward pass picks "
@@ -246,7 +247,7 @@ def check_generation(model: Any, prompt: str, *, max_new_tokens: int = 12) -> Ch
                 )
     return Check(
         "generation",
-        "KV-cache generation equals cache-free generation",
+        claim,
         True,
         f"{adapter.name}, {max_new_tokens} tokens, unsteered and 3 steered position rules",
     )
@@ -255,6 +256,7 @@ def check_generation(model: Any, prompt: str, *, max_new_tokens: int = 12) -> Ch
 def check_hooks(model: Any) -> Check:
     """The hooks of a ``steer`` block exist inside it and are gone after it, also when the
     block raises."""
+    claim = "steer removes its hooks"
     adapter = ModelAdapter(model)
     vector = _random_vector(adapter, 0, "hook_resid_post", seed=1)
     before = adapter.hook_count()
@@ -271,7 +273,7 @@ def check_hooks(model: Any) -> Check:
         if left:
             return Check(
                 "hooks",
-                "steer removes its hooks",
+                claim,
                 False,
                 f"{left} hook(s) left after a block that {'raised' if fail else 'ended'}",
                 "report this as a bug; model.reset_hooks() removes them",
@@ -279,14 +281,14 @@ def check_hooks(model: Any) -> Check:
     if min(inside) <= before:
         return Check(
             "hooks",
-            "steer removes its hooks",
+            claim,
             False,
             "steer added no hook",
             "report this as a bug: this TransformerLens version hooks differently",
         )
     return Check(
         "hooks",
-        "steer removes its hooks",
+        claim,
         True,
         f"{min(inside) - before} added, 0 left, also after an exception",
     )
