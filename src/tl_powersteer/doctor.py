@@ -6,10 +6,10 @@ model's continuation into "a a a a ..." while every forward pass, hook and Jacob
 right. ``doctor`` prints the versions that matter and runs a few quick checks, each of which
 computes one thing two ways:
 
-* **generation**: the KV-cache greedy continuation against the model's own cache-free one
-  (``generate`` without its cache, and one teacher-forced pass whose argmax at every prefix
-  must pick each generated token), unsteered and under ``steer`` with positions ``"all"``,
-  ``"generated"`` and one prompt position;
+* **generation**: the KV-cache greedy continuation against the model's own cache-free
+  choices (one teacher-forced pass, whose argmax at every prefix must pick each generated
+  token), unsteered and under ``steer`` with positions ``"all"``, ``"generated"`` and one
+  prompt position; the unsteered text also without the cache;
 * **hooks**: the hooks a ``steer`` block adds are there inside it and gone after it, also
   after an exception;
 * **adjointness**: ⟨u, J v⟩ = ⟨Jᵀu, v⟩ for a forward-mode JVP and a VJP, in float64;
@@ -51,7 +51,7 @@ from .models import (
     load_model,
     transformers_bars_off,
 )
-from .steering import Positions, SteeringVector, steer
+from .steering import Positions, SteeringVector, steer, typical_norm
 
 __all__ = [
     "TINY_ARCHITECTURES",
@@ -203,46 +203,50 @@ def _random_vector(adapter: ModelAdapter, layer: int, site: str, seed: int) -> S
 
 def check_generation(model: Any, prompt: str, *, max_new_tokens: int = 12) -> Check:
     """KV-cache greedy generation equals the model's cache-free continuation, unsteered and
-    steered (a random direction at half the middle block's typical norm)."""
+    steered (a random direction at half the middle block's typical norm).
+
+    Every generation is checked by one teacher-forced pass (the argmax at each prefix must
+    be the generated token); the unsteered one is also generated without the cache, by
+    TransformerLens' own loop, and checked the same way.
+    """
     claim = "KV-cache generation equals cache-free generation"
     adapter = ModelAdapter(model)
     tokens = adapter.tokenize(prompt).tokens
     n = tokens.shape[1]
     vector = _random_vector(adapter, adapter.n_layers // 2, "hook_resid_post", seed=0)
-    cases: list[tuple[str, Positions | None]] = [
-        ("unsteered", None),
-        ("steered at all positions", "all"),
-        ("steered at generated positions", "generated"),
-        ("steered at position 1", 1),
+    scale = 0.5 * typical_norm(model, prompt, vector.layer, vector.site)
+    cases: list[tuple[str, Positions | None, tuple[bool, ...]]] = [
+        ("unsteered", None, (True, False)),
+        ("steered at all positions", "all", (True,)),
+        ("steered at generated positions", "generated", (True,)),
+        ("steered at position 1", 1, (True,)),
     ]
-    for label, positions in cases:
-        with (
-            steer(model, vector, 0.5, positions=positions, scale_mode="relative", reference=prompt)
-            if positions is not None
-            else nullcontext()
-        ):
-            outs = {
-                cache: adapter.generate(
+    for label, positions, caches in cases:
+        for cache in caches:
+            steering = (
+                nullcontext()
+                if positions is None
+                else steer(model, vector, scale, positions=positions)
+            )
+            with steering:
+                out = adapter.generate(
                     tokens,
                     max_new_tokens=max_new_tokens,
                     greedy=True,
                     use_cache=cache,
                     stop_at_eos=False,
                 )
-                for cache in (True, False)
-            }
-            wrong = {cache: adapter.greedy_mismatch(out, n) for cache, out in outs.items()}
-        for cache, found in wrong.items():
+                found = adapter.greedy_mismatch(out, n)
             if found is not None:
                 i, got, best = found
-                continuation = adapter.decode(outs[cache][0, n:])
                 return Check(
                     "generation",
                     claim,
                     False,
                     f"{label}, {'with' if cache else 'without'} the cache: token {i} is "
                     f"{adapter.decode(torch.tensor([got]))!r}, the forward pass picks "
-                    f"{adapter.decode(torch.tensor([best]))!r}; text {continuation!r}",
+                    f"{adapter.decode(torch.tensor([best]))!r}; text "
+                    f"{adapter.decode(out[0, n:])!r}",
                     _VERIFIED_FIX + ", or generate with use_cache=False",
                 )
     return Check(
