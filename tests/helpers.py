@@ -10,13 +10,14 @@ import torch
 from tl_powersteer.adapters import ModelAdapter
 
 
-def break_kv_cache(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Generation with the cache repeats its first new token, as under transformers 5.24.0."""
+def break_kv_cache(monkeypatch: pytest.MonkeyPatch, *, also_without: bool = False) -> None:
+    """Generation with the cache (or, ``also_without``, any generation) repeats its first
+    new token, as under transformers 5.24.0."""
     original = ModelAdapter.generate
 
     def generate(self: ModelAdapter, tokens: torch.Tensor, **kwargs: Any) -> torch.Tensor:
         out = original(self, tokens, **kwargs)
-        if kwargs.get("use_cache", True):
+        if also_without or kwargs.get("use_cache", True):
             out[:, tokens.shape[1] :] = out[:, tokens.shape[1], None]
         return out
 

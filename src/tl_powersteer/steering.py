@@ -683,7 +683,9 @@ def generate_steered(
     absolute_scale, text`` (``text`` is the continuation only); the baseline row has
     vector ``"baseline"`` and sign 0. ``scale`` is in ``scale_mode`` units, measured for
     ``"relative"`` and ``"kl"`` on ``reference`` (default: the prompt itself). Sampling (``greedy=False``) restarts
-    from ``seed`` for every row, without touching the global RNG. ``progress`` shows tqdm
+    from ``seed`` for every row, without touching the global RNG. Every greedy row is
+    checked by one teacher-forced pass against the model's own cache-free choices, and a
+    ``RuntimeError`` names the token and the versions where they differ (a broken KV cache). ``progress`` shows tqdm
     bars for the KL scale search and the generations.
     """
 
@@ -714,24 +716,33 @@ def generate_steered(
     )  # fmt: skip
 
 
-def check_greedy_continuation(adapter: ModelAdapter, out: Tensor, prompt_length: int) -> None:
+def check_greedy_continuation(
+    adapter: ModelAdapter, out: Tensor, prompt_length: int, *, use_cache: bool = True
+) -> None:
     """Refuse a greedy generation that is not the model's own cache-free continuation.
 
-    A faulty KV cache (as in transformers 5.24.0 under TransformerLens 4.3) gives fluent-
-    looking garbage with no error; one teacher-forced pass finds it (see
+    A faulty KV cache (as in transformers 5.24.0 under TransformerLens 4.3) gives wrong
+    text with no error; one teacher-forced pass finds it (see
     ``ModelAdapter.greedy_mismatch``).
     """
     found = adapter.greedy_mismatch(out, prompt_length)
     if found is None:
         return
     i, got, best = found
+    versions = versions_line(("transformers", "transformer-lens"))
+    cause = (
+        f"The KV cache of this environment is broken ({versions}); install "
+        "'transformers<5.24' (the verified versions are in requirements/), or generate with "
+        "use_cache=False."
+        if use_cache
+        else f"Generation without the cache disagrees with the forward pass ({versions}): "
+        "please report it with the output of `tl-powersteer doctor`."
+    )
     raise RuntimeError(
         f"generation went wrong at token {i} of the continuation: it produced "
         f"{adapter.decode(out.new_tensor([got]))!r} where the model's own forward pass picks "
-        f"{adapter.decode(out.new_tensor([best]))!r}. The KV cache of this environment is "
-        f"broken ({versions_line(('transformers', 'transformer-lens'))}); install "
-        "'transformers<5.24' (the verified versions are in requirements/), or generate with "
-        "use_cache=False. `tl-powersteer doctor` checks the environment."
+        f"{adapter.decode(out.new_tensor([best]))!r}. {cause} "
+        "`tl-powersteer doctor` checks the environment."
     )
 
 
@@ -763,7 +774,7 @@ def generations(
                     tokens, max_new_tokens=max_new_tokens, greedy=greedy, use_cache=use_cache
                 )
                 if greedy:
-                    check_greedy_continuation(adapter, out, tokens.shape[1])
+                    check_greedy_continuation(adapter, out, tokens.shape[1], use_cache=use_cache)
         return adapter.decode(out[0, tokens.shape[1] :])
 
     rows = [

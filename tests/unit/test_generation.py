@@ -81,6 +81,11 @@ def test_generate_steered_refuses_text_the_model_did_not_compute(
         model, prompt, v, 3.0, max_new_tokens=N_NEW, use_cache=False, progress=False
     )
     assert again.text.tolist() == table.text.tolist()
+    break_kv_cache(monkeypatch, also_without=True)
+    with pytest.raises(RuntimeError, match="without the cache disagrees .* please report it"):
+        tps.generate_steered(
+            model, prompt, v, 3.0, max_new_tokens=N_NEW, use_cache=False, progress=False
+        )
 
 
 def test_generate_hides_the_cache_deprecation_but_not_other_warnings(
