@@ -35,6 +35,7 @@ from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
 __all__ = [
+    "KV_CACHE_FIX",
     "ModelAdapter",
     "ModelKind",
     "Prompts",
@@ -448,6 +449,13 @@ class ModelAdapter:
                 "compared as single next tokens (mind the leading space, e.g. ' great')"
             )
         return int(ids[0])
+
+
+# transformers 5.24.0 breaks TransformerBridge.generate with its KV cache (TransformerLens 4.3).
+KV_CACHE_FIX = (
+    "install the verified versions (pip install 'transformers<5.24'; in a checkout, "
+    "scripts/test.sh installs requirements/*.txt), or generate with use_cache=False"
+)
 
 
 def installed_version(name: str) -> str | None:

