@@ -46,8 +46,8 @@ else
 fi
 
 echo "== ruff"
-"$venv4/bin/ruff" check src tests benchmarks scripts docs/hooks.py notebooks
-"$venv4/bin/ruff" format --check src tests benchmarks scripts docs/hooks.py notebooks
+"$venv4/bin/ruff" check tl_powersteer tests benchmarks scripts docs/hooks.py notebooks
+"$venv4/bin/ruff" format --check tl_powersteer tests benchmarks scripts docs/hooks.py notebooks
 echo "== mypy"
 "$venv4/bin/mypy"
 
