@@ -18,8 +18,7 @@ from .plotting import plot_atlas
 from .power import block_power_iteration
 from .power_steering import PowerSteeringResult, power_steer
 from .steering import SteeringVector, generate_steered, random_vectors, steer, typical_norm
-
-__version__ = "0.1.0"
+from .version import __version__ as __version__
 
 __all__ = [
     "LayerJacobian",

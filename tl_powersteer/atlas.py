@@ -77,6 +77,8 @@ from .adapters import (
     decode_token,
     steered_logits,
 )
+from .io import register
+from .io import save as save_result
 from .jacobian import (
     JacobianGraph,
     check_chunk_size,
@@ -130,6 +132,7 @@ _RITZ_MARGIN = 4
 _POWER_ITERATIONS = 12
 
 
+@register()
 @dataclass
 class SensitivityAtlas:
     """Top-k spectra of every computed (source, target) pair, indexed by layer numbers.
@@ -296,9 +299,7 @@ class SensitivityAtlas:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write a ``.safetensors`` file (tensors, plus JSON metadata in its header)."""
-        from .io import save
-
-        save(self, path)
+        save_result(self, path)
 
     def to_html(
         self,

@@ -24,9 +24,7 @@ leave no output file behind.
 from __future__ import annotations
 
 import argparse
-import shutil
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -39,6 +37,7 @@ from .atlas import ATLAS_METHODS, _method_label, sensitivity_atlas, validate_atl
 from .baselines import caa_vector, melbo
 from .doctor import TINY_MODEL, doctor
 from .effects import effect
+from .io import atomic_folder
 from .jacobian import JVP_METHODS
 from .models import EMBEDDED_MODEL, KINDS, load_model
 from .power_steering import PowerSteeringResult, power_steer
@@ -556,16 +555,8 @@ def _check_out_folder(out: Path) -> None:
 
 
 def _write_folder(out: Path, write: Any) -> None:
-    """``write(folder)`` into a temporary folder beside ``out``, then swap it in: an
-    interrupted run leaves the previous output (or nothing), never a half-written one."""
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
+    with atomic_folder(out) as tmp:
         write(tmp)
-        if out.exists():
-            shutil.rmtree(out)
-        tmp.rename(out)
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _steering_methods(args: argparse.Namespace) -> list[str]:

@@ -3,7 +3,11 @@
 Tensors go in the safetensors body; everything else (layers, sites, positions, prompts,
 model name, seed, library and schema version) is JSON stored in the file's header under
 the key ``"tl_powersteer"``, readable with any safetensors reader. Files are written to a
-temporary name and renamed, so an interrupted save never leaves a partial file.
+temporary name and renamed (``atomic_file``, ``atomic_folder``), so an interrupted save
+never leaves a partial file.
+
+``load`` knows a result type by its name in the file's header, through a registry that
+each result type joins with the ``register`` decorator: this module imports none of them.
 
 >>> import os, tempfile, torch
 >>> from transformer_lens.config import TransformerBridgeConfig
@@ -25,100 +29,175 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 import tempfile
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
 
-from .atlas import SensitivityAtlas
-from .baselines.melbo import MelboResult
-from .power_steering import PowerSteeringResult
-from .steering import SteeringVector
+from .version import __version__
 
-__all__ = ["save", "load", "SCHEMA_VERSION"]
+__all__ = [
+    "RESULT_TYPES",
+    "SCHEMA_VERSION",
+    "atomic_file",
+    "atomic_folder",
+    "load",
+    "read_fields",
+    "register",
+    "save",
+    "write_fields",
+]
 
 SCHEMA_VERSION = 1
-_HEADER_KEY = "tl_powersteer"
-_KINDS: dict[str, type] = {
-    "PowerSteeringResult": PowerSteeringResult,
-    "SensitivityAtlas": SensitivityAtlas,
-    "SteeringVector": SteeringVector,
-    "MelboResult": MelboResult,
-}
+HEADER_KEY = "tl_powersteer"
+
+T = TypeVar("T")
 
 
-def _version() -> str:
-    from . import __version__
+@dataclass(frozen=True)
+class ResultType:
+    """A result type ``load`` can build, and how older files name its fields."""
 
-    return __version__
+    cls: type
+    renamed: dict[str, str]
+    dropped: tuple[str, ...]
 
 
-def save(result: Any, path: str | os.PathLike[str]) -> Path:
-    """Write ``result`` (a result dataclass of this package) to ``path`` atomically."""
-    kind = type(result).__name__
-    if kind not in _KINDS or not dataclasses.is_dataclass(result):
-        raise TypeError(f"cannot save a {kind}; expected one of {sorted(_KINDS)}")
+RESULT_TYPES: dict[str, ResultType] = {}
+
+
+def register(
+    *, renamed: dict[str, str] | None = None, dropped: tuple[str, ...] = ()
+) -> Callable[[type[T]], type[T]]:
+    """Class decorator: let ``save`` write and ``load`` read this result dataclass.
+
+    ``renamed`` maps field names that files of earlier versions used to the current ones;
+    ``dropped`` lists fields that earlier versions stored and this one no longer has.
+    """
+
+    def add(cls: type[T]) -> type[T]:
+        if not dataclasses.is_dataclass(cls):
+            raise TypeError(f"only dataclasses can be registered, got {cls.__name__}")
+        RESULT_TYPES[cls.__name__] = ResultType(cls, dict(renamed or {}), tuple(dropped))
+        return cls
+
+    return add
+
+
+@contextmanager
+def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside ``path``; once the block ends without an exception,
+    rename it onto ``path`` (else delete it), so readers see the old file or the new one."""
+    path = Path(path)
+    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    tmp = Path(name)
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+@contextmanager
+def atomic_folder(folder: str | os.PathLike[str], *, replace: bool = True) -> Iterator[Path]:
+    """Yield a new temporary folder beside ``folder``; once the block ends without an
+    exception, move it to ``folder``: an interrupted writer leaves the previous folder (or
+    none), never a half-written one. With ``replace=False`` an existing ``folder`` is not
+    removed and the rename raises ``OSError``."""
+    folder = Path(folder)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    try:
+        yield tmp
+        if replace and folder.exists():
+            shutil.rmtree(folder)
+        os.rename(tmp, folder)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def write_fields(
+    path: str | os.PathLike[str], kind: str, tensors: dict[str, Tensor], fields: dict[str, Any]
+) -> Path:
+    """Write ``tensors`` and JSON ``fields`` under the header of ``kind``, atomically."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"save to a file ending in .safetensors, got {str(path)!r}")
     if not path.parent.exists():
         raise ValueError(f"the folder {str(path.parent)!r} does not exist; create it first")
-    tensors: dict[str, Tensor] = {}
-    fields: dict[str, Any] = {}
-    for f in dataclasses.fields(result):
-        value = getattr(result, f.name)
-        if isinstance(value, Tensor):
-            tensors[f.name] = value.detach().cpu().contiguous()
-        else:
-            fields[f.name] = value
     header = {
         "kind": kind,
         "schema_version": SCHEMA_VERSION,
-        "library_version": _version(),
+        "library_version": __version__,
         "fields": fields,
     }
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
-    try:
-        save_file(tensors, tmp, metadata={_HEADER_KEY: json.dumps(header)})
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    body = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
+    with atomic_file(path) as tmp:
+        save_file(body, str(tmp), metadata={HEADER_KEY: json.dumps(header)})
     return path
 
 
-def load(path: str | os.PathLike[str]) -> Any:
-    """Read a result written by ``save`` (or a result's ``save`` method)."""
+def read_fields(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """The header (kind, versions) and every stored field, tensors included, of a file
+    written by ``write_fields``."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no such file: {str(path)!r}")
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as handle:
         metadata = handle.metadata() or {}
-    if _HEADER_KEY not in metadata:
+    if HEADER_KEY not in metadata:
         raise ValueError(
             f"{str(path)!r} is a safetensors file but was not written by tl_powersteer"
         )
-    header = json.loads(metadata[_HEADER_KEY])
+    header = json.loads(metadata[HEADER_KEY])
     if header.get("schema_version", 0) > SCHEMA_VERSION:
         raise ValueError(
             f"{str(path)!r} uses schema version {header['schema_version']}, newer than this "
             f"library's {SCHEMA_VERSION}; upgrade tl_powersteer to read it"
         )
-    cls = _KINDS.get(header.get("kind", ""))
-    if cls is None:
-        raise ValueError(f"{str(path)!r} holds an unknown result kind {header.get('kind')!r}")
     tensors: dict[str, Any] = load_file(str(path))
-    stored = {**header["fields"], **tensors}
-    unknown = sorted(set(stored) - {f.name for f in dataclasses.fields(cls)})
+    return header, {**header["fields"], **tensors}
+
+
+def save(result: Any, path: str | os.PathLike[str]) -> Path:
+    """Write ``result`` (a result dataclass of this package) to ``path`` atomically."""
+    kind = type(result).__name__
+    if kind not in RESULT_TYPES or not dataclasses.is_dataclass(result):
+        raise TypeError(f"cannot save a {kind}; expected one of {sorted(RESULT_TYPES)}")
+    tensors: dict[str, Tensor] = {}
+    fields: dict[str, Any] = {}
+    for f in dataclasses.fields(result):
+        value = getattr(result, f.name)
+        if isinstance(value, Tensor):
+            tensors[f.name] = value
+        else:
+            fields[f.name] = value
+    return write_fields(path, kind, tensors, fields)
+
+
+def load(path: str | os.PathLike[str]) -> Any:
+    """Read a result written by ``save`` (or a result's ``save`` method)."""
+    header, stored = read_fields(path)
+    found = RESULT_TYPES.get(header.get("kind", ""))
+    if found is None:
+        raise ValueError(f"{str(path)!r} holds an unknown result kind {header.get('kind')!r}")
+    stored = {
+        found.renamed.get(name, name): value
+        for name, value in stored.items()
+        if name not in found.dropped
+    }
+    unknown = sorted(set(stored) - {f.name for f in dataclasses.fields(found.cls)})
     if unknown:
         raise ValueError(
-            f"{str(path)!r} holds fields this version of tl_powersteer ({_version()}) does "
+            f"{str(path)!r} holds fields this version of tl_powersteer ({__version__}) does "
             f"not know: {unknown}; it was written by version "
             f"{header.get('library_version', '?')}: load it with that version, or recompute it"
         )
-    return cls(**stored)
+    return found.cls(**stored)

@@ -27,7 +27,6 @@ import json
 import os
 import shutil
 import sys
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -36,6 +35,7 @@ from typing import Any
 import torch
 
 from .adapters import ModelKind, boot
+from .io import atomic_folder
 
 __all__ = [
     "EMBEDDED_MODEL",
@@ -136,16 +136,18 @@ def ensure_cached(
         )
         shutil.rmtree(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
-    try:
-        from tqdm.auto import tqdm
+    from tqdm.auto import tqdm
 
-        with tqdm(
-            total=None if steps is None else steps + 1,
-            desc=f"building {folder.name}",
-            disable=not progress,
-            unit="step",
-        ) as bar:
+    try:
+        with (
+            atomic_folder(folder, replace=False) as tmp,
+            tqdm(
+                total=None if steps is None else steps + 1,
+                desc=f"building {folder.name}",
+                disable=not progress,
+                unit="step",
+            ) as bar,
+        ):
 
             def step(what: str) -> None:
                 bar.set_description(what)
@@ -154,14 +156,10 @@ def ensure_cached(
             build(tmp, step)
             step("verifying")
             _write_manifest(tmp)
-        try:
-            os.rename(tmp, folder)
-        except OSError:
-            # Another process finished the same build first: keep theirs if it is whole.
-            if cache_problem(folder) is not None:
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+    except OSError:
+        # Another process finished the same build first: keep theirs if it is whole.
+        if cache_problem(folder) is not None:
+            raise
     return folder
 
 

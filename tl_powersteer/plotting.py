@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from .atlas import SensitivityAtlas, _method_label
+from .io import atomic_file
 
 __all__ = ["GAP_WARNING", "atlas_html", "plot_atlas"]
 
@@ -224,7 +225,6 @@ def atlas_html(
     data = json.dumps(payload).replace("</", "<\\/")
     title = html.escape(f"Sensitivity atlas: {atlas.model_name}")
     page = _PAGE.format(title=title, figure=figure, data=data)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(page, encoding="utf-8")
-    os.replace(tmp, path)
+    with atomic_file(path) as tmp:
+        tmp.write_text(page, encoding="utf-8")
     return path

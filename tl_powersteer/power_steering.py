@@ -34,6 +34,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .adapters import ModelAdapter, Prompts
+from .io import register
+from .io import save as save_result
 from .jacobian import LayerJacobian
 from .power import block_power_iteration, check_iteration_args
 from .steering import SteeringVector
@@ -71,6 +73,7 @@ def power_steering_vector(
     )
 
 
+@register()
 @dataclass
 class PowerSteeringResult:
     """Top-k Power Steering vectors of one (source, target) pair: J ≈ U diag(σ) Vᵀ.
@@ -106,9 +109,7 @@ class PowerSteeringResult:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write a ``.safetensors`` file (tensors, plus JSON metadata in its header)."""
-        from .io import save
-
-        save(self, path)
+        save_result(self, path)
 
     def steering_vector(self, i: int = 0) -> SteeringVector:
         """Right singular vector ``i`` as a ``SteeringVector`` at the source hook."""

@@ -56,6 +56,8 @@ from .adapters import (
     steered_logits,
     versions_line,
 )
+from .io import register
+from .io import save as save_result
 
 __all__ = [
     "POSITION_CHOICES",
@@ -78,6 +80,7 @@ SCALE_MODES = ("absolute", "relative", "kl")
 Positions = str | int | slice
 
 
+@register()
 @dataclass
 class SteeringVector:
     """A unit direction at the hook ``blocks.{layer}.{site}``, with its provenance.
@@ -132,9 +135,7 @@ class SteeringVector:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write a ``.safetensors`` file (tensors, plus JSON metadata in its header)."""
-        from .io import save
-
-        save(self, path)
+        save_result(self, path)
 
 
 def random_vectors(

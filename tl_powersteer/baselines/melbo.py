@@ -35,6 +35,8 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..adapters import Prompts
+from ..io import register
+from ..io import save as save_result
 from ..jacobian import LayerJacobian
 from ..steering import SteeringVector
 
@@ -104,6 +106,7 @@ def melbo_optimise(
     return torch.stack(found), torch.tensor(finals, dtype=torch.float64), history, calls
 
 
+@register()
 @dataclass
 class MelboResult:
     """MELBO vectors of one (source, target) pair, each of norm ``radius``.
@@ -176,9 +179,7 @@ class MelboResult:
 
     def save(self, path: str | os.PathLike[str]) -> None:
         """Write a ``.safetensors`` file (tensors, plus JSON metadata in its header)."""
-        from ..io import save
-
-        save(self, path)
+        save_result(self, path)
 
 
 def _positive(value: Any, what: str) -> float:
