@@ -13,9 +13,9 @@ from .compare import compare_methods, cosine_table
 from .effects import effect, rank_vectors
 from .io import load, save
 from .jacobian import LayerJacobian
+from .linalg import block_power_iteration
 from .models import load_model
 from .plotting import plot_atlas
-from .power import block_power_iteration
 from .power_steering import PowerSteeringResult, power_steer
 from .steering import SteeringVector, generate_steered, random_vectors, steer, typical_norm
 from .version import __version__ as __version__

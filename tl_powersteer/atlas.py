@@ -85,7 +85,15 @@ from .jacobian import (
     check_matmul_dtype,
     cpu_multiplies_bfloat16,
 )
-from .power import block_power_iteration, canonical_signs, check_iteration_args
+from .linalg import (
+    block_power_iteration,
+    check_iteration_args,
+    shared_basis,
+    top_directions,
+    top_k_in_basis,
+    top_k_of_rows,
+    top_k_svd,
+)
 from .power_steering import power_steering_vector
 from .steering import KL_SCALE_RANGE, SteeringVector, kl_divergence, typical_norms
 
@@ -93,7 +101,6 @@ __all__ = [
     "ATLAS_METHODS",
     "SensitivityAtlas",
     "sensitivity_atlas",
-    "shared_basis",
     "token_effects",
     "validate_atlas_arguments",
 ]
@@ -125,9 +132,6 @@ _REFINE_DIRECTIONS = 2
 # the left, from the refining pass's Uᵀ J, it needs 4k products where a step on the right
 # needs 6k; at r = 14 the worst error was 1.4% to 1.9% (three seeds) for 4% fewer products.
 _POLISH_HOPS = 3
-# Directions beyond the k + 1 wanted that the exact method's Rayleigh-Ritz step keeps, so
-# that the k + 1 are separated from the rest of the spectrum (σ_{k+1} included).
-_RITZ_MARGIN = 4
 # Typical iterations of the power method at the default tolerance (measured on Gemma 3 270M).
 _POWER_ITERATIONS = 12
 
@@ -431,75 +435,6 @@ def _sketch_widths(
     return co_range, directions
 
 
-def shared_basis(
-    co_range_sketches: Sequence[Float[Tensor, "l d"]], width: int
-) -> Float[Tensor, "d width"]:
-    """An orthonormal basis of ``min(width, d)`` columns for the rows of every sketch.
-
-    Each co-range sketch W_t = Ψ_tᵀ J_t is scaled to unit Frobenius norm (so a target whose
-    Jacobian is small still counts), the scaled sketches are stacked, and the basis is their
-    top right singular vectors, completed with further orthonormal directions when the
-    stack has fewer than ``width`` rows (more columns only tighten the estimate). In
-    float64, on the sketches' device.
-    """
-    blocks = []
-    for W in co_range_sketches:
-        W = W.double()
-        norm = torch.linalg.matrix_norm(W)
-        blocks.append(W / norm if norm > 0 else W)
-    stacked = torch.cat(blocks)
-    # Complete (d x d) left singular vectors of the stackᵀ only when the stack is too short.
-    U = torch.linalg.svd(stacked.T, full_matrices=stacked.shape[0] < width).U
-    return U[:, : min(width, U.shape[1])]
-
-
-def _top_k_in_basis(
-    Z: Float[Tensor, "n b"], basis: Float[Tensor, "d b"], k: int
-) -> tuple[Tensor, Tensor, Tensor]:
-    """The top-k of J restricted to the basis P, from Z = J P: (σ_1..σ_k, σ_{k+1}, vectors)."""
-    sig, nxt, H = _top_k_svd(Z, k)
-    V = H @ basis.double().T
-    return sig, nxt, V * canonical_signs(V)[:, None]
-
-
-def _top_directions(Z: Float[Tensor, "n b"], m: int) -> Float[Tensor, "n m"]:
-    """The top m left singular vectors of Z, each times its singular value: Z H for its top
-    m right singular vectors H, from the eigenvectors of the small float64 Gram ZᵀZ."""
-    Z64 = Z.double()
-    evals, evecs = torch.linalg.eigh(Z64.T @ Z64)
-    top = evecs[:, evals.argsort(descending=True)[:m]]
-    return (Z64 @ top).to(Z.dtype)
-
-
-def _top_k_of_rows(R: Float[Tensor, "l d"], k: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """Top-k of J from its rows R = Uᵀ J on an orthonormal U: (σ_1..σ_k, σ_{k+1}, right
-    vectors with canonical signs, and the left singular vectors W of R: the columns of U W
-    are J's top left directions within U, in order)."""
-    W, S, Vh = torch.linalg.svd(R.double(), full_matrices=False)
-    V = Vh[:k]
-    return S[:k], S[k], V * canonical_signs(V)[:, None], W
-
-
-def _top_k_svd(J: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
-    """(σ_1..σ_k, σ_{k+1}, top-k right vectors with canonical signs) of J.
-
-    The eigendecomposition of the Gram JᵀJ (d x d) in J's own precision finds the top of
-    the spectrum, k + 1 + _RITZ_MARGIN directions; a Rayleigh-Ritz step in float64 (an SVD
-    of J times those directions) then gives σ and vectors. The directions' error enters σ
-    squared, so σ agree with a float64 SVD of J to ~1e-11 (Gemma 3 270M) and the vectors to
-    J's rounding, at half the cost of a float64 Gram and eigendecomposition (80 ms per pair
-    there, an exact atlas's 12 s) and a quarter of an SVD of the tall J.
-    """
-    work = J if J.dtype in (torch.float32, torch.float64) else J.float()
-    evals, evecs = torch.linalg.eigh(work.T @ work)
-    top = evecs[:, evals.argsort(descending=True)[: k + 1 + _RITZ_MARGIN]].double()
-    # Orthonormal in float64: float32 eigenvectors are so only to ~1e-7, which would enter σ.
-    Q = torch.linalg.qr(top).Q
-    _, S, Vh = torch.linalg.svd(J.double() @ Q, full_matrices=False)
-    V = Vh[:k] @ Q.T  # k < d_model, so S holds σ_{k+1} too
-    return S[:k], S[k], V * canonical_signs(V)[:, None]
-
-
 @dataclass
 class _Plan:
     adapter: ModelAdapter
@@ -747,16 +682,16 @@ def sensitivity_atlas(
                     rows, width = op.shape[0] // len(later), atlas.range_width
                     atlas.range_sketch = torch.full((n, n, rows, width), nan, dtype=dtype)
                 for t in later:
-                    sig, nxt, V = _top_k_in_basis(Z[op.rows(t)], basis, k)
+                    sig, nxt, V = top_k_in_basis(Z[op.rows(t)], basis, k)
                     atlas._store(s, t, sig, nxt, V)
                     m = directions[t]
-                    atlas.range_sketch[s, t, :, :m] = _top_directions(Z[op.rows(t)], m)
+                    atlas.range_sketch[s, t, :, :m] = top_directions(Z[op.rows(t)], m)
                     bar.update(1)
             elif method == "exact":
                 op = graph().operator(s, later)
                 dense = op.dense()
                 for t in later:
-                    sig, nxt, V = _top_k_svd(dense[op.rows(t)], k)
+                    sig, nxt, V = top_k_svd(dense[op.rows(t)], k)
                     atlas._store(s, t, sig, nxt, V)
                     atlas.converged[s, t] = True
                     bar.update(1)
@@ -829,7 +764,7 @@ def _refine_phase(
         B = op.rmatvec(basis.to(op.device, op.dtype)).to("cpu")
         for s in earlier:
             R = B[op.columns(s)].T.double()  # Qᵀ J_{s,t}
-            sig, nxt, V, W = _top_k_of_rows(R, atlas.k)
+            sig, nxt, V, W = top_k_of_rows(R, atlas.k)
             if _holds_more(atlas, s, t, sig):
                 atlas._store(s, t, sig, nxt, V)
             if t - s <= _POLISH_HOPS:
@@ -877,7 +812,7 @@ def _polish_phase(
             H, S, _ = torch.linalg.svd(outside, full_matrices=False)
             new = H[:, S > S.max().clamp_min(torch.finfo(torch.float64).tiny) * 1e-10]
             rows = op.rmatvec(new.to(op.device, op.dtype)).to("cpu", torch.float64).T
-            sig, nxt, vectors, _ = _top_k_of_rows(torch.cat([R, rows]), atlas.k)
+            sig, nxt, vectors, _ = top_k_of_rows(torch.cat([R, rows]), atlas.k)
             if _holds_more(atlas, s, t, sig):
                 atlas._store(s, t, sig, nxt, vectors)
     if atlas.polish_basis is not None:

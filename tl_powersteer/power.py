@@ -1,45 +1,15 @@
-"""Block power iteration with Rayleigh-Ritz for the top singular triplets of a linear operator.
+"""Deprecated alias of ``tl_powersteer.linalg``, kept for one release."""
 
-For an operator J (``n_out x d``) known only through products ``J @ V`` and ``J.T @ U``,
-we iterate on the Gram operator JᵀJ with an oversampled orthonormal block Q (``d x b``)::
+import warnings
 
-    Y = J Q                       # b forward products
-    Y = Uy diag(s) Wᵀ             # Rayleigh-Ritz on span(Q), a b x b problem
-    Z = Jᵀ Y = JᵀJ Q              # b adjoint products
-    Q ← qr(Z)
-
-The Ritz triplets of span(Q) are ``v = Q W``, ``σ = s`` and ``u = Uy``, so ``J v = σ u``
-holds to rounding error by construction; ``Z`` gives the other side for free,
-``Jᵀ u = Z w / σ``, and the reported residual ``‖Jᵀu − σv‖ / σ`` measures how far a
-triplet is from a true singular triplet (it bounds the angle to the exact vector by
-residual / spectral gap). Oversampling (block b = k + 4 by default) makes the top-k
-converge at rate (σ_{b+1}/σ_i)² per step instead of (σ_{k+1}/σ_i)², which matters on
-the flat spectra of transformer layer Jacobians.
-
-Sign convention: singular vectors have no natural sign. Every right vector is flipped so
-that its entry of largest magnitude is positive (the first such entry on ties), and its
-left vector is flipped with it, so results are reproducible across runs and machines.
-
-Example, on a plain matrix:
-
->>> import torch
->>> from tl_powersteer.power import block_power_iteration
->>> A = torch.diag(torch.tensor([5.0, 3.0, 1.0, 0.5], dtype=torch.float64))
->>> res = block_power_iteration(A, k=2, seed=0)
->>> [round(s, 6) for s in res.singular_values.tolist()]
-[5.0, 3.0]
->>> res.vectors.abs().argmax(dim=1).tolist()
-[0, 1]
-"""
-
-from __future__ import annotations
-
-from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
-
-import torch
-from jaxtyping import Float
-from torch import Tensor
+from .linalg import (
+    LinearOperator,
+    MatrixOperator,
+    PowerIterationResult,
+    block_power_iteration,
+    canonical_signs,
+    check_iteration_args,
+)
 
 __all__ = [
     "LinearOperator",
@@ -50,183 +20,9 @@ __all__ = [
     "check_iteration_args",
 ]
 
-
-@runtime_checkable
-class LinearOperator(Protocol):
-    """Anything that multiplies blocks of column vectors by J and by Jᵀ."""
-
-    @property
-    def shape(self) -> tuple[int, int]: ...
-
-    @property
-    def dtype(self) -> torch.dtype: ...
-
-    @property
-    def device(self) -> torch.device: ...
-
-    def matvec(self, V: Float[Tensor, "d b"]) -> Float[Tensor, "n b"]: ...
-
-    def rmatvec(self, U: Float[Tensor, "n b"]) -> Float[Tensor, "d b"]: ...
-
-
-class MatrixOperator:
-    """A dense matrix seen as a ``LinearOperator`` (for tests and small problems)."""
-
-    def __init__(self, matrix: Float[Tensor, "n d"]):
-        if matrix.ndim != 2:
-            raise ValueError(f"expected a 2-D matrix, got shape {tuple(matrix.shape)}")
-        self.matrix = matrix
-
-    @property
-    def shape(self) -> tuple[int, int]:
-        n, d = self.matrix.shape
-        return int(n), int(d)
-
-    @property
-    def dtype(self) -> torch.dtype:
-        return self.matrix.dtype
-
-    @property
-    def device(self) -> torch.device:
-        return self.matrix.device
-
-    def matvec(self, V: Float[Tensor, "d b"]) -> Float[Tensor, "n b"]:
-        return self.matrix @ V
-
-    def rmatvec(self, U: Float[Tensor, "n b"]) -> Float[Tensor, "d b"]:
-        return self.matrix.T @ U
-
-
-@dataclass
-class PowerIterationResult:
-    """Top-k singular triplets found by ``block_power_iteration``: J ≈ U diag(s) Vᵀ.
-
-    ``residuals[i]`` is ``max(‖J vᵢ − σᵢ uᵢ‖, ‖Jᵀ uᵢ − σᵢ vᵢ‖) / σᵢ``; the first term is
-    rounding-level by construction, so this is the adjoint-side residual.
-    """
-
-    vectors: Float[Tensor, "k d"]
-    singular_values: Float[Tensor, " k"]
-    left_vectors: Float[Tensor, "k n"]
-    residuals: Float[Tensor, " k"]
-    iterations: int
-    converged: bool
-    n_matvec: int
-    n_rmatvec: int
-    history: Float[Tensor, "iterations k"]
-
-
-def canonical_signs(vectors: Float[Tensor, "k d"]) -> Float[Tensor, " k"]:
-    """±1 per row, making each row's largest-magnitude entry (first on ties) positive."""
-    idx = vectors.abs().argmax(dim=1, keepdim=True)
-    pivot = vectors.gather(1, idx).squeeze(1)
-    return torch.where(pivot < 0, -1.0, 1.0).to(vectors.dtype)
-
-
-def check_iteration_args(
-    k: int, max_k: int, *, block_size: int | None, tol: float, max_iters: int
-) -> int:
-    """Validate the iteration options before any work; return the block size to use."""
-    for name, value in (("k", k), ("max_iters", max_iters)):
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
-    if not 1 <= k <= max_k:
-        raise ValueError(
-            f"k must be between 1 and {max_k} (d_model, or the smaller side of the operator), "
-            f"got {k}"
-        )
-    b = min(k + 4, max_k) if block_size is None else block_size
-    if isinstance(b, bool) or not isinstance(b, int) or not k <= b <= max_k:
-        raise ValueError(f"block_size must be an int between k={k} and {max_k}, got {b!r}")
-    if max_iters < 1:
-        raise ValueError(f"max_iters must be at least 1, got {max_iters}")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
-        raise ValueError(f"tol must be a positive number, got {tol!r}")
-    return b
-
-
-def _as_operator(op: LinearOperator | Tensor) -> LinearOperator:
-    if isinstance(op, Tensor):
-        return MatrixOperator(op)
-    if not isinstance(op, LinearOperator):
-        raise TypeError(
-            "expected a torch.Tensor matrix or an object with shape, dtype, device, "
-            f"matvec and rmatvec; got {type(op).__name__}"
-        )
-    return op
-
-
-def block_power_iteration(
-    operator: LinearOperator | Tensor,
-    k: int,
-    *,
-    block_size: int | None = None,
-    tol: float = 1e-4,
-    max_iters: int = 50,
-    seed: int = 0,
-) -> PowerIterationResult:
-    """Top-``k`` singular triplets of ``operator`` by oversampled block power iteration.
-
-    Args:
-        operator: a ``LinearOperator`` or a plain 2-D tensor.
-        k: number of singular triplets to return.
-        block_size: columns iterated together; default ``k + 4`` (capped at ``d``).
-        tol: stop once every top-k Ritz value changes by less than ``tol`` (relative)
-            between two iterations.
-        max_iters: stop after this many iterations even if not converged.
-        seed: seeds the random start block; equal seeds give equal results.
-    """
-    op = _as_operator(operator)
-    n, d = op.shape
-    b = check_iteration_args(k, min(n, d), block_size=block_size, tol=tol, max_iters=max_iters)
-
-    gen = torch.Generator().manual_seed(seed)
-    start = torch.randn(d, b, generator=gen, dtype=torch.float64)
-    # Half-precision operators still get float32 linear algebra (CPU QR/SVD need it).
-    work = torch.promote_types(op.dtype, torch.float32)
-    Q = torch.linalg.qr(start.to(device=op.device, dtype=work)).Q
-
-    n_matvec = n_rmatvec = 0
-    previous: Tensor | None = None
-    history: list[Tensor] = []
-    converged = False
-    iterations = 0
-    while True:
-        iterations += 1
-        Y = op.matvec(Q.to(op.dtype)).to(work)
-        Z = op.rmatvec(Y.to(op.dtype)).to(work)
-        n_matvec += b
-        n_rmatvec += b
-        Uy, s, Wt = torch.linalg.svd(Y, full_matrices=False)
-        top = s[:k]
-        history.append(top.detach().to("cpu", torch.float64))
-        if previous is not None:
-            floor = torch.finfo(s.dtype).eps * max(float(s[0]), 1.0)
-            change = (top - previous).abs() / top.clamp_min(floor)
-            converged = bool((change < tol).all())
-        if converged or iterations >= max_iters:
-            break
-        previous = top
-        Q = torch.linalg.qr(Z).Q
-
-    W = Wt[:k].T  # b x k
-    V = (Q @ W).T  # k x d
-    U = Uy[:, :k].T  # k x n
-    safe = top.clamp_min(torch.finfo(top.dtype).tiny)
-    JtU = (Z @ W).T / safe[:, None]
-    left_res = (Y @ W).T - top[:, None] * U
-    right_res = JtU - top[:, None] * V
-    residuals = torch.maximum(left_res.norm(dim=1), right_res.norm(dim=1)) / safe
-
-    signs = canonical_signs(V)
-    return PowerIterationResult(
-        vectors=V * signs[:, None],
-        singular_values=top.clone(),
-        left_vectors=U * signs[:, None],
-        residuals=residuals,
-        iterations=iterations,
-        converged=converged,
-        n_matvec=n_matvec,
-        n_rmatvec=n_rmatvec,
-        history=torch.stack(history),
-    )
+warnings.warn(
+    "tl_powersteer.power is deprecated and will be removed in the next release: "
+    "import from tl_powersteer.linalg instead",
+    DeprecationWarning,
+    stacklevel=2,
+)

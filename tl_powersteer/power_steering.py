@@ -4,7 +4,7 @@ With J = ∂ target / ∂ v (see :mod:`tl_powersteer.jacobian`) and its SVD
 J ≈ U diag(σ) Vᵀ, the rows of ``vectors`` are the right singular vectors vᵢ: the
 directions at the source hook that the target activation is most sensitive to, with
 J vᵢ ≈ σᵢ uᵢ. They come from block power iteration with Rayleigh-Ritz
-(:mod:`tl_powersteer.power`) using only JVPs and VJPs; J is never formed.
+(:mod:`tl_powersteer.linalg`) using only JVPs and VJPs; J is never formed.
 
 Signs are arbitrary in an SVD; each vector's largest-magnitude entry is made positive.
 Anything that judges a vector's effect should try both +v and -v.
@@ -37,7 +37,7 @@ from .adapters import ModelAdapter, Prompts
 from .io import register
 from .io import save as save_result
 from .jacobian import LayerJacobian
-from .power import block_power_iteration, check_iteration_args
+from .linalg import block_power_iteration, check_iteration_args
 from .steering import SteeringVector
 
 __all__ = ["PowerSteeringResult", "power_steer"]

@@ -12,6 +12,7 @@ import torch
 import tl_powersteer as tps
 from tests.reference import principal_angles, reference_jacobian
 from tl_powersteer import atlas as atlas_module
+from tl_powersteer import linalg
 from tl_powersteer.jacobian import RecordedJacobian
 
 
@@ -235,11 +236,11 @@ def test_shared_basis_holds_every_low_rank_sketch_exactly() -> None:
     # Three Jacobians of rank 3 with unrelated row spaces: a basis of 9 columns holds all.
     Js = [low_rank(40, 3) for _ in range(3)]
     sketches = [torch.randn(40, 12, generator=gen, dtype=torch.float64).T @ J for J in Js]
-    basis = atlas_module.shared_basis(sketches, 9)
+    basis = linalg.shared_basis(sketches, 9)
     assert basis.shape == (30, 9) and basis.dtype == torch.float64
     torch.testing.assert_close(basis.T @ basis, torch.eye(9, dtype=torch.float64))
     for J in Js:
-        sig, nxt, V = atlas_module._top_k_in_basis(J @ basis, basis, k=2)
+        sig, nxt, V = linalg.top_k_in_basis(J @ basis, basis, k=2)
         S, Vh = torch.linalg.svd(J, full_matrices=False)[1:]
         torch.testing.assert_close(sig, S[:2], rtol=1e-10, atol=0)
         torch.testing.assert_close(nxt, S[2], rtol=1e-10, atol=0)
@@ -257,7 +258,7 @@ def test_top_k_of_a_dense_jacobian_is_float64_accurate(dtype: torch.dtype) -> No
         [torch.tensor([9.0, 5.0, 3.0, 2.0, 1.98, 1.9799]), torch.linspace(1.5, 0.1, 74)]
     )
     J = ((U * spectrum.double()) @ W.T).to(dtype)
-    sig, nxt, V = atlas_module._top_k_svd(J, k=4)
+    sig, nxt, V = linalg.top_k_svd(J, k=4)
     # The reference: a float64 SVD of the very matrix given (rounded to its dtype).
     S, Vh = torch.linalg.svd(J.double(), full_matrices=False)[1:]
     assert sig.dtype == nxt.dtype == V.dtype == torch.float64
@@ -274,9 +275,9 @@ def test_rows_of_a_left_basis_give_the_exact_top_k() -> None:
         4, 30, generator=gen, dtype=torch.float64
     )
     # A left basis built from J's own top directions holds its column space: Qᵀ J is exact.
-    left = atlas_module._top_directions(J, 4)
-    Q = atlas_module.shared_basis([left.T], 6)
-    sig, nxt, V, W = atlas_module._top_k_of_rows(Q.T @ J, k=3)
+    left = linalg.top_directions(J, 4)
+    Q = linalg.shared_basis([left.T], 6)
+    sig, nxt, V, W = linalg.top_k_of_rows(Q.T @ J, k=3)
     U, S, Vh = torch.linalg.svd(J, full_matrices=False)
     torch.testing.assert_close(sig, S[:3], rtol=1e-10, atol=0)
     torch.testing.assert_close(nxt, S[3], rtol=1e-10, atol=0)
@@ -301,14 +302,14 @@ def test_shared_basis_weighs_every_target_equally() -> None:
     exact = torch.linalg.svdvals(tiny)[0]
 
     def error(basis: torch.Tensor) -> float:
-        sig = atlas_module._top_k_in_basis(tiny @ basis, basis, k=1)[0]
+        sig = linalg.top_k_in_basis(tiny @ basis, basis, k=1)[0]
         return float((exact - sig[0]) / exact)
 
     unscaled = torch.linalg.svd(torch.cat(sketches).T, full_matrices=False).U[:, :5]
     assert error(unscaled) > 0.1
-    assert 0 <= error(atlas_module.shared_basis(sketches, 5)) < 1e-3
+    assert 0 <= error(linalg.shared_basis(sketches, 5)) < 1e-3
     # A target whose Jacobian is zero adds nothing and no NaN; short stacks are completed.
-    basis = atlas_module.shared_basis([torch.zeros(2, 30, dtype=torch.float64)], 6)
+    basis = linalg.shared_basis([torch.zeros(2, 30, dtype=torch.float64)], 6)
     assert basis.shape == (30, 6) and bool(torch.isfinite(basis).all())
     torch.testing.assert_close(basis.T @ basis, torch.eye(6, dtype=torch.float64))
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from tests.reference import principal_angles
-from tl_powersteer.power import MatrixOperator, block_power_iteration, canonical_signs
+from tl_powersteer.linalg import MatrixOperator, block_power_iteration, canonical_signs
 
 
 def matrix_with_spectrum(singular_values: torch.Tensor, n: int, seed: int = 0) -> torch.Tensor:
