@@ -17,7 +17,9 @@ from .linalg import block_power_iteration
 from .models import load_model
 from .plotting import plot_atlas
 from .power_steering import PowerSteeringResult, power_steer
-from .steering import SteeringVector, generate_steered, random_vectors, steer, typical_norm
+from .scales import typical_norm
+from .steering import generate_steered, steer
+from .vectors import SteeringVector, random_vectors
 from .version import __version__ as __version__
 
 __all__ = [

@@ -34,6 +34,8 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor, nn
 
+from .checks import is_int
+
 __all__ = [
     "KV_CACHE_FIX",
     "ModelAdapter",
@@ -132,6 +134,13 @@ def _active_dropout(model: nn.Module) -> list[str]:
 class ModelAdapter:
     """A HookedTransformer or TransformerBridge seen through hook names and token batches."""
 
+    @classmethod
+    def of(cls, model: Any) -> ModelAdapter:
+        """``model`` itself if it is already an adapter, else a new one: functions that
+        take a model take its adapter too, so that a caller builds it once and hands it
+        down (each build walks the model's modules)."""
+        return model if isinstance(model, cls) else cls(model)
+
     def __init__(self, model: Any):
         self.kind: ModelKind = _model_kind(model)
         self.model = model
@@ -167,7 +176,7 @@ class ModelAdapter:
 
     def resolve_layer(self, layer: int, what: str) -> int:
         """A block index, negative ones counted from the end as in Python."""
-        if isinstance(layer, bool) or not isinstance(layer, int):
+        if not is_int(layer):
             raise TypeError(f"{what} must be an int layer index, got {type(layer).__name__}")
         n = self.n_layers
         if not -n <= layer < n:

@@ -59,7 +59,6 @@ interrupted run resumes where it stopped; a checkpoint made with other arguments
 from __future__ import annotations
 
 import functools
-import math
 import os
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -77,6 +76,7 @@ from .adapters import (
     decode_token,
     steered_logits,
 )
+from .checks import is_int, is_number
 from .io import register
 from .io import save as save_result
 from .jacobian import (
@@ -95,7 +95,8 @@ from .linalg import (
     top_k_svd,
 )
 from .power_steering import power_steering_vector
-from .steering import KL_SCALE_RANGE, SteeringVector, kl_divergence, typical_norms
+from .scales import KL_PROBE_FRACTION, KL_SCALE_RANGE, kl_divergence, kl_search, typical_norms
+from .vectors import SteeringVector
 
 __all__ = [
     "ATLAS_METHODS",
@@ -218,7 +219,7 @@ class SensitivityAtlas:
         """The top vectors of the given pairs (default every computed pair) as
         ``SteeringVector`` objects, e.g. to screen with ``rank_vectors``."""
         top = self.k if top is None else top
-        if isinstance(top, bool) or not isinstance(top, int) or not 1 <= top <= self.k:
+        if not is_int(top) or not 1 <= top <= self.k:
             raise ValueError(f"top must be an int between 1 and k = {self.k}, got {top!r}")
         chosen = (
             [(s, t) for s, t in self.pairs() if s in self.completed_sources]
@@ -472,7 +473,7 @@ def _plan(
     n = adapter.n_layers
     if method not in ATLAS_METHODS:
         raise ValueError(f"method must be one of {ATLAS_METHODS}, got {method!r}")
-    if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k < adapter.d_model:
+    if not is_int(k) or not 1 <= k < adapter.d_model:
         raise ValueError(
             f"k must be an int between 1 and d_model - 1 = {adapter.d_model - 1}, got {k!r}"
         )
@@ -502,7 +503,7 @@ def _plan(
     # 1.6% there (three prompts, three seeds).
     default_rank = min(max(3 * k + 2, adapter.d_model // 48), adapter.d_model)
     r = default_rank if sketch_rank is None else sketch_rank
-    if isinstance(r, bool) or not isinstance(r, int) or not k < r <= adapter.d_model:
+    if not is_int(r) or not k < r <= adapter.d_model:
         raise ValueError(
             f"sketch_rank must be an int between k + 1 = {k + 1} and d_model = "
             f"{adapter.d_model}, got {r!r}"
@@ -519,11 +520,7 @@ def _plan(
 
     batch = adapter.tokenize(prompts)
     shortest = int(batch.lengths.min())
-    if (
-        isinstance(positions, bool)
-        or not isinstance(positions, int)
-        or not 1 <= positions <= shortest
-    ):
+    if not is_int(positions) or not 1 <= positions <= shortest:
         raise ValueError(
             f"positions must be an int between 1 and {shortest} (the shortest prompt), got {positions!r}"
         )
@@ -882,91 +879,6 @@ def _resume(fresh: SensitivityAtlas, path: Path) -> SensitivityAtlas:
     return saved
 
 
-# The search's first scale, as a fraction of the source's typical norm: on Gemma 3 270M a
-# KL of 0.01 to 2 nats, mostly where it still grows like the square of the scale.
-_PROBE_FRACTION = 1 / 32
-
-
-def _kl_matched_scales(
-    kl_at: Callable[[Tensor, Tensor], tuple[Tensor, list[Any]]],
-    probe: Tensor,
-    kl: float,
-    bounds: tuple[Tensor, Tensor],
-    *,
-    tol: float = 0.1,
-    rounds: int = 6,
-) -> tuple[Tensor, Tensor, list[Any]]:
-    """Per row, the evaluated scale whose KL came closest to ``kl`` (in log KL), that KL,
-    and what ``kl_at`` returned with it.
-
-    ``kl_at(rows, scales)`` returns the KL of those rows at those scales and one payload
-    per row (what the caller wants kept from the evaluation the search settles on);
-    ``probe`` is each row's first scale and ``bounds`` (low, high) the scales it may try,
-    all positive. The first step assumes KL grows like the square of the scale, which
-    holds near zero; later steps follow the slope measured between the last two points
-    (kept within [1, 4]) until the target is bracketed, then false position inside the
-    bracket, kept off its ends so that it always shrinks. A row stops within ``tol`` of
-    log ``kl``, at a bound it cannot get past, or after ``rounds`` steps. On Gemma 3 270M
-    that is 3.5 evaluations per row on average, against the dozen of ``kl_scales``.
-    """
-    goal = math.log(kl)
-    x_min, x_max = bounds[0].log(), bounds[1].log()
-    x = probe.log().clone()
-    n = x.shape[0]
-    y = torch.full((n,), math.nan, dtype=x.dtype)
-    best_x, best_y = x.clone(), torch.full((n,), math.inf, dtype=x.dtype)
-    best_kl, payloads = torch.zeros(n, dtype=x.dtype), [None] * n
-    below = torch.full((n,), -math.inf, dtype=x.dtype)  # largest x with y < 0, and its y
-    below_y = torch.full((n,), -math.inf, dtype=x.dtype)
-    above = torch.full((n,), math.inf, dtype=x.dtype)  # smallest x with y > 0, and its y
-    above_y = torch.full((n,), math.inf, dtype=x.dtype)
-    last_x, last_y = torch.full((n,), math.nan, dtype=x.dtype), y.clone()
-    active = torch.arange(n)
-    for step in range(rounds + 1):
-        values, extra = kl_at(active, x[active].exp())
-        values = values.to(x.dtype)
-        y[active] = values.clamp_min(1e-30).log() - goal
-        xa, ya = x[active], y[active]
-        closer = ya.abs() < best_y[active].abs()
-        best_kl[active] = torch.where(closer, values, best_kl[active])
-        for row, better, payload in zip(active.tolist(), closer.tolist(), extra, strict=True):
-            if better:
-                payloads[row] = payload
-        best_x[active] = torch.where(closer, xa, best_x[active])
-        best_y[active] = torch.where(closer, ya, best_y[active])
-        low = (ya < 0) & (xa > below[active])
-        below[active] = torch.where(low, xa, below[active])
-        below_y[active] = torch.where(low, ya, below_y[active])
-        high = (ya > 0) & (xa < above[active])
-        above[active] = torch.where(high, xa, above[active])
-        above_y[active] = torch.where(high, ya, above_y[active])
-        stuck = ((ya < 0) & (xa >= x_max[active])) | ((ya > 0) & (xa <= x_min[active]))
-        keep = (ya.abs() > tol) & ~stuck
-        if step == rounds or not keep.any():
-            break
-        # Outside a bracket: extrapolate along the measured slope (2 at first).
-        run = xa - last_x[active]
-        slope = torch.where(
-            run.abs() > 1e-12, (ya - last_y[active]) / torch.where(run == 0, 1.0, run), 2.0
-        )
-        slope = torch.where(slope.isfinite(), slope, 2.0).clamp(1.0, 4.0)
-        guess = xa - ya / slope
-        # Inside one: false position, at least a tenth of the width from either end.
-        lo_x, hi_x = below[active], above[active]
-        bracketed = lo_x.isfinite() & hi_x.isfinite()
-        width = torch.where(bracketed, hi_x - lo_x, 0.0)
-        lo_y, hi_y = below_y[active], above_y[active]
-        falsi = torch.where(
-            bracketed, lo_x - lo_y * width / torch.where(bracketed, hi_y - lo_y, 1.0), 0.0
-        )
-        falsi = torch.minimum(torch.maximum(falsi, lo_x + 0.1 * width), hi_x - 0.1 * width)
-        guess = torch.where(bracketed, falsi, guess)
-        last_x[active], last_y[active] = xa, ya
-        x[active] = torch.minimum(torch.maximum(guess, x_min[active]), x_max[active])
-        active = active[keep]
-    return best_x.exp(), best_kl, payloads
-
-
 def _kl_matched_effects(
     adapter: ModelAdapter,
     batch: TokenBatch,
@@ -1000,7 +912,7 @@ def _kl_matched_effects(
     # A vector that barely moves the output is shown at the largest scale, one that moves
     # it at once at the smallest.
     bounds = (full(unit * KL_SCALE_RANGE[0]), full(unit * KL_SCALE_RANGE[1]))
-    return _kl_matched_scales(kl_at, full(_PROBE_FRACTION * unit), kl, bounds)
+    return kl_search(kl_at, full(KL_PROBE_FRACTION * unit), kl, bounds, tol=0.1, rounds=6)
 
 
 def token_effects(
@@ -1031,9 +943,9 @@ def token_effects(
             f"the model ({adapter.n_layers} layers, d_model {adapter.d_model}) is not the one "
             f"the atlas was computed on ({atlas.model_name})"
         )
-    if isinstance(kl, bool) or not isinstance(kl, (int, float)) or not 0 < kl < float("inf"):
+    if not is_number(kl) or not 0 < kl < float("inf"):
         raise ValueError(f"kl must be a positive number of nats (e.g. 1.0), got {kl!r}")
-    if isinstance(top, bool) or not isinstance(top, int) or top < 1:
+    if not is_int(top) or top < 1:
         raise ValueError(f"top must be a positive int, got {top!r}")
     prompts = atlas.prompts if atlas.prompts is not None else atlas.tokens
     if prompts is None:

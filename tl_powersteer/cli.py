@@ -41,7 +41,9 @@ from .io import atomic_folder
 from .jacobian import JVP_METHODS
 from .models import EMBEDDED_MODEL, KINDS, load_model
 from .power_steering import PowerSteeringResult, power_steer
-from .steering import SCALE_MODES, SteeringVector, generations, typical_norm
+from .scales import SCALE_MODES, typical_norm
+from .steering import generations
+from .vectors import SteeringVector
 
 __all__ = ["DEMO_ANSWERS", "DEMO_PAIR", "DEMO_PROMPT", "main"]
 

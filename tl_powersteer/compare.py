@@ -20,7 +20,8 @@ from .baselines.caa import caa_vector
 from .baselines.melbo import melbo
 from .effects import Metric, _metric, rank_vectors
 from .power_steering import power_steer
-from .steering import SteeringVector, _check_scale, typical_norm
+from .scales import check_scale, typical_norm
+from .vectors import SteeringVector
 
 __all__ = ["compare_methods", "cosine_table"]
 
@@ -69,7 +70,7 @@ def compare_methods(
     if metric == "kl":
         raise ValueError("compare_methods measures effects at a fixed KL: choose another metric")
     _metric(adapter, metric, answers, continuation, 20)
-    _check_scale(kl, "kl")
+    check_scale(kl, "kl")
     if (positive is None) != (negative is None):
         raise ValueError("CAA needs both positive and negative prompts (or neither)")
     if positive is not None and negative is not None and len(positive) != len(negative):
@@ -77,7 +78,7 @@ def compare_methods(
             f"got {len(positive)} positive and {len(negative)} negative prompts; CAA pairs them"
         )
     if melbo_radius is not None:
-        _check_scale(melbo_radius, "melbo_radius")
+        check_scale(melbo_radius, "melbo_radius")
     site = dict(source_site=source_site, target_site=target_site, positions=positions)
 
     found: dict[str, tuple[list[SteeringVector], int, float]] = {}

@@ -52,7 +52,10 @@ from .models import (
     load_model,
     transformers_bars_off,
 )
-from .steering import Positions, SteeringVector, steer, typical_norm
+from .positions import Positions
+from .scales import typical_norm
+from .steering import steer
+from .vectors import SteeringVector
 
 __all__ = [
     "TINY_ARCHITECTURES",

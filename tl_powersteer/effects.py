@@ -39,25 +39,19 @@ import torch
 from torch import Tensor
 
 from .adapters import ModelAdapter, Prompts, TokenBatch, steered_logits
-from .steering import (
-    Positions,
-    SteeringVector,
-    _check_mode,
-    _check_new_tokens,
-    _check_positions,
-    _check_scale,
-    _check_signs,
-    _check_vector,
-    _scale_list,
-    _scale_plan,
-    _vector_list,
-    check_positions_fit,
+from .checks import is_int
+from .positions import Positions, check_positions, check_positions_fit, position_mask
+from .scales import (
+    check_mode,
+    check_scale,
+    check_scales,
+    check_signs,
     kl_divergence,
     kl_scales,
-    position_mask,
-    random_vectors,
-    steer,
+    scale_plan,
 )
+from .steering import check_new_tokens, steer
+from .vectors import SteeringVector, check_vector, random_vectors, vector_list
 
 __all__ = ["METRICS", "effect", "rank_vectors"]
 
@@ -84,7 +78,7 @@ def _metric(
     max_new_tokens: int,
 ) -> _Metric:
     if callable(metric):
-        return _Metric("text", fn=metric, max_new_tokens=_check_new_tokens(max_new_tokens))
+        return _Metric("text", fn=metric, max_new_tokens=check_new_tokens(max_new_tokens))
     if metric not in METRICS:
         raise ValueError(
             f"metric must be one of {METRICS} or a function of the generated text, got {metric!r}"
@@ -134,7 +128,7 @@ def _measure(
     every = metric.name == "logprob"
     by_hook: dict[str, list[int]] = {}
     for i, (v, _) in enumerate(items):
-        by_hook.setdefault(_check_vector(adapter, v), []).append(i)
+        by_hook.setdefault(check_vector(adapter, v), []).append(i)
     logits: list[Tensor] = [torch.empty(0)] * len(items)
     base = torch.empty(0)
     for n, (hook, members) in enumerate(by_hook.items()):
@@ -179,7 +173,7 @@ def _measure(
 
 
 def _with_controls(items: list[SteeringVector], controls: int, seed: int) -> list[SteeringVector]:
-    if isinstance(controls, bool) or not isinstance(controls, int) or controls < 0:
+    if not is_int(controls) or controls < 0:
         raise ValueError(f"controls must be a non-negative int, got {controls!r}")
     out = list(items)
     hooks = sorted({(v.layer, v.site, v.d_model) for v in items})
@@ -219,19 +213,19 @@ def effect(
     import pandas as pd
 
     adapter = ModelAdapter(model)
-    items = _with_controls(_vector_list(vectors), controls, seed)
+    items = _with_controls(vector_list(vectors), controls, seed)
     for v in items:
-        _check_vector(adapter, v)
-    scale_list, sign_list = _scale_list(scales), _check_signs(signs)
-    _check_positions(positions)
+        check_vector(adapter, v)
+    scale_list, sign_list = check_scales(scales), check_signs(signs)
+    check_positions(positions)
     checked = _metric(adapter, metric, answers, continuation, max_new_tokens)
     singles = _single_prompts(adapter, prompts)
     for p in singles:
         check_positions_fit(positions, int(p.lengths[0]))
     reference = prompts if reference is None else reference
-    _check_mode(scale_mode, reference)
+    check_mode(scale_mode, reference)
 
-    plan = _scale_plan(
+    plan = scale_plan(
         model, items, sign_list, scale_list, scale_mode=scale_mode, reference=reference,
         positions=positions, progress=progress,
     )  # fmt: skip
@@ -314,14 +308,14 @@ def rank_vectors(
             "rank_vectors compares vectors at the same KL, so metric='kl' cannot rank them: "
             f"use one of {METRICS[1:]} or a function of the generated text"
         )
-    items = _with_controls(_vector_list(vectors), controls, seed)
+    items = _with_controls(vector_list(vectors), controls, seed)
     for v in items:
-        _check_vector(adapter, v)
-    budget = _check_scale(kl, "kl")
+        check_vector(adapter, v)
+    budget = check_scale(kl, "kl")
     if budget <= 0:
         raise ValueError(f"the KL budget must be positive (nats), got {kl}")
-    sign_list = _check_signs(signs)
-    _check_positions(positions)
+    sign_list = check_signs(signs)
+    check_positions(positions)
     checked = _metric(adapter, metric, answers, continuation, max_new_tokens)
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings")
@@ -345,7 +339,7 @@ def rank_vectors(
 
     for prompt in tqdm(singles, desc="effects", unit="prompt", disable=not progress):
         measured, baseline = _measure(model, prompt, plan, checked, positions)
-        totals += torch.tensor([[k, val - baseline] for k, val in measured])
+        totals += torch.tensor([[k, val - baseline] for k, val in measured], dtype=torch.float64)
     totals /= len(singles)
     best: dict[int, int] = {}
     for i, (v, _) in enumerate(plan):

@@ -54,6 +54,7 @@ from torch.func import jvp, vjp, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .adapters import ModelAdapter, Prompts, TokenBatch
+from .checks import is_int
 
 __all__ = ["JVP_METHODS", "JacobianGraph", "LayerJacobian", "default_chunk_size"]
 
@@ -74,7 +75,7 @@ def default_chunk_size(token_rows: int) -> int:
 def check_chunk_size(chunk_size: Any) -> None:
     if chunk_size is None:
         return
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+    if not is_int(chunk_size) or chunk_size < 1:
         raise ValueError(
             f"chunk_size must be a positive int (or None for the default), got {chunk_size!r}"
         )
@@ -276,7 +277,7 @@ class _Readout:
 def _readout_positions(
     adapter: ModelAdapter, prompts: Prompts, positions: Any, chunk_size: Any
 ) -> _Readout:
-    if isinstance(positions, bool) or not isinstance(positions, int):
+    if not is_int(positions):
         raise TypeError(f"positions must be an int, got {type(positions).__name__}")
     if positions < 1:
         raise ValueError(f"positions must be at least 1, got {positions}")

@@ -45,6 +45,8 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
+from .checks import is_int, is_number
+
 __all__ = [
     "LinearOperator",
     "MatrixOperator",
@@ -137,7 +139,7 @@ def check_iteration_args(
 ) -> int:
     """Validate the iteration options before any work; return the block size to use."""
     for name, value in (("k", k), ("max_iters", max_iters)):
-        if isinstance(value, bool) or not isinstance(value, int):
+        if not is_int(value):
             raise TypeError(f"{name} must be an int, got {type(value).__name__}")
     if not 1 <= k <= max_k:
         raise ValueError(
@@ -145,11 +147,11 @@ def check_iteration_args(
             f"got {k}"
         )
     b = min(k + 4, max_k) if block_size is None else block_size
-    if isinstance(b, bool) or not isinstance(b, int) or not k <= b <= max_k:
+    if not is_int(b) or not k <= b <= max_k:
         raise ValueError(f"block_size must be an int between k={k} and {max_k}, got {b!r}")
     if max_iters < 1:
         raise ValueError(f"max_iters must be at least 1, got {max_iters}")
-    if isinstance(tol, bool) or not isinstance(tol, (int, float)) or not tol > 0:
+    if not is_number(tol) or not tol > 0:
         raise ValueError(f"tol must be a positive number, got {tol!r}")
     return b
 

@@ -41,6 +41,7 @@ from typing import Any
 import torch
 
 from .atlas import SensitivityAtlas, _method_label
+from .checks import is_int
 from .io import atomic_file
 
 __all__ = ["GAP_WARNING", "atlas_html", "plot_atlas"]
@@ -74,7 +75,7 @@ def plot_atlas(atlas: SensitivityAtlas, rank: int = 0, *, log: bool = True) -> A
 
     if not isinstance(atlas, SensitivityAtlas):
         raise TypeError(f"plot_atlas needs a SensitivityAtlas, got {type(atlas).__name__}")
-    if isinstance(rank, bool) or not isinstance(rank, int) or not 0 <= rank < atlas.k:
+    if not is_int(rank) or not 0 <= rank < atlas.k:
         raise ValueError(f"rank must be an int in 0..{atlas.k - 1}, got {rank!r}")
     sources, targets = atlas.sources, atlas.targets
     # Rows are targets, columns sources: z[row][col] is the pair sources[col] -> targets[row].

@@ -34,11 +34,12 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .adapters import ModelAdapter, Prompts
+from .checks import is_int
 from .io import register
 from .io import save as save_result
 from .jacobian import LayerJacobian
 from .linalg import block_power_iteration, check_iteration_args
-from .steering import SteeringVector
+from .vectors import SteeringVector
 
 __all__ = ["PowerSteeringResult", "power_steer"]
 
@@ -113,7 +114,7 @@ class PowerSteeringResult:
 
     def steering_vector(self, i: int = 0) -> SteeringVector:
         """Right singular vector ``i`` as a ``SteeringVector`` at the source hook."""
-        if isinstance(i, bool) or not isinstance(i, int) or not -self.k <= i < self.k:
+        if not is_int(i) or not -self.k <= i < self.k:
             raise ValueError(f"vector index {i!r} is out of range: this result has k={self.k}")
         i %= self.k
         return power_steering_vector(

@@ -14,6 +14,7 @@ from tests.reference import principal_angles, reference_jacobian
 from tl_powersteer import atlas as atlas_module
 from tl_powersteer import linalg
 from tl_powersteer.jacobian import RecordedJacobian
+from tl_powersteer.scales import kl_search
 
 
 def test_exact_matches_per_pair_svd(model: Any, tokens: torch.Tensor) -> None:
@@ -721,7 +722,7 @@ def test_kl_matched_scales_on_known_curves() -> None:
         torch.full((n,), 1e-3, dtype=torch.float64),
         torch.full((n,), 1e3, dtype=torch.float64),
     )
-    scales, kls, payloads = atlas_module._kl_matched_scales(kl_at, probe, 0.7, bounds)
+    scales, kls, payloads = kl_search(kl_at, probe, 0.7, bounds, tol=0.1, rounds=6)
     torch.testing.assert_close(kls, a * scales**p)
     assert (kls / 0.7).log().abs().max() <= 0.1
     assert payloads == scales.tolist()  # the payload of the evaluation that was kept
@@ -742,10 +743,10 @@ def test_kl_matched_scales_stop_at_what_they_cannot_reach() -> None:
         torch.full((3,), 0.5, dtype=torch.float64),
         torch.full((3,), 64.0, dtype=torch.float64),
     )
-    scales, kls, _ = atlas_module._kl_matched_scales(kl_at, probe, 1.0, bounds, rounds=6)
+    scales, kls, _ = kl_search(kl_at, probe, 1.0, bounds, tol=0.1, rounds=6)
     assert float(kls[0]) == pytest.approx(0.3) and float(kls[1]) == 0.0
     assert ((scales >= 0.5) & (scales <= 64.0)).all() and (calls <= 7).all()
-    high, high_kl, _ = atlas_module._kl_matched_scales(
-        kl_at_big, probe[2:], 1.0, (bounds[0][2:], bounds[1][2:])
+    high, high_kl, _ = kl_search(
+        kl_at_big, probe[2:], 1.0, (bounds[0][2:], bounds[1][2:]), tol=0.1, rounds=6
     )
     assert float(high) == 0.5 and float(high_kl) == pytest.approx(25.0)

@@ -8,7 +8,8 @@ import pytest
 import torch
 
 import tl_powersteer as tps
-from tl_powersteer.steering import kl_scale, position_mask, robust_norm
+from tl_powersteer.positions import position_mask
+from tl_powersteer.scales import kl_scale, robust_norm
 
 SITE = "hook_resid_post"
 

@@ -26,7 +26,8 @@ import torch
 from torch import Tensor
 
 from ..adapters import ModelAdapter, Prompts, TokenBatch, activations
-from ..steering import SteeringVector
+from ..checks import is_int
+from ..vectors import SteeringVector
 
 __all__ = ["caa_layer_sweep", "caa_vector"]
 
@@ -34,7 +35,7 @@ __all__ = ["caa_layer_sweep", "caa_vector"]
 def _at_position(batch: TokenBatch, acts: Tensor, position: int, what: str) -> Tensor:
     """Each prompt's activation at ``position`` (negative counts from its last real token)."""
     shortest = int(batch.lengths.min())
-    if isinstance(position, bool) or not isinstance(position, int):
+    if not is_int(position):
         raise TypeError(f"position must be an int, got {position!r}")
     if not -shortest <= position < shortest:
         raise ValueError(

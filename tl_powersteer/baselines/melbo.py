@@ -35,10 +35,11 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..adapters import Prompts
+from ..checks import is_int, is_number
 from ..io import register
 from ..io import save as save_result
 from ..jacobian import LayerJacobian
-from ..steering import SteeringVector
+from ..vectors import SteeringVector
 
 __all__ = ["MelboResult", "melbo", "melbo_optimise"]
 
@@ -141,7 +142,7 @@ class MelboResult:
     def steering_vector(self, i: int = 0) -> SteeringVector:
         """Vector ``i`` as a ``SteeringVector`` (``norm`` = the radius it was found at)."""
         n = int(self.vectors.shape[0])
-        if isinstance(i, bool) or not isinstance(i, int) or not -n <= i < n:
+        if not is_int(i) or not -n <= i < n:
             raise ValueError(f"vector index {i!r} is out of range: this result has {n} vectors")
         i %= n
         return SteeringVector(
@@ -183,7 +184,7 @@ class MelboResult:
 
 
 def _positive(value: Any, what: str) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if not is_number(value):
         raise TypeError(f"{what} must be a number, got {value!r}")
     if not math.isfinite(value) or value <= 0:
         raise ValueError(f"{what} must be positive and finite, got {value!r}")
@@ -218,14 +219,14 @@ def melbo(
     """
     radius = _positive(radius, "radius")
     p, q, lr = _positive(p, "p"), _positive(q, "q"), _positive(lr, "lr")
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+    if not is_int(steps) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     op = LayerJacobian(
         model, prompts, source, target,
         source_site=source_site, target_site=target_site, positions=positions,
     )  # fmt: skip
     d = op.shape[1]
-    if isinstance(n_vectors, bool) or not isinstance(n_vectors, int) or not 1 <= n_vectors <= d:
+    if not is_int(n_vectors) or not 1 <= n_vectors <= d:
         raise ValueError(f"n_vectors must be an int between 1 and d_model = {d}, got {n_vectors!r}")
     batch_size = op.batch.tokens.shape[0]
     base = op.target_value

@@ -24,7 +24,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..adapters import ModelAdapter, Prompts, activations
-from ..steering import SteeringVector
+from ..vectors import SteeringVector
 from .caa import _at_position
 
 __all__ = ["probe"]

@@ -1,0 +1,132 @@
+"""The one steering-vector type: a unit direction at a TransformerLens hook, with provenance.
+
+Every method (Power Steering, CAA, probes, MELBO, random controls) returns
+``SteeringVector`` objects, so that ``steer``, ``effect`` and ``rank_vectors`` treat them
+alike.
+
+>>> import torch
+>>> from tl_powersteer import SteeringVector
+>>> v = SteeringVector(torch.tensor([3.0, 4.0]), layer=2, site="hook_resid_post", method="custom")
+>>> v.direction.tolist(), v.hook_name, v.name
+([0.6000000238418579, 0.800000011920929], 'blocks.2.hook_resid_post', 'custom L2')
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from jaxtyping import Float
+from torch import Tensor
+
+from .adapters import ModelAdapter
+from .checks import is_int
+from .io import register
+from .io import save as save_result
+
+__all__ = ["SteeringVector", "check_vector", "random_vectors", "vector_list"]
+
+
+@register()
+@dataclass
+class SteeringVector:
+    """A unit direction at the hook ``blocks.{layer}.{site}``, with its provenance.
+
+    ``norm`` is the method's own magnitude for the vector (the CAA mean difference's norm,
+    MELBO's radius, 1 for Power Steering), so ``scale=vector.norm`` in absolute mode adds
+    the vector the method found. ``metadata`` holds JSON-friendly provenance (model, layers,
+    prompts, rank, singular value, ...); ``metadata["name"]`` labels the vector in tables.
+    The direction is kept on the CPU, so vectors found on different devices mix freely;
+    it moves to the model's device where it is added.
+    """
+
+    direction: Float[Tensor, " d_model"]
+    layer: int
+    site: str
+    method: str
+    norm: float = 1.0
+    metadata: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.direction, Tensor) or not self.direction.is_floating_point():
+            raise TypeError(
+                f"direction must be a float tensor [d_model], got {type(self.direction).__name__}"
+            )
+        if self.direction.ndim != 1:
+            raise ValueError(
+                f"direction must be one vector [d_model], got shape {tuple(self.direction.shape)}"
+            )
+        self.direction = self.direction.detach().cpu()
+        length = float(self.direction.double().norm())
+        if not math.isfinite(length) or length == 0:
+            raise ValueError("direction must be finite and non-zero")
+        if abs(length - 1) > 1e-6:
+            self.direction = self.direction / length
+        if not is_int(self.layer):
+            raise TypeError(f"layer must be an int, got {self.layer!r}")
+        if not isinstance(self.site, str) or not isinstance(self.method, str):
+            raise TypeError("site and method must be strings")
+
+    @property
+    def d_model(self) -> int:
+        return int(self.direction.shape[0])
+
+    @property
+    def hook_name(self) -> str:
+        return f"blocks.{self.layer}.{self.site}"
+
+    @property
+    def name(self) -> str:
+        """A short label: ``metadata["name"]`` or method and layer."""
+        return str(self.metadata.get("name") or f"{self.method} L{self.layer}")
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write a ``.safetensors`` file (tensors, plus JSON metadata in its header)."""
+        save_result(self, path)
+
+
+def random_vectors(
+    d_model: int, layer: int, site: str, n: int, *, seed: int = 0
+) -> list[SteeringVector]:
+    """``n`` random unit directions (the control baseline), reproducible from ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    rows = torch.randn(n, d_model, generator=gen, dtype=torch.float64)
+    return [
+        SteeringVector(
+            (row / row.norm()).float(),
+            layer=layer,
+            site=site,
+            method="random",
+            metadata={"name": f"random#{i} L{layer}", "seed": seed, "index": i},
+        )
+        for i, row in enumerate(rows)
+    ]
+
+
+def vector_list(vectors: SteeringVector | Sequence[SteeringVector]) -> list[SteeringVector]:
+    items = [vectors] if isinstance(vectors, SteeringVector) else vectors
+    if not isinstance(items, Sequence) or isinstance(items, str):
+        raise TypeError(
+            f"expected a SteeringVector or a list of them, got {type(vectors).__name__}"
+        )
+    items = list(items)
+    if not items:
+        raise ValueError("no steering vectors given: pass at least one SteeringVector")
+    for v in items:
+        if not isinstance(v, SteeringVector):
+            raise TypeError(f"expected SteeringVector objects, got {type(v).__name__}")
+    return items
+
+
+def check_vector(adapter: ModelAdapter, vector: SteeringVector) -> str:
+    """The vector's hook name, after checking it fits the model."""
+    if vector.d_model != adapter.d_model:
+        raise ValueError(
+            f"{vector.name} has width {vector.d_model} but the model's d_model is "
+            f"{adapter.d_model}: it was made for another model"
+        )
+    return adapter.hook_name(vector.layer, vector.site)
