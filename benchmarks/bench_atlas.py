@@ -46,6 +46,7 @@ from bench_power import REAL_PROMPT, synchronize, time_reference, tiny_gpt2
 
 import tl_powersteer as tps
 from tl_powersteer.atlas import validate_atlas_arguments
+from tl_powersteer.atlas.sketch import BASIS_FACTOR
 from tl_powersteer.jacobian import default_chunk_size
 
 
@@ -258,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
         )
     tokens = (prompt if isinstance(prompt, torch.Tensor) else model.to_tokens(prompt)).shape[1]
     floor_s, rate = matmul_floor(
-        model.cfg, exact.pairs(), tokens, exact.positions, args.chunk_size, device
+        model.cfg, exact.pairs(), tokens, exact.target_positions, args.chunk_size, device
     )
     print(
         f"matrix products of exact alone, at this {device.type.upper()}'s fp32 GEMM rate "
@@ -284,7 +285,9 @@ def main(argv: list[str] | None = None) -> int:
             worst_sketch = (flat.max().item(), s_w, t_w)
     if worst_sketch[0] >= 0:
         _, s_w, t_w = worst_sketch
-        widths = {a.basis_width for a, _, _ in results.values() if a.method == "sketch"}
+        widths = {
+            BASIS_FACTOR * a.sketch_rank for a, _, _ in results.values() if a.method == "sketch"
+        }
         ranks = sorted({args.k, *widths})
         print(f"spectrum of L{s_w} -> L{t_w}: {spectrum_tail(model, prompt, s_w, t_w, ranks)}")
     return 0

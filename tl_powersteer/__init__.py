@@ -3,11 +3,12 @@
 Add a vector at a source hook, read a later target activation, and take the top right
 singular vectors of the Jacobian between them: the directions the model is most
 sensitive to. See ``power_steer`` and ``LayerJacobian``; map every layer pair
-with ``sensitivity_atlas``; apply vectors with ``steer`` and measure them with
+with ``sensitivity_atlas`` and browse it with ``atlas_html``; apply vectors with ``steer`` and measure them with
 ``effect``, beside the baselines ``caa_vector``, ``probe`` and ``melbo``.
 """
 
-from .atlas import SensitivityAtlas, sensitivity_atlas
+from . import deprecated as _deprecated  # noqa: F401  (former names, kept for one release)
+from .atlas import SensitivityAtlas, sensitivity_atlas, token_effects
 from .baselines import MelboResult, caa_layer_sweep, caa_vector, melbo, probe
 from .compare import compare_methods, cosine_table
 from .effects import effect, rank_vectors
@@ -15,7 +16,7 @@ from .io import load, save
 from .jacobian import LayerJacobian
 from .linalg import block_power_iteration
 from .models import load_model
-from .plotting import plot_atlas
+from .plotting import atlas_html, plot_atlas
 from .power_steering import PowerSteeringResult, power_steer
 from .scales import typical_norm
 from .steering import generate_steered, steer
@@ -28,6 +29,7 @@ __all__ = [
     "PowerSteeringResult",
     "SensitivityAtlas",
     "SteeringVector",
+    "atlas_html",
     "block_power_iteration",
     "caa_layer_sweep",
     "caa_vector",
@@ -46,5 +48,6 @@ __all__ = [
     "save",
     "sensitivity_atlas",
     "steer",
+    "token_effects",
     "typical_norm",
 ]

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import torch
 from jaxtyping import Bool, Float, Int
@@ -36,8 +36,13 @@ from torch import Tensor, nn
 
 from .checks import is_int
 
+if TYPE_CHECKING:
+    from transformer_lens import HookedTransformer
+    from transformer_lens.model_bridge import TransformerBridge
+
 __all__ = [
     "KV_CACHE_FIX",
+    "Model",
     "ModelAdapter",
     "ModelKind",
     "Prompts",
@@ -51,6 +56,8 @@ __all__ = [
 ]
 
 Prompts = str | Sequence[str] | Tensor
+# The two TransformerLens model classes every public function takes.
+Model: TypeAlias = "HookedTransformer | TransformerBridge"
 ModelKind = Literal["hooked", "bridge"]
 
 
@@ -186,6 +193,35 @@ class ModelAdapter:
             )
         return layer % n
 
+    def resolve_layers(
+        self, layers: int | Sequence[int] | slice, what: str, *, merge_repeats: bool = False
+    ) -> list[int]:
+        """Block indices from one int, a list, or a slice of ``range(n_layers)``; negative
+        ones counted from the end. A repeated layer is refused, or with ``merge_repeats``
+        kept once (the list then sorted)."""
+        if isinstance(layers, slice):
+            chosen = list(range(self.n_layers))[layers]
+            if not chosen:
+                raise ValueError(
+                    f"the {what} range {layers.start}:{layers.stop} selects no layer of the "
+                    f"{self.n_layers}"
+                )
+            return chosen
+        if not isinstance(layers, (int, Sequence)) or isinstance(layers, str):
+            raise TypeError(
+                f"{what} must be an int layer index (or a list of them), got "
+                f"{type(layers).__name__}"
+            )
+        requested: list[Any] = [layers] if isinstance(layers, int) else list(layers)
+        if not requested:
+            raise ValueError(f"{what} is an empty list: give at least one layer")
+        resolved = [self.resolve_layer(layer, what) for layer in requested]
+        if merge_repeats:
+            return sorted(set(resolved))
+        if len(set(resolved)) != len(resolved):
+            raise ValueError(f"{what} layers repeat: {resolved}")
+        return resolved
+
     def hook_name(self, layer: int, site: str) -> str:
         """``blocks.{layer}.{site}``, checked against ``model.hook_dict``."""
         if not isinstance(site, str):
@@ -206,8 +242,12 @@ class ModelAdapter:
             f"all {len(sites)} are listed by [n for n in model.hook_dict if n.startswith({prefix!r})]."
         )
 
-    def tokenize(self, prompts: Prompts) -> TokenBatch:
-        """Tokenize one prompt, several, or take a token tensor, into a right-padded batch."""
+    def tokenize(self, prompts: Prompts | TokenBatch) -> TokenBatch:
+        """Tokenize one prompt, several, or take a token tensor, into a right-padded batch
+        (a batch already made is returned as it is, so that it is made once and handed
+        down)."""
+        if isinstance(prompts, TokenBatch):
+            return prompts
         if isinstance(prompts, Tensor):
             return self._token_tensor(prompts)
         texts = [prompts] if isinstance(prompts, str) else prompts

@@ -33,13 +33,14 @@ from typing import Any, NoReturn
 import torch
 
 from .adapters import ModelAdapter
-from .atlas import ATLAS_METHODS, _method_label, sensitivity_atlas, validate_atlas_arguments
+from .atlas import ATLAS_METHODS, sensitivity_atlas, token_effects, validate_atlas_arguments
 from .baselines import caa_vector, melbo
 from .doctor import TINY_MODEL, doctor
 from .effects import effect
 from .io import atomic_folder
 from .jacobian import JVP_METHODS
 from .models import EMBEDDED_MODEL, KINDS, load_model
+from .plotting import atlas_html
 from .power_steering import PowerSteeringResult, power_steer
 from .scales import SCALE_MODES, typical_norm
 from .steering import generations
@@ -61,6 +62,18 @@ SKETCH_MATMULS = ("auto", "full", "bfloat16")
 
 class UsageError(Exception):
     """Bad command-line arguments: reported on one line with exit code 2."""
+
+
+class _FormerName(argparse.Action):
+    """A renamed option's former spelling: it still works, with a note on stderr."""
+
+    def __call__(self, parser: Any, namespace: Any, values: Any, option: Any = None) -> None:
+        new = "--" + self.dest.replace("_", "-")
+        print(
+            f"{PROG}: {option} is now {new} (the old name goes in the next release)",
+            file=sys.stderr,
+        )
+        setattr(namespace, self.dest, values)
 
 
 class _Parser(argparse.ArgumentParser):
@@ -124,11 +137,16 @@ def _jacobian_options(group: Any, *, k: int, k_help: str) -> None:
     """Options shared by every subcommand that forms layer Jacobians."""
     group.add_argument("--k", type=int, default=k, help=f"{k_help} (default: %(default)s)")
     group.add_argument(
-        "--positions",
+        "--target-positions",
         type=int,
         default=4,
         help="final tokens of each prompt read at the target (default: %(default)s)",
     )
+    # The former name, for one release.
+    group.add_argument(
+        "--positions", type=int, dest="target_positions", action=_FormerName,
+        help=argparse.SUPPRESS,
+    )  # fmt: skip
     group.add_argument(
         "--source-site",
         default="hook_mlp_out",
@@ -401,8 +419,8 @@ def _resolve_layers(value: list[int] | slice | None, n_layers: int) -> list[int]
 def _run_atlas(args: argparse.Namespace) -> int:
     if args.k < 1:
         raise UsageError(f"--k must be at least 1, got {args.k}")
-    if args.positions < 1:
-        raise UsageError(f"--positions must be at least 1, got {args.positions}")
+    if args.target_positions < 1:
+        raise UsageError(f"--target-positions must be at least 1, got {args.target_positions}")
     if any(not p.strip() for p in args.prompt):
         raise UsageError("--prompt must not be empty")
     sketch_options = args.sketch_rank is not None or args.sketch_matmuls != "auto"
@@ -425,7 +443,7 @@ def _run_atlas(args: argparse.Namespace) -> int:
         "method": args.method,
         "source_site": args.source_site,
         "target_site": args.target_site,
-        "positions": args.positions,
+        "target_positions": args.target_positions,
         "seed": args.seed,
         "sketch_rank": args.sketch_rank,
         "sketch_matmul_dtype": {
@@ -439,9 +457,9 @@ def _run_atlas(args: argparse.Namespace) -> int:
     result = sensitivity_atlas(model, args.prompt, checkpoint=out / "atlas.safetensors", **options)
     seconds = time.perf_counter() - start
     result.to_pandas().to_csv(out / "atlas.csv", index=False)
-    result.to_html(out / "atlas.html", model=model)
+    atlas_html(result, out / "atlas.html", effects=token_effects(model, result))
     print(
-        f"atlas of {len(result.pairs())} pairs ({_method_label(result)}) in {seconds:.1f} s; "
+        f"atlas of {len(result.pairs())} pairs ({result.method_label}) in {seconds:.1f} s; "
         f"open {(out / 'atlas.html').resolve()}"
     )
     return 0
@@ -451,8 +469,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
     """Checks that need no model, so that they fail before a slow load."""
     if args.k < 1:
         raise UsageError(f"--k must be at least 1, got {args.k}")
-    if args.positions < 1:
-        raise UsageError(f"--positions must be at least 1, got {args.positions}")
+    if args.target_positions < 1:
+        raise UsageError(f"--target-positions must be at least 1, got {args.target_positions}")
     if args.max_iters < 1:
         raise UsageError(f"--max-iters must be at least 1, got {args.max_iters}")
     if not args.tol > 0:
@@ -477,7 +495,7 @@ def _compute(
         k=args.k,
         source_site=args.source_site,
         target_site=args.target_site,
-        positions=args.positions,
+        target_positions=args.target_positions,
         jvp_method=args.jvp_method,
         tol=args.tol,
         max_iters=args.max_iters,
@@ -491,7 +509,7 @@ def _report(res: PowerSteeringResult, seconds: float) -> str:
     status = "converged" if res.converged else "NOT converged (raise --max-iters)"
     lines = [
         f"model {res.model_name}: L{res.source} {res.source_site} -> L{res.target} "
-        f"{res.target_site}, last {res.positions} tokens of {len(res.prompts or [])} prompt(s)",
+        f"{res.target_site}, last {res.target_positions} tokens of {len(res.prompts or [])} prompt(s)",
         f"{res.iterations} iterations, {status}; {res.n_jvp} JVPs + {res.n_vjp} VJPs "
         f"in {seconds:.1f} s",
         table.to_string(
@@ -606,7 +624,7 @@ def _find_vectors(
         )
         mel = melbo(
             model, args.prompt, args.source, args.target, n_vectors=args.k, radius=radius,
-            steps=args.melbo_steps, positions=args.positions, source_site=args.source_site,
+            steps=args.melbo_steps, target_positions=args.target_positions, source_site=args.source_site,
             target_site=args.target_site, seed=args.seed,
         )  # fmt: skip
         vectors += [mel.steering_vector(i) for i in range(args.k)]

@@ -46,7 +46,7 @@ def compare_methods(
     continuation: str | None = None,
     source_site: str = "hook_mlp_out",
     target_site: str = "hook_mlp_out",
-    positions: int = 4,
+    target_positions: int = 4,
     holdout: float | None = None,
     controls: int = 2,
     seed: int = 0,
@@ -79,7 +79,7 @@ def compare_methods(
         )
     if melbo_radius is not None:
         check_scale(melbo_radius, "melbo_radius")
-    site = dict(source_site=source_site, target_site=target_site, positions=positions)
+    site = dict(source_site=source_site, target_site=target_site, target_positions=target_positions)
 
     found: dict[str, tuple[list[SteeringVector], int, float]] = {}
     began = time.perf_counter()

@@ -304,7 +304,12 @@ def check_adjointness(model: Any, prompt: str) -> Check:
     """⟨u, J v⟩ = ⟨Jᵀu, v⟩ between a forward-mode JVP and a VJP (the model in float64)."""
     adapter = ModelAdapter(model)
     op = LayerJacobian(
-        model, prompt, source=0, target=adapter.n_layers - 1, positions=2, jvp_method="forward"
+        model,
+        prompt,
+        source=0,
+        target=adapter.n_layers - 1,
+        target_positions=2,
+        jvp_method="forward",
     )
     gen = torch.Generator().manual_seed(2)
     V = torch.randn(op.shape[1], 3, generator=gen, dtype=op.dtype)

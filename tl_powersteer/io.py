@@ -48,6 +48,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "atomic_file",
     "atomic_folder",
+    "build_result",
     "load",
     "read_fields",
     "register",
@@ -185,6 +186,14 @@ def save(result: Any, path: str | os.PathLike[str]) -> Path:
 def load(path: str | os.PathLike[str]) -> Any:
     """Read a result written by ``save`` (or a result's ``save`` method)."""
     header, stored = read_fields(path)
+    return build_result(header, stored, path)
+
+
+def build_result(
+    header: dict[str, Any], stored: dict[str, Any], path: str | os.PathLike[str]
+) -> Any:
+    """The result a file's ``header`` and ``stored`` fields (from ``read_fields``) describe,
+    with the names of earlier versions' fields brought up to date."""
     found = RESULT_TYPES.get(header.get("kind", ""))
     if found is None:
         raise ValueError(f"{str(path)!r} holds an unknown result kind {header.get('kind')!r}")

@@ -2,9 +2,9 @@
 
 Add a vector v (``d_model``) to the source activation ``blocks.{s}.{source_site}`` at
 every token position and read the target activation ``blocks.{t}.{target_site}`` at the
-last ``positions`` tokens of each prompt. The Jacobian at v = 0,
+last ``target_positions`` tokens of each prompt. The Jacobian at v = 0,
 
-    J = ∂ target / ∂ v,        shape (batch · positions · d_model) × d_model,
+    J = ∂ target / ∂ v,        shape (batch · target_positions · d_model) × d_model,
 
 stacks the prompts' Jacobians Jᵢ, so JᵀJ = Σᵢ JᵢᵀJᵢ. ``rmatvec`` is a reverse-mode
 product (``torch.func.vjp``, whose pullback u ↦ Jᵀu is built once and reused, vmapped
@@ -15,7 +15,7 @@ over a block of vectors). ``matvec`` computes J V in one of two exact ways:
   u' ↦ J u'. This reverse-over-reverse product reuses the cached graph and, on CPU with
   PyTorch 2.13, costs about half of the forward-mode one (``benchmarks/bench_products.py``).
 
-``JacobianGraph`` records one forward pass with its own vector at each of several source
+``RecordedPass`` records one forward pass with its own vector at each of several source
 hooks and applies J of any of its (source, target) pairs by autograd on that record, with no
 further forward pass: for many pairs of one prompt (the atlas), where a bridge's forward pass,
 mostly Python, would otherwise cost more than the products of a short pair.
@@ -32,7 +32,7 @@ ordered as ``[prompt, position, d_model]`` flattened.
 >>> cfg = TransformerBridgeConfig(d_model=8, d_head=4, n_heads=2, n_layers=3, n_ctx=16,
 ...                               d_vocab=20, d_mlp=16, act_fn="gelu", seed=0)
 >>> model = TransformerBridge.boot_native(cfg, dtype=torch.float64)
->>> op = LayerJacobian(model, torch.tensor([[1, 2, 3, 4, 5]]), source=0, target=2, positions=2)
+>>> op = LayerJacobian(model, torch.tensor([[1, 2, 3, 4, 5]]), source=0, target=2, target_positions=2)
 >>> op.shape
 (16, 8)
 >>> V = torch.randn(8, 3, dtype=torch.float64)
@@ -42,6 +42,7 @@ True
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -53,10 +54,22 @@ from torch import Tensor
 from torch.func import jvp, vjp, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .adapters import ModelAdapter, Prompts, TokenBatch
-from .checks import is_int
+from .adapters import Model, ModelAdapter, Prompts, TokenBatch
+from .checks import is_int, renamed_options
 
-__all__ = ["JVP_METHODS", "JacobianGraph", "LayerJacobian", "default_chunk_size"]
+__all__ = [
+    "JVP_METHODS",
+    "LayerJacobian",
+    "RecordedJacobian",
+    "RecordedPass",
+    "check_chunk_size",
+    "check_matmul_dtype",
+    "cpu_multiplies_bfloat16",
+    "default_chunk_size",
+]
+
+# Former option names that still work for one release.
+RENAMED = {"positions": "target_positions"}
 
 JVP_METHODS = ("reverse", "forward")
 # A vmapped product over c columns runs the model on c x batch x seq token rows. On CPU its
@@ -235,21 +248,6 @@ def check_matmul_dtype(matmul_dtype: Any, model_dtype: torch.dtype, what: str) -
         raise ValueError(f"{what} must be {choices}, got {matmul_dtype}")
 
 
-def _layers(adapter: ModelAdapter, value: Any, what: str) -> list[int]:
-    """Layer indices (one or a list of them), resolved against the model and distinct."""
-    if not isinstance(value, (int, Sequence)) or isinstance(value, str):
-        raise TypeError(
-            f"{what} must be an int layer index (or a list of them), got {type(value).__name__}"
-        )
-    requested: list[Any] = [value] if isinstance(value, int) else list(value)
-    if not requested:
-        raise ValueError(f"{what} is an empty list: give at least one layer")
-    resolved = [adapter.resolve_layer(layer, what) for layer in requested]
-    if len(set(resolved)) != len(resolved):
-        raise ValueError(f"{what} layers repeat: {resolved}")
-    return resolved
-
-
 def _check_order(adapter: ModelAdapter, sources: list[int], targets: list[int]) -> None:
     if min(targets) <= max(sources):
         shown = f"source={max(sources)}, target={min(targets)}"
@@ -275,21 +273,22 @@ class _Readout:
 
 
 def _readout_positions(
-    adapter: ModelAdapter, prompts: Prompts, positions: Any, chunk_size: Any
+    adapter: ModelAdapter, prompts: Prompts | TokenBatch, target_positions: Any, chunk_size: Any
 ) -> _Readout:
-    if not is_int(positions):
-        raise TypeError(f"positions must be an int, got {type(positions).__name__}")
-    if positions < 1:
-        raise ValueError(f"positions must be at least 1, got {positions}")
+    n = target_positions
+    if not is_int(n):
+        raise TypeError(f"target_positions must be an int, got {type(n).__name__}")
+    if n < 1:
+        raise ValueError(f"target_positions must be at least 1, got {n}")
     check_chunk_size(chunk_size)
     batch = adapter.tokenize(prompts)
     shortest = int(batch.lengths.min())
-    if positions > shortest:
+    if n > shortest:
         raise ValueError(
-            f"positions={positions} is longer than the shortest prompt "
-            f"({shortest} tokens); use positions <= {shortest} or longer prompts"
+            f"target_positions={n} is longer than the shortest prompt "
+            f"({shortest} tokens); use target_positions <= {shortest} or longer prompts"
         )
-    last = batch.lengths[:, None] - positions + torch.arange(positions, device=adapter.device)
+    last = batch.lengths[:, None] - n + torch.arange(n, device=adapter.device)
     rows = torch.arange(last.shape[0], device=adapter.device)[:, None]
     chunk = default_chunk_size(batch.tokens.numel()) if chunk_size is None else chunk_size
     return _Readout(batch, rows, last, chunk, chunk_size is None)
@@ -425,48 +424,58 @@ class LayerJacobian(_StackedJacobian):
     """J = ∂ target / ∂ v for a vector v added at a source hook; see the module docstring.
 
     Args:
-        model: a ``HookedTransformer`` or ``TransformerBridge`` (never modified).
-        prompts: a string, a list of strings, or an integer token tensor ``[batch, seq]``.
+        model: a ``HookedTransformer`` or ``TransformerBridge`` (never modified), or its
+            ``ModelAdapter``.
+        prompts: a string, a list of strings, an integer token tensor ``[batch, seq]``, or
+            a ``TokenBatch`` already made.
         source: source block index (negative counts from the end); or several, each with
             its own vector: J then has one block of columns per source (see ``columns``).
         target: target block index, after ``source``; or several, whose Jacobians are
             stacked in the order given and captured in one forward pass (see ``rows``).
         source_site: hook suffix inside the source block where v is added.
         target_site: hook suffix inside the target block that is read.
-        positions: how many final tokens of each prompt are read at the target.
+        target_positions: how many final tokens of each prompt are read at the target.
         jvp_method: ``"reverse"`` or ``"forward"``, how ``matvec`` computes J V.
         chunk_size: most columns per vmapped product; larger blocks (``dense`` included)
             are split. ``None``: ``default_chunk_size`` of the prompts' batch x seq, tuned
             for a CPU (blocks then split evenly, up to 1.5x as wide); on a GPU, larger
             chunks run faster while memory allows.
+        **renamed: ``positions``, the former name of ``target_positions``.
     """
 
     def __init__(
         self,
-        model: Any,
-        prompts: Prompts,
+        model: Model | ModelAdapter,
+        prompts: Prompts | TokenBatch,
         source: int | Sequence[int],
         target: int | Sequence[int],
         *,
         source_site: str = "hook_mlp_out",
         target_site: str = "hook_mlp_out",
-        positions: int = 4,
+        target_positions: int = 4,
         jvp_method: str = "reverse",
         chunk_size: int | None = None,
+        **renamed: Any,
     ):
-        adapter = ModelAdapter(model)
+        target_positions = renamed_options("LayerJacobian", renamed, RENAMED).get(
+            "target_positions", target_positions
+        )
+        adapter = ModelAdapter.of(model)
         if jvp_method not in JVP_METHODS:
             raise ValueError(f"jvp_method must be one of {JVP_METHODS}, got {jvp_method!r}")
         self.jvp_method = jvp_method
-        sources, targets = _layers(adapter, source, "source"), _layers(adapter, target, "target")
+        sources, targets = (
+            adapter.resolve_layers(source, "source"),
+            adapter.resolve_layers(target, "target"),
+        )
         _check_order(adapter, sources, targets)
         source_hooks = [adapter.hook_name(s, source_site) for s in sources]
         target_hooks = [adapter.hook_name(t, target_site) for t in targets]
         self.source_hook = source_hooks[0] if isinstance(source, int) else None
         self.target_hook = target_hooks[0] if isinstance(target, int) else None
         self.source_site, self.target_site = source_site, target_site
-        reading = _readout_positions(adapter, prompts, positions, chunk_size)
-        self.batch, self.positions = reading.batch, positions
+        reading = _readout_positions(adapter, prompts, target_positions, chunk_size)
+        self.batch, self.target_positions = reading.batch, target_positions
         rows_per_target = reading.last.numel() * adapter.d_model
         super().__init__(
             adapter, sources, targets, source_hooks, target_hooks, rows_per_target,
@@ -526,7 +535,7 @@ def _same_activation(recomputed: Tensor, read: Tensor) -> bool:
         return recomputed.shape == read.shape and float((recomputed - read).abs().max()) <= tol
 
 
-class JacobianGraph:
+class RecordedPass:
     """One recorded forward pass with its own zero vector at every source hook; ``operator``
     applies the Jacobian of any of its (sources, targets) by autograd on that record.
 
@@ -541,17 +550,19 @@ class JacobianGraph:
     target block's MLP run again on the read positions alone, from ``hook_resid_mid`` there
     (``ModelAdapter.mlp_out_from_resid_mid``), wherever that reproduces the recorded
     activation. An operator reads its last target there: its products cross that block's
-    MLP at ``positions`` tokens instead of every token (an earlier target's MLP is crossed
+    MLP at ``target_positions`` tokens instead of every token (an earlier target's MLP is crossed
     at every token anyway, on the way to the later ones).
 
     Args:
-        model: a ``HookedTransformer`` or ``TransformerBridge`` (never modified).
-        prompts: a string, a list of strings, or an integer token tensor ``[batch, seq]``.
+        model: a ``HookedTransformer`` or ``TransformerBridge`` (never modified), or its
+            ``ModelAdapter``.
+        prompts: a string, a list of strings, an integer token tensor ``[batch, seq]``, or
+            a ``TokenBatch`` already made.
         sources: source block indices, each with its own vector.
         targets: target block indices; the last must come after every source.
         source_site: hook suffix inside each source block where its vector is added.
         target_site: hook suffix inside each target block that is read.
-        positions: how many final tokens of each prompt are read at the targets.
+        target_positions: how many final tokens of each prompt are read at the targets.
         chunk_size: most columns per vmapped product, as for ``LayerJacobian``.
         matmul_dtype: ``torch.bfloat16`` runs the matrix multiplications of every product
             with bfloat16 factors (float32 accumulation; the rest in the model's dtype):
@@ -561,26 +572,30 @@ class JacobianGraph:
 
     def __init__(
         self,
-        model: Any,
-        prompts: Prompts,
+        model: Model | ModelAdapter,
+        prompts: Prompts | TokenBatch,
         sources: Sequence[int],
         targets: Sequence[int],
         *,
         source_site: str = "hook_mlp_out",
         target_site: str = "hook_mlp_out",
-        positions: int = 4,
+        target_positions: int = 4,
         chunk_size: int | None = None,
         matmul_dtype: torch.dtype | None = None,
+        **renamed: Any,
     ):
-        adapter = ModelAdapter(model)
+        target_positions = renamed_options("RecordedPass", renamed, RENAMED).get(
+            "target_positions", target_positions
+        )
+        adapter = ModelAdapter.of(model)
         check_matmul_dtype(matmul_dtype, adapter.dtype, "matmul_dtype")
         self.matmul_dtype = matmul_dtype
-        self.sources = _layers(adapter, sources, "sources")
-        self.targets = _layers(adapter, targets, "targets")
+        self.sources = adapter.resolve_layers(sources, "sources")
+        self.targets = adapter.resolve_layers(targets, "targets")
         _check_order(adapter, self.sources, [max(self.targets)])
         self.source_hooks = {s: adapter.hook_name(s, source_site) for s in self.sources}
         self.target_hooks = {t: adapter.hook_name(t, target_site) for t in self.targets}
-        reading = _readout_positions(adapter, prompts, positions, chunk_size)
+        reading = _readout_positions(adapter, prompts, target_positions, chunk_size)
         self.adapter, self.chunk_size = adapter, reading.chunk_size
         self._default_chunks = reading.default_chunks
         self.rows_per_target = reading.last.numel() * adapter.d_model
@@ -617,7 +632,7 @@ class JacobianGraph:
                     continue  # a hook of the user's inside the block wants every position
                 if _same_activation(read, self._reads[t]):
                     self._short_reads[t] = read
-        self._weights = _float_weights(model)
+        self._weights = _float_weights(adapter.model)
 
     def operator(
         self, sources: int | Sequence[int], targets: int | Sequence[int]
@@ -628,14 +643,14 @@ class JacobianGraph:
 
 
 class RecordedJacobian(_StackedJacobian):
-    """J of some of a ``JacobianGraph``'s sources and targets (``JacobianGraph.operator``)."""
+    """J of some of a ``RecordedPass``'s sources and targets (``RecordedPass.operator``)."""
 
     def __init__(
-        self, graph: JacobianGraph, sources: int | Sequence[int], targets: int | Sequence[int]
+        self, graph: RecordedPass, sources: int | Sequence[int], targets: int | Sequence[int]
     ):
         adapter = graph.adapter
-        chosen_sources = _layers(adapter, sources, "source")
-        chosen_targets = _layers(adapter, targets, "target")
+        chosen_sources = adapter.resolve_layers(sources, "source")
+        chosen_targets = adapter.resolve_layers(targets, "target")
         for chosen, available, what in (
             (chosen_sources, graph.sources, "source"),
             (chosen_targets, graph.targets, "target"),
@@ -692,3 +707,16 @@ class RecordedJacobian(_StackedJacobian):
 
         with _weights_marked_for_grad(self._weights):
             return self._in_chunks(product, V, self.shape[0])
+
+
+def __getattr__(name: str) -> Any:
+    # JacobianGraph was the former name of RecordedPass; it keeps working for one release.
+    if name == "JacobianGraph":
+        warnings.warn(
+            "tl_powersteer.jacobian.JacobianGraph is now RecordedPass (the old name goes in "
+            "the next release)",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return RecordedPass
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

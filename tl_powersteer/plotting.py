@@ -23,7 +23,7 @@ or set as plain text, never as markup.
 ...     right_vectors=torch.zeros(n, n, k, 5), iterations=torch.full((n, n), -1),
 ...     converged=torch.ones(n, n, dtype=torch.bool), source_norms=torch.ones(n),
 ...     method="exact", sources=[0], targets=[1], source_site="hook_mlp_out",
-...     target_site="hook_mlp_out", positions=1, seed=0, model_name="toy", prompts=["hi"],
+...     target_site="hook_mlp_out", target_positions=1, seed=0, model_name="toy", prompts=["hi"],
 ...     completed_sources=[0])
 >>> fig = plot_atlas(atlas)
 >>> fig.data[0].type, fig.layout.xaxis.title.text
@@ -40,7 +40,7 @@ from typing import Any
 
 import torch
 
-from .atlas import SensitivityAtlas, _method_label
+from .atlas import SensitivityAtlas
 from .checks import is_int
 from .io import atomic_file
 
@@ -118,7 +118,7 @@ def plot_atlas(atlas: SensitivityAtlas, rank: int = 0, *, log: bool = True) -> A
         buttons.append({"label": label, "method": "update", "args": [{"visible": visible}]})
     prompt = (atlas.prompts or ["(token ids)"])[0]
     more = f" (+{len(atlas.prompts) - 1} more)" if atlas.prompts and len(atlas.prompts) > 1 else ""
-    method = _method_label(atlas)
+    method = atlas.method_label
     fig.update_layout(
         title={
             "text": f"{html.escape(atlas.model_name, quote=False)}: {atlas.source_site} -> "

@@ -34,14 +34,17 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .adapters import ModelAdapter, Prompts
-from .checks import is_int
+from .checks import is_int, renamed_attribute, renamed_options
 from .io import register
 from .io import save as save_result
 from .jacobian import LayerJacobian
 from .linalg import block_power_iteration, check_iteration_args
 from .vectors import SteeringVector
 
-__all__ = ["PowerSteeringResult", "power_steer"]
+__all__ = ["PowerSteeringResult", "power_steer", "power_steering_vector"]
+
+# Former option names that still work for one release.
+RENAMED = {"positions": "target_positions"}
 
 
 def power_steering_vector(
@@ -51,7 +54,7 @@ def power_steering_vector(
     target: int,
     source_site: str,
     target_site: str,
-    positions: int,
+    target_positions: int,
     rank: int,
     singular_value: float,
     **provenance: Any,
@@ -66,7 +69,7 @@ def power_steering_vector(
             "name": f"power_steering L{source}->L{target} #{rank}",
             "target": target,
             "target_site": target_site,
-            "positions": positions,
+            "target_positions": target_positions,
             "rank": rank,
             "singular_value": singular_value,
             **provenance,
@@ -74,7 +77,7 @@ def power_steering_vector(
     )
 
 
-@register()
+@register(renamed={"positions": "target_positions"})
 @dataclass
 class PowerSteeringResult:
     """Top-k Power Steering vectors of one (source, target) pair: J ≈ U diag(σ) Vᵀ.
@@ -97,7 +100,7 @@ class PowerSteeringResult:
     target: int
     source_site: str
     target_site: str
-    positions: int
+    target_positions: int
     model_name: str
     prompts: list[str] | None
     tokens: Tensor | None = None
@@ -123,12 +126,14 @@ class PowerSteeringResult:
             target=self.target,
             source_site=self.source_site,
             target_site=self.target_site,
-            positions=self.positions,
+            target_positions=self.target_positions,
             rank=i,
             singular_value=float(self.singular_values[i]),
             model_name=self.model_name,
             prompts=self.prompts,
         )
+
+    positions = renamed_attribute("positions", "target_positions")
 
     def steering_vectors(self) -> list[SteeringVector]:
         """All k vectors, in rank order."""
@@ -158,12 +163,13 @@ def power_steer(
     k: int = 8,
     source_site: str = "hook_mlp_out",
     target_site: str = "hook_mlp_out",
-    positions: int = 4,
+    target_positions: int = 4,
     jvp_method: str = "reverse",
     block_size: int | None = None,
     tol: float = 1e-4,
     max_iters: int = 50,
     seed: int = 0,
+    **renamed: Any,
 ) -> PowerSteeringResult:
     """Top-``k`` Power Steering vectors for the pair ``source -> target``.
 
@@ -175,14 +181,18 @@ def power_steer(
         k: number of vectors.
         source_site: hook suffix inside the source block where vectors are added.
         target_site: hook suffix inside the target block that is read.
-        positions: final tokens of each prompt read at the target.
+        target_positions: final tokens of each prompt read at the target.
         jvp_method: how J V is computed, ``"reverse"`` or ``"forward"`` (see
             ``LayerJacobian``); both are exact.
         block_size: power-iteration block, default ``k + 4``.
         tol: relative change of the top-k singular values that counts as converged.
         max_iters: iteration cap.
         seed: seeds the random start; equal seeds give equal vectors.
+        **renamed: ``positions``, the former name of ``target_positions``.
     """
+    target_positions = renamed_options("power_steer", renamed, RENAMED).get(
+        "target_positions", target_positions
+    )
     # Every option is checked before the first forward pass.
     check_iteration_args(
         k, ModelAdapter(model).d_model, block_size=block_size, tol=tol, max_iters=max_iters
@@ -194,7 +204,7 @@ def power_steer(
         target,
         source_site=source_site,
         target_site=target_site,
-        positions=positions,
+        target_positions=target_positions,
         jvp_method=jvp_method,
     )
     found = block_power_iteration(
@@ -214,7 +224,7 @@ def power_steer(
         target=op.target,
         source_site=source_site,
         target_site=target_site,
-        positions=positions,
+        target_positions=target_positions,
         model_name=op.adapter.name,
         prompts=batch.texts,
         tokens=None if batch.texts is not None else batch.tokens.cpu(),

@@ -36,7 +36,8 @@ def page_file(models: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) 
     atlas = tps.sensitivity_atlas(model, prompt, k=3, progress=False)
     atlas.model_name = '<script>document.title="pwned"</script>'
     folder = tmp_path_factory.mktemp("page")
-    return atlas.to_html(folder / "atlas.html", model=model, progress=False)
+    effects = tps.token_effects(model, atlas, progress=False)
+    return tps.atlas_html(atlas, folder / "atlas.html", effects=effects)
 
 
 def cell_centre(page: Any, source: int, target: int) -> tuple[float, float]:

@@ -43,7 +43,7 @@ def test_vectors(gpt2_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[st
     ("change", "message"),
     [
         (["--k", "0"], "--k must be at least 1"),
-        (["--positions", "0"], "--positions must be at least 1"),
+        (["--target-positions", "0"], "--target-positions must be at least 1"),
         (["--target", "0"], r"--target \(0\) must come after --source \(0\)"),
         (["--tol", "0"], "--tol must be positive"),
         (["--source", "x"], "argument --source: invalid int value: 'x'"),

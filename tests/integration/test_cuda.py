@@ -93,7 +93,8 @@ def test_atlas(pair: tuple[Any, Any], tokens: torch.Tensor, method: str, tmp_pat
 def test_atlas_page(pair: tuple[Any, Any], tmp_path: Path) -> None:
     cpu, gpu = pair
     atlas = tps.sensitivity_atlas(gpu, PROMPTS, k=2, method="exact", progress=False)
-    page = atlas.to_html(tmp_path / "atlas.html", model=gpu, progress=False)
+    effects = tps.token_effects(gpu, atlas, progress=False)
+    page = tps.atlas_html(atlas, tmp_path / "atlas.html", effects=effects)
     assert "promoted" in page.read_text()
     effects = [token_effects(m, atlas, progress=False)["pairs"] for m in (cpu, gpu)]
     assert effects[1].keys() == effects[0].keys()

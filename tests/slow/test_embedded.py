@@ -130,9 +130,9 @@ def test_recorded_graph_reads_gemma_targets_at_the_read_positions(gemma: Any) ->
     """Gemma's blocks (a norm after the MLP) are recomputed exactly, so atlas products cross
     a target's MLP at the read positions only (the values are checked against dense
     Jacobians below)."""
-    from tl_powersteer.jacobian import JacobianGraph
+    from tl_powersteer.jacobian import RecordedPass
 
-    graph = JacobianGraph(gemma, DEMO_PROMPT, [0], [1, 9, 17])
+    graph = RecordedPass(gemma, DEMO_PROMPT, [0], [1, 9, 17])
     assert sorted(graph._short_reads) == [1, 9, 17]
 
 

@@ -11,8 +11,11 @@ import torch
 
 import tl_powersteer as tps
 from tests.reference import principal_angles, reference_jacobian
-from tl_powersteer import atlas as atlas_module
 from tl_powersteer import linalg
+from tl_powersteer.atlas import plan as plan_module
+from tl_powersteer.atlas import run as run_module
+from tl_powersteer.atlas import sketch as sketch_module
+from tl_powersteer.atlas.checkpoint import load_checkpoint, save_checkpoint
 from tl_powersteer.jacobian import RecordedJacobian
 from tl_powersteer.scales import kl_search
 
@@ -84,7 +87,7 @@ def test_repr_is_a_short_summary(models: dict[str, Any], tokens: torch.Tensor) -
     assert float(top[0, 1]) == float(top.nan_to_num(-1).max())  # where this model peaks
     assert repr(atlas) == (
         f"SensitivityAtlas(model={atlas.model_name!r}, method='exact', pairs done 6/6, k=2, "
-        "sources 0..2, targets 1..3, hook_mlp_out -> hook_mlp_out, positions=4, "
+        "sources 0..2, targets 1..3, hook_mlp_out -> hook_mlp_out, target_positions=4, "
         f"largest σ1 {float(top[0, 1]):.4g} at L0 -> L1)"
     )
     subset = tps.sensitivity_atlas(
@@ -95,11 +98,11 @@ def test_repr_is_a_short_summary(models: dict[str, Any], tokens: torch.Tensor) -
         atlas, completed_sources=[], singular_values=torch.full_like(top[..., None], torch.nan)
     )
     assert repr(empty).endswith("pairs done 0/6, k=1, sources 0..2, targets 1..3, "
-                                "hook_mlp_out -> hook_mlp_out, positions=4)")  # fmt: skip
+                                "hook_mlp_out -> hook_mlp_out, target_positions=4)")  # fmt: skip
 
 
 def test_auto_picks_a_method() -> None:
-    choose = atlas_module._choose_method
+    choose = plan_module.choose_method
     gemma = list(range(18))
     assert choose(640, gemma[:-1], gemma[1:], k=4, sketch_rank=20) == "exact"
     layers = list(range(26))
@@ -196,7 +199,7 @@ def test_checkpoint_with_other_arguments_is_refused(
         ({"sources": 2}, TypeError, "sources must be a list"),
         ({"sources": [9]}, ValueError, "sources=9 is out of range"),
         ({"target_site": "hook_mlp"}, ValueError, "unknown site"),
-        ({"positions": 9}, ValueError, "positions must be an int between 1 and 8"),
+        ({"target_positions": 9}, ValueError, "positions must be an int between 1 and 8"),
         ({"checkpoint": "x.pt"}, ValueError, r"checkpoint must be a \.safetensors path"),
         ({"sketch_rank": 2, "k": 2}, ValueError, "sketch_rank must be an int between k \\+ 1 = 3"),
         ({"chunk_size": 0}, ValueError, r"chunk_size must be a positive int \(or None"),
@@ -335,7 +338,11 @@ def test_sketch_at_full_rank_equals_exact(models: dict[str, Any], tokens: torch.
     sketch = tps.sensitivity_atlas(
         model, tokens, k=2, method="sketch", sketch_rank=16, progress=False
     )
-    assert sketch.method == "sketch" and sketch.sketch_rank == 16 and sketch.co_range_sketch is None
+    assert (
+        sketch.method == "sketch"
+        and sketch.sketch_rank == 16
+        and not hasattr(sketch, "co_range_sketch")
+    )
     for s, t in exact.pairs():
         torch.testing.assert_close(
             sketch.singular_values[s, t], exact.singular_values[s, t], rtol=1e-8, atol=0
@@ -352,16 +359,16 @@ def test_sketch_matmul_dtype(
     model32 = copy.deepcopy(model64).to(torch.float32)
     exact = tps.sensitivity_atlas(model64, tokens, k=2, method="exact", progress=False)
     made: list[Any] = []
-    real_graph = atlas_module.JacobianGraph
+    real_graph = run_module.RecordedPass
 
     def recording_graph(*args: Any, **kwargs: Any) -> Any:
         made.append(kwargs["matmul_dtype"])
         return real_graph(*args, **kwargs)
 
-    monkeypatch.setattr(atlas_module, "JacobianGraph", recording_graph)
+    monkeypatch.setattr(run_module, "RecordedPass", recording_graph)
 
     def sketch(model: Any, native: bool, **kwargs: Any) -> tps.SensitivityAtlas:
-        monkeypatch.setattr(atlas_module, "cpu_multiplies_bfloat16", lambda: native)
+        monkeypatch.setattr(plan_module, "cpu_multiplies_bfloat16", lambda: native)
         return tps.sensitivity_atlas(
             model, tokens, k=2, method="sketch", sketch_rank=16, progress=False, **kwargs
         )
@@ -399,13 +406,13 @@ def test_sketch_draws_each_test_matrix_once(
     model = models["native_bridge"]
     before = tps.sensitivity_atlas(model, tokens, k=2, method="sketch", progress=False)
     drawn: list[int] = []
-    real = atlas_module._test_matrix
+    real = sketch_module.gaussian_block
 
     def recording(rows: int, cols: int, seed: int, layer: int, dtype: torch.dtype) -> Any:
         drawn.append(layer)
         return real(rows, cols, seed, layer, dtype)
 
-    monkeypatch.setattr(atlas_module, "_test_matrix", recording)
+    monkeypatch.setattr(sketch_module, "gaussian_block", recording)
     after = tps.sensitivity_atlas(model, tokens, k=2, method="sketch", progress=False)
     # One Ψ per target; the sources' bases come from the co-range sketches, not from a draw.
     assert sorted(drawn) == sorted(-1 - t for t in range(1, before.n_layers))
@@ -419,7 +426,7 @@ def test_sketch_error_shrinks_with_rank(
 ) -> None:
     model = models["native_bridge"]
     # The shared passes alone: every pair of the 4-layer model is short enough to be polished.
-    monkeypatch.setattr(atlas_module, "_POLISH_HOPS", 0)
+    monkeypatch.setattr(sketch_module, "POLISH_HOPS", 0)
     exact = tps.sensitivity_atlas(model, tokens, k=1, method="exact", progress=False)
 
     def mean_error(rank: int) -> float:
@@ -445,10 +452,10 @@ def test_sketch_checkpoint_resumes(
         tps.sensitivity_atlas(
             model, tokens, k=2, method="sketch", sketch_rank=3, checkpoint=ckpt, progress=False
         )
-    partial = tps.load(ckpt)
-    assert partial.completed_targets == [1, 2, 3] and partial.completed_sources == [0]
-    assert partial.co_range_sketch is not None and partial.co_range_width == 3  # r
-    assert partial.co_range_sketch.shape[2] == 3 and partial.basis_width == 12  # 4r
+    partial, state = load_checkpoint(ckpt)
+    assert state.completed_targets == [1, 2, 3] and partial.completed_sources == [0]
+    assert state.co_range_sketch is not None and state.co_range_width == 3  # r
+    assert state.co_range_sketch.shape[2] == 3 and state.basis_width == 12  # 4r
     monkeypatch.setattr(RecordedJacobian, "matvec", real_matvec)
     # A sketch made with other widths (an earlier version's shared basis of 3r, or one that
     # saved no widths) cannot be continued.
@@ -458,9 +465,9 @@ def test_sketch_checkpoint_resumes(
         ("range_width", 0, "range_width: 0 there, 4 now"),
     ]:
         other = tmp_path / f"other_{name}.safetensors"
-        changed = tps.load(ckpt)
-        setattr(changed, name, value)
-        changed.save(other)
+        changed, changed_state = load_checkpoint(ckpt)
+        setattr(changed_state, name, value)
+        save_checkpoint(other, changed, changed_state)
         with pytest.raises(ValueError, match=message):
             tps.sensitivity_atlas(
                 model, tokens, k=2, method="sketch", sketch_rank=3, checkpoint=other,
@@ -473,19 +480,20 @@ def test_sketch_checkpoint_resumes(
         model, tokens, k=2, method="sketch", sketch_rank=3, progress=False
     )
     torch.testing.assert_close(resumed.singular_values, fresh.singular_values, equal_nan=True)
-    assert tps.load(ckpt).co_range_sketch is None and tps.load(ckpt).range_sketch is None
+    assert load_checkpoint(ckpt)[1].co_range_sketch is None
+    assert load_checkpoint(ckpt)[1].range_sketch is None
 
 
 def test_sketch_refine_pass_improves_and_resumes(
     models: dict[str, Any], tokens: torch.Tensor, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     model = models["native_bridge"]
-    monkeypatch.setattr(atlas_module, "_POLISH_HOPS", 0)
+    monkeypatch.setattr(sketch_module, "POLISH_HOPS", 0)
     options: dict[str, Any] = {"k": 2, "method": "sketch", "sketch_rank": 3, "progress": False}
     exact = tps.sensitivity_atlas(model, tokens, k=2, method="exact", progress=False)
     refined = tps.sensitivity_atlas(model, tokens, **options)
     with monkeypatch.context() as patch:
-        patch.setattr(atlas_module, "_refine_phase", lambda *args: None)
+        patch.setattr(sketch_module, "refine_phase", lambda *args: None)
         first = tps.sensitivity_atlas(model, tokens, **options)
 
     def error(atlas: tps.SensitivityAtlas) -> float:
@@ -502,15 +510,16 @@ def test_sketch_refine_pass_improves_and_resumes(
     real_rmatvec = interrupt_call(monkeypatch, "rmatvec", 4)
     with pytest.raises(Interrupt):
         tps.sensitivity_atlas(model, tokens, checkpoint=ckpt, **options)
-    partial = tps.load(ckpt)
-    assert partial.completed_sources == [0, 1, 2] and partial.refined_targets == [1]
+    partial, state = load_checkpoint(ckpt)
+    assert partial.completed_sources == [0, 1, 2] and state.refined_targets == [1]
     # Target 1's one source gives it all 4r directions of its basis (2k where it has more).
-    assert partial.range_sketch is not None and partial.range_sketch.shape[-1] == 12
-    assert partial.range_width == 12
+    assert state.range_sketch is not None and state.range_sketch.shape[-1] == 12
+    assert state.range_width == 12
     monkeypatch.setattr(RecordedJacobian, "rmatvec", real_rmatvec)
     resumed = tps.sensitivity_atlas(model, tokens, checkpoint=ckpt, **options)
     torch.testing.assert_close(resumed.singular_values, refined.singular_values, equal_nan=True)
-    assert resumed.refined_targets == [1, 2, 3] and tps.load(ckpt).range_sketch is None
+    done = load_checkpoint(ckpt)[1]
+    assert done.refined_targets == [1, 2, 3] and done.range_sketch is None
 
 
 def test_sketch_polishes_short_pairs_only_and_resumes(
@@ -519,9 +528,9 @@ def test_sketch_polishes_short_pairs_only_and_resumes(
     model = models["native_bridge"]
     options: dict[str, Any] = {"k": 2, "method": "sketch", "sketch_rank": 3, "progress": False}
     exact = tps.sensitivity_atlas(model, tokens, k=2, method="exact", progress=False)
-    monkeypatch.setattr(atlas_module, "_POLISH_HOPS", 1)
+    monkeypatch.setattr(sketch_module, "POLISH_HOPS", 1)
     with monkeypatch.context() as patch:
-        patch.setattr(atlas_module, "_polish_phase", lambda *args: None)
+        patch.setattr(sketch_module, "polish_phase", lambda *args: None)
         shared = tps.sensitivity_atlas(model, tokens, **options)
     polished = tps.sensitivity_atlas(model, tokens, **options)
 
@@ -551,17 +560,18 @@ def test_sketch_polishes_short_pairs_only_and_resumes(
     real_matvec = interrupt_call(monkeypatch, "matvec", 3 + 1)
     with pytest.raises(Interrupt):
         tps.sensitivity_atlas(model, tokens, checkpoint=ckpt, **options)
-    partial = tps.load(ckpt)
-    assert partial.refined_targets == [1, 2, 3] and partial.polished_sources == [0]
-    assert partial.polish_basis is not None and partial.polish_rows is not None
-    assert partial.polish_basis.shape[2:] == (2 * 4 * 16, 4) and partial.polish_rows.shape[2:] == (
+    state = load_checkpoint(ckpt)[1]
+    assert state.refined_targets == [1, 2, 3] and state.polished_sources == [0]
+    assert state.polish_basis is not None and state.polish_rows is not None
+    assert state.polish_basis.shape[2:] == (2 * 4 * 16, 4) and state.polish_rows.shape[2:] == (
         4,
         16,
     )
     monkeypatch.setattr(RecordedJacobian, "matvec", real_matvec)
     resumed = tps.sensitivity_atlas(model, tokens, checkpoint=ckpt, **options)
     torch.testing.assert_close(resumed.singular_values, polished.singular_values, equal_nan=True)
-    assert resumed.polished_sources == [0, 1, 2] and tps.load(ckpt).polish_basis is None
+    done = load_checkpoint(ckpt)[1]
+    assert done.polished_sources == [0, 1, 2] and done.polish_basis is None
 
 
 def test_token_effects_match_a_direct_steered_run(models: dict[str, Any]) -> None:
@@ -569,7 +579,7 @@ def test_token_effects_match_a_direct_steered_run(models: dict[str, Any]) -> Non
     prompts = ["the cat sat on the mat", "i liked it"]
     atlas = tps.sensitivity_atlas(model, prompts, sources=[0], targets=[2, 3], k=2, progress=False)
     # This random-weight model is nearly insensitive: 2e-3 nats needs ~8 typical norms.
-    effects = atlas_module.token_effects(model, atlas, kl=2e-3, top=3, progress=False)
+    effects = tps.token_effects(model, atlas, kl=2e-3, top=3, progress=False)
     assert effects["kl"] == 2e-3 and sorted(effects["pairs"]) == ["0,2", "0,3"]
 
     def steered(vector: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -616,7 +626,7 @@ def test_token_effects_match_a_direct_steered_run(models: dict[str, Any]) -> Non
         low = expected.topk(3, largest=False)
         assert [d for _, d in listed["suppressed"]] == pytest.approx(low.values.tolist(), abs=1e-4)
     # A KL out of reach is shown at the largest scale searched, 64 typical norms.
-    strong = atlas_module.token_effects(model, atlas, kl=10.0, top=1, progress=False)
+    strong = tps.token_effects(model, atlas, kl=10.0, top=1, progress=False)
     found = {
         e[sign]["relative"] for pair in strong["pairs"].values() for e in pair for sign in "+-"
     }
@@ -627,7 +637,7 @@ def test_token_effects_refuse_another_model(models: dict[str, Any], tokens: torc
     atlas = tps.sensitivity_atlas(models["native_bridge"], tokens, k=2, progress=False)
     for bad in (0, -1.0, float("nan"), float("inf"), True, "1"):
         with pytest.raises(ValueError, match="kl must be a positive number of nats"):
-            atlas_module.token_effects(models["native_bridge"], atlas, kl=bad)  # type: ignore[arg-type]
+            tps.token_effects(models["native_bridge"], atlas, kl=bad)  # type: ignore[arg-type]
     from transformer_lens.config import TransformerBridgeConfig
     from transformer_lens.model_bridge import TransformerBridge
 
@@ -637,13 +647,13 @@ def test_token_effects_refuse_another_model(models: dict[str, Any], tokens: torc
         )
     )
     with pytest.raises(ValueError, match="not the one the atlas was computed on"):
-        atlas_module.token_effects(other, atlas)
+        tps.token_effects(other, atlas)
 
 
 def test_sketch_widths_fill_every_basis() -> None:
     r, k, d = 14, 4, 640  # Gemma 3 270M's defaults
     full = list(range(18))
-    co_range, directions = atlas_module._sketch_widths(full[:-1], full[1:], r, k, d)
+    co_range, directions = sketch_module.sketch_widths(full[:-1], full[1:], r, k, d)
     # A whole atlas has partners enough everywhere but for a few targets' refining bases:
     # the last sources' pairs are short enough to be polished instead.
     assert set(co_range.values()) == {r}
@@ -656,15 +666,15 @@ def test_sketch_widths_fill_every_basis() -> None:
         (full[:-1], full[1:]),
     ]
     for sources, targets in layouts:
-        co_range, directions = atlas_module._sketch_widths(sources, targets, r, k, d)
+        co_range, directions = sketch_module.sketch_widths(sources, targets, r, k, d)
         for s in sources:
             later = [t for t in targets if t > s]
-            if later and later[-1] - s > atlas_module._POLISH_HOPS:
+            if later and later[-1] - s > sketch_module.POLISH_HOPS:
                 assert sum(co_range[t] for t in later) >= 4 * r, (sources, targets, s)
         for t, m in directions.items():
             earlier = [s for s in sources if s < t]
             assert m <= 4 * r
-            if t - earlier[0] > atlas_module._POLISH_HOPS:
+            if t - earlier[0] > sketch_module.POLISH_HOPS:
                 assert len(earlier) * m >= 4 * r, (sources, targets, t)
 
 
@@ -680,16 +690,16 @@ def test_sketch_bases_hold_no_filler(
 ) -> None:
     # Every pair long enough to go unpolished: each basis must then be built from as many
     # sketched directions as it has columns, however few pairs share it.
-    monkeypatch.setattr(atlas_module, "_POLISH_HOPS", 0)
+    monkeypatch.setattr(sketch_module, "POLISH_HOPS", 0)
     built: list[tuple[int, int]] = []
-    real_basis = atlas_module.shared_basis
+    real_basis = sketch_module.shared_basis
 
     def spy(sketches: Any, width: int) -> torch.Tensor:
         built.append((sum(len(sketch) for sketch in sketches), width))
         assert not any(bool(sketch.isnan().any()) for sketch in sketches)
         return real_basis(sketches, width)
 
-    monkeypatch.setattr(atlas_module, "shared_basis", spy)
+    monkeypatch.setattr(sketch_module, "shared_basis", spy)
     model = models["native_bridge"]
     layers = {"sources": sources, "targets": targets, "k": 2, "progress": False}
     exact = tps.sensitivity_atlas(model, tokens, method="exact", **layers)

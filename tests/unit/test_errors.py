@@ -41,9 +41,13 @@ def no_forward_pass(model: Any) -> Iterator[None]:
         ({"source": 1.0, "target": 2}, TypeError, "source must be an int layer index"),
         ({"source": 0, "target": 2, "k": 17}, ValueError, "k must be between 1 and 16"),
         ({"source": 0, "target": 2, "k": 0}, ValueError, "k must be between 1 and 16"),
-        ({"source": 0, "target": 2, "positions": 0}, ValueError, "positions must be at least 1"),
         (
-            {"source": 0, "target": 2, "positions": 9},
+            {"source": 0, "target": 2, "target_positions": 0},
+            ValueError,
+            "positions must be at least 1",
+        ),
+        (
+            {"source": 0, "target": 2, "target_positions": 9},
             ValueError,
             r"positions=9 is longer than the shortest prompt \(8 tokens\)",
         ),

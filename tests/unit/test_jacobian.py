@@ -12,7 +12,7 @@ from tests.conftest import build_models
 from tests.reference import reference_function, reference_jacobian
 from tl_powersteer.adapters import ModelAdapter
 from tl_powersteer.jacobian import (
-    JacobianGraph,
+    RecordedPass,
     _ActivationsWithKnownDerivatives,
     _RoundedMatrixProducts,
     cpu_multiplies_bfloat16,
@@ -23,7 +23,9 @@ ATOL = 1e-10
 
 @pytest.mark.parametrize("jvp_method", ["reverse", "forward"])
 def test_dense_matches_jacfwd(model: Any, tokens: torch.Tensor, jvp_method: str) -> None:
-    op = tps.LayerJacobian(model, tokens, source=1, target=3, positions=3, jvp_method=jvp_method)
+    op = tps.LayerJacobian(
+        model, tokens, source=1, target=3, target_positions=3, jvp_method=jvp_method
+    )
     ref = reference_jacobian(model, list(tokens), op.source_hook, op.target_hook, 3)
     assert op.shape == (2 * 3 * 16, 16)
     torch.testing.assert_close(op.dense(), ref, atol=ATOL, rtol=1e-8)
@@ -33,7 +35,7 @@ def test_dense_matches_jacfwd(model: Any, tokens: torch.Tensor, jvp_method: str)
 @pytest.mark.parametrize("jvp_method", ["reverse", "forward"])
 def test_matvec_rmatvec_match_jacobian(model: Any, tokens: torch.Tensor, jvp_method: str) -> None:
     op = tps.LayerJacobian(
-        model, tokens[:1], source=0, target=2, positions=2, jvp_method=jvp_method
+        model, tokens[:1], source=0, target=2, target_positions=2, jvp_method=jvp_method
     )
     f = reference_function(model, tokens[0], op.source_hook, op.target_hook, 2)
     zero = torch.zeros(16, dtype=torch.float64)
@@ -67,21 +69,23 @@ def test_counts_products(model: Any, tokens: torch.Tensor) -> None:
 
 def test_string_prompts_of_different_lengths_are_stacked(text_model: Any) -> None:
     prompts = ["the cat sat on the mat", "i liked it", "the movie was not very good but so"]
-    op = tps.LayerJacobian(text_model, prompts, source=1, target=2, positions=2)
+    op = tps.LayerJacobian(text_model, prompts, source=1, target=2, target_positions=2)
     assert op.batch.lengths.tolist() == [7, 4, 9]  # BOS + words, right padded
     single = [text_model.to_tokens(p)[0] for p in prompts]
     ref = reference_jacobian(text_model, single, op.source_hook, op.target_hook, 2)
     torch.testing.assert_close(op.dense(), ref, atol=ATOL, rtol=1e-8)
     # JᵀJ of the batch is the sum of the single prompts' JᵀJ.
     V = torch.randn(16, 4, dtype=torch.float64)
-    separate = sum(tps.LayerJacobian(text_model, p, 1, 2, positions=2).gram(V) for p in prompts)
+    separate = sum(
+        tps.LayerJacobian(text_model, p, 1, 2, target_positions=2).gram(V) for p in prompts
+    )
     torch.testing.assert_close(op.gram(V), separate, atol=ATOL, rtol=1e-8)
 
 
 def test_pad_positions_contribute_nothing(text_model: Any) -> None:
     long, short = "the movie was not very good but so", "i liked it"
-    op = tps.LayerJacobian(text_model, [short, long], source=0, target=3, positions=1)
-    alone = tps.LayerJacobian(text_model, short, source=0, target=3, positions=1)
+    op = tps.LayerJacobian(text_model, [short, long], source=0, target=3, target_positions=1)
+    alone = tps.LayerJacobian(text_model, short, source=0, target=3, target_positions=1)
     torch.testing.assert_close(op.dense()[:16], alone.dense(), atol=ATOL, rtol=1e-8)
 
 
@@ -93,7 +97,7 @@ def test_other_sites(model: Any, tokens: torch.Tensor) -> None:
         target=2,
         source_site="hook_resid_post",
         target_site="hook_resid_post",
-        positions=1,
+        target_positions=1,
     )
     assert op.source_hook == "blocks.1.hook_resid_post"
     ref = reference_jacobian(model, list(tokens), op.source_hook, op.target_hook, 1)
@@ -174,7 +178,7 @@ def test_default_chunk_keeps_about_1024_token_rows(
 
 
 def test_readout_is_the_differentiated_function(model: Any, tokens: torch.Tensor) -> None:
-    op = tps.LayerJacobian(model, tokens, source=0, target=2, positions=2)
+    op = tps.LayerJacobian(model, tokens, source=0, target=2, target_positions=2)
     ref = reference_function(model, tokens[1], op.source_hook, op.target_hook, 2)
     v = 0.1 * torch.randn(16, dtype=torch.float64)
     with torch.no_grad():
@@ -232,7 +236,7 @@ def test_frozen_weights_are_marked_for_reverse_products_only(
     try:
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
-        op = tps.LayerJacobian(model, tokens[:1], source=0, target=2, positions=2)
+        op = tps.LayerJacobian(model, tokens[:1], source=0, target=2, target_positions=2)
         f = reference_function(model, tokens[0], op.source_hook, op.target_hook, 2)
         with torch.no_grad():
             J = torch.func.jacrev(f)(torch.zeros(16, dtype=torch.float64))
@@ -301,12 +305,12 @@ def test_matvec_shape_errors(models: dict[str, Any], tokens: torch.Tensor, shape
 
 
 def test_several_targets_stack_in_one_pass(model: Any, tokens: torch.Tensor) -> None:
-    op = tps.LayerJacobian(model, tokens, source=0, target=[3, 1, 2], positions=2)
+    op = tps.LayerJacobian(model, tokens, source=0, target=[3, 1, 2], target_positions=2)
     assert op.targets == [3, 1, 2] and op.target_hook is None
     dense = op.dense()
     assert dense.shape == (3 * 2 * 2 * 16, 16)
     for t in (1, 2, 3):
-        single = tps.LayerJacobian(model, tokens, source=0, target=t, positions=2).dense()
+        single = tps.LayerJacobian(model, tokens, source=0, target=t, target_positions=2).dense()
         torch.testing.assert_close(dense[op.rows(t)], single, atol=ATOL, rtol=1e-8)
     with pytest.raises(ValueError, match="not among"):
         op.rows(0)
@@ -326,7 +330,7 @@ def test_bad_target_lists(
 def test_recorded_operators_match_jacfwd(model: Any, tokens: torch.Tensor) -> None:
     """Every operator of one recorded forward pass, any sources and targets, against
     jacfwd's dense Jacobians of the single pairs."""
-    graph = JacobianGraph(model, tokens, [0, 1, 2], [1, 2, 3], positions=2)
+    graph = RecordedPass(model, tokens, [0, 1, 2], [1, 2, 3], target_positions=2)
     ref = {
         (s, t): reference_jacobian(
             model, list(tokens), graph.source_hooks[s], graph.target_hooks[t], 2
@@ -369,7 +373,7 @@ def test_recorded_products_run_no_forward_pass_and_stop_at_the_source(
 
     spies = [("blocks.0.hook_resid_pre", count), ("blocks.1.hook_resid_mid", watch)]
     with model.hooks(fwd_hooks=spies):
-        graph = JacobianGraph(model, tokens, [0, 1, 2], [3])
+        graph = RecordedPass(model, tokens, [0, 1, 2], [3])
         assert len(forward_passes) == 1
         late = graph.operator([1, 2], 3)
         late.matvec(torch.randn(late.shape[1], 2, dtype=torch.float64))
@@ -393,7 +397,7 @@ def test_recorded_products_leave_the_model_untouched(model: Any, tokens: torch.T
     try:
         for p, flag in zip(params, flags, strict=True):
             p.requires_grad_(flag)
-        graph = JacobianGraph(model, tokens, [0, 1], [2, 3])
+        graph = RecordedPass(model, tokens, [0, 1], [2, 3])
         op = graph.operator([0, 1], [2, 3])
         op.gram(torch.randn(op.shape[1], 3, dtype=torch.float64))
         assert [p.requires_grad for p in params] == flags
@@ -423,7 +427,7 @@ def test_recorded_products_leave_the_model_untouched(model: Any, tokens: torch.T
 def test_recorded_operator_errors(
     models: dict[str, Any], tokens: torch.Tensor, sources: Any, targets: Any, message: str
 ) -> None:
-    graph = JacobianGraph(models["native_bridge"], tokens, [0, 1], [1, 3])
+    graph = RecordedPass(models["native_bridge"], tokens, [0, 1], [1, 3])
     with pytest.raises(ValueError, match=message):
         graph.operator(sources, targets)
 
@@ -432,7 +436,7 @@ def test_graph_needs_a_target_after_every_source(
     models: dict[str, Any], tokens: torch.Tensor
 ) -> None:
     with pytest.raises(ValueError, match="must come after the source"):
-        JacobianGraph(models["native_bridge"], tokens, [0, 2], [1, 2])
+        RecordedPass(models["native_bridge"], tokens, [0, 2], [1, 2])
 
 
 def _backward_node_names(outputs: Any) -> set[str]:
@@ -492,7 +496,7 @@ def test_other_calls_run_as_they_are() -> None:
 def test_graph_records_activation_derivatives_once(model: Any, tokens: torch.Tensor) -> None:
     """No product of a recorded graph recomputes an activation's derivative (the operators
     are checked against jacfwd above)."""
-    graph = JacobianGraph(model, tokens, [0], [2, 3])
+    graph = RecordedPass(model, tokens, [0], [2, 3])
     names = _backward_node_names(graph._reads.values())
     assert "_KnownDerivativeBackward" in names
     assert not names & {"GeluBackward0", "SiluBackward0", "TanhBackward0"}, names
@@ -527,7 +531,7 @@ def test_operators_read_their_last_target_at_the_read_positions(
             act.register_hook(lambda grad: reached.append(1))
 
     with model.hooks(fwd_hooks=[("blocks.3.hook_mlp_out", watch)]):
-        graph = JacobianGraph(model, tokens, [0, 1], [2, 3], positions=2)
+        graph = RecordedPass(model, tokens, [0, 1], [2, 3], target_positions=2)
     assert sorted(graph._short_reads) == [2, 3]
     for t in (2, 3):
         torch.testing.assert_close(graph._short_reads[t], graph._reads[t], atol=1e-12, rtol=0)
@@ -547,9 +551,9 @@ def test_graph_reads_as_recorded_where_the_recomputation_differs(
 ) -> None:
     """A block of another structure (here: an MLP output that is not what the guess
     computes) is read where it was recorded, with the same Jacobians."""
-    exact = JacobianGraph(model, tokens, [0, 1], [2, 3], positions=2).operator([0, 1], [2, 3])
+    exact = RecordedPass(model, tokens, [0, 1], [2, 3], target_positions=2).operator([0, 1], [2, 3])
     monkeypatch.setattr(ModelAdapter, "mlp_out_from_resid_mid", lambda self, layer: lambda x: 2 * x)
-    graph = JacobianGraph(model, tokens, [0, 1], [2, 3], positions=2)
+    graph = RecordedPass(model, tokens, [0, 1], [2, 3], target_positions=2)
     assert graph._short_reads == {}
     op = graph.operator([0, 1], [2, 3])
     torch.testing.assert_close(op.dense(), exact.dense(), atol=ATOL, rtol=1e-8)
@@ -561,9 +565,9 @@ def test_graph_reads_as_recorded_where_a_hook_of_the_user_wants_every_position(
     def seventh_token(act: torch.Tensor, hook: Any) -> torch.Tensor:
         return act + 0.1 * act[:, 6:7]  # fails on the 2 read positions alone
 
-    exact = JacobianGraph(model, tokens, [0, 1], [2, 3], positions=2).operator([0, 1], [2, 3])
+    exact = RecordedPass(model, tokens, [0, 1], [2, 3], target_positions=2).operator([0, 1], [2, 3])
     with model.hooks(fwd_hooks=[("blocks.3.ln2.hook_normalized", seventh_token)]):
-        graph = JacobianGraph(model, tokens, [0, 1], [2, 3], positions=2)
+        graph = RecordedPass(model, tokens, [0, 1], [2, 3], target_positions=2)
         op = graph.operator([0, 1], [2, 3])
         assert sorted(graph._short_reads) == [2]
         ref = reference_jacobian(
@@ -574,7 +578,7 @@ def test_graph_reads_as_recorded_where_a_hook_of_the_user_wants_every_position(
 
 
 def test_other_target_sites_are_read_as_recorded(model: Any, tokens: torch.Tensor) -> None:
-    graph = JacobianGraph(model, tokens, [0], [2, 3], target_site="hook_resid_post")
+    graph = RecordedPass(model, tokens, [0], [2, 3], target_site="hook_resid_post")
     assert graph._short_reads == {}
 
 
@@ -609,9 +613,9 @@ def test_graph_products_with_bfloat16_matmuls(
     model = models[name]
     # A fresh copy with the same weights (a used bridge holds tensors deepcopy refuses).
     model32 = build_models(tokenizer_dir, gpt2_dir)[name].to(torch.float32)
-    kwargs: dict[str, Any] = {"positions": 2}
-    full = JacobianGraph(model32, tokens, [0, 1], [2, 3], **kwargs)
-    low = JacobianGraph(model32, tokens, [0, 1], [2, 3], matmul_dtype=torch.bfloat16, **kwargs)
+    kwargs: dict[str, Any] = {"target_positions": 2}
+    full = RecordedPass(model32, tokens, [0, 1], [2, 3], **kwargs)
+    low = RecordedPass(model32, tokens, [0, 1], [2, 3], matmul_dtype=torch.bfloat16, **kwargs)
     # The record is made in float32: only the products are rounded.
     for t in (2, 3):
         torch.testing.assert_close(low._reads[t], full._reads[t], rtol=0, atol=0)
@@ -634,7 +638,7 @@ def test_graph_products_with_bfloat16_matmuls(
     V = torch.randn(exact.shape[1], 5, generator=gen)
     U = torch.randn(exact.shape[0], 5, generator=gen)
 
-    def errors(graph: JacobianGraph) -> list[float]:
+    def errors(graph: RecordedPass) -> list[float]:
         op = graph.operator([0, 1], [2, 3])
         pairs = [(op.matvec(V), exact @ V.double()), (op.rmatvec(U), exact.T @ U.double())]
         return [float((got.double() - want).norm() / want.norm()) for got, want in pairs]
@@ -658,7 +662,7 @@ def test_bad_matmul_dtype(
     models: dict[str, Any], tokens: torch.Tensor, matmul_dtype: Any, error: type, message: str
 ) -> None:
     with pytest.raises(error, match=message):
-        JacobianGraph(models["native_bridge"], tokens, [0], [1], matmul_dtype=matmul_dtype)
+        RecordedPass(models["native_bridge"], tokens, [0], [1], matmul_dtype=matmul_dtype)
 
 
 @pytest.mark.parametrize(

@@ -81,7 +81,7 @@ def test_bad_arguments(atlas: tps.SensitivityAtlas, tmp_path: Path) -> None:
     with pytest.raises(ValueError, match=r"\.html"):
         atlas_html(atlas, tmp_path / "a.txt")
     with pytest.raises(ValueError, match="does not exist"):
-        atlas.to_html(tmp_path / "missing" / "a.html")
+        atlas_html(atlas, tmp_path / "missing" / "a.html")
     assert list(tmp_path.iterdir()) == []
 
 
@@ -89,7 +89,7 @@ def test_html_is_self_contained_and_escaped(atlas: tps.SensitivityAtlas, tmp_pat
     hostile = tps.SensitivityAtlas(**{**atlas.__dict__})
     hostile.prompts = ["<script>alert('x')</script>"]
     hostile.model_name = "<b>model</b>"
-    page = hostile.to_html(tmp_path / "a.html").read_text()
+    page = atlas_html(hostile, tmp_path / "a.html").read_text()
     assert "<script>alert" not in page and "<b>model</b>" not in page
     assert "&lt;b&gt;model&lt;/b&gt;" in page
     assert re.search(r"<script[^>]*\ssrc=", page) is None  # nothing loaded from elsewhere

@@ -54,7 +54,7 @@ def test_result_contract(model: Any, tokens: torch.Tensor) -> None:
     )
     b = 3 + 4
     assert (res.n_jvp, res.n_vjp) == (res.iterations * b, res.iterations * b)
-    assert (res.source, res.target, res.positions) == (0, 2, 4)
+    assert (res.source, res.target, res.target_positions) == (0, 2, 4)
     assert res.source_site == res.target_site == "hook_mlp_out"
     pivots = res.vectors.gather(1, res.vectors.abs().argmax(1, keepdim=True))
     assert torch.all(pivots > 0)
@@ -99,7 +99,7 @@ def test_save_load_roundtrip(text_model: Any, tmp_path: Path) -> None:
         "seed",
         "source_site",
         "target_site",
-        "positions",
+        "target_positions",
         "prompts",
         "model_name",
     ):

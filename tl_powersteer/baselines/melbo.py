@@ -35,13 +35,17 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..adapters import Prompts
-from ..checks import is_int, is_number
+from ..checks import is_int, is_number, renamed_attribute, renamed_options
 from ..io import register
 from ..io import save as save_result
 from ..jacobian import LayerJacobian
 from ..vectors import SteeringVector
 
 __all__ = ["MelboResult", "melbo", "melbo_optimise"]
+
+
+# Former option names that still work for one release.
+RENAMED = {"positions": "target_positions"}
 
 
 def _objective(delta: Tensor, p: float, q: float) -> Tensor:
@@ -107,7 +111,7 @@ def melbo_optimise(
     return torch.stack(found), torch.tensor(finals, dtype=torch.float64), history, calls
 
 
-@register()
+@register(renamed={"positions": "target_positions"})
 @dataclass
 class MelboResult:
     """MELBO vectors of one (source, target) pair, each of norm ``radius``.
@@ -128,7 +132,7 @@ class MelboResult:
     target: int
     source_site: str
     target_site: str
-    positions: int
+    target_positions: int
     n_forward: int
     n_backward: int
     seconds: float
@@ -138,6 +142,8 @@ class MelboResult:
     seed: int = 0
     lr: float = 0.2
     metadata: dict[str, Any] = field(default_factory=dict)
+
+    positions = renamed_attribute("positions", "target_positions")
 
     def steering_vector(self, i: int = 0) -> SteeringVector:
         """Vector ``i`` as a ``SteeringVector`` (``norm`` = the radius it was found at)."""
@@ -202,28 +208,33 @@ def melbo(
     steps: int = 300,
     p: float = 2.0,
     q: float = 1.0,
-    positions: int = 4,
+    target_positions: int = 4,
     source_site: str = "hook_mlp_out",
     target_site: str = "hook_mlp_out",
     lr: float = 0.2,
     seed: int = 0,
     progress: bool = True,
+    **renamed: Any,
 ) -> MelboResult:
     """MELBO vectors of norm ``radius`` at ``blocks.{source}.{source_site}`` (added at every
     position), maximising the change of ``blocks.{target}.{target_site}`` at the last
-    ``positions`` tokens (see the module docstring).
+    ``target_positions`` tokens (see the module docstring).
 
     ``radius`` is in activation units; ``typical_norm`` of the source
     activation is a good yardstick (the paper tunes R to the edge of coherent text).
-    ``lr`` is Adam's step on the unit sphere, decayed to 0 over ``steps``.
+    ``lr`` is Adam's step on the unit sphere, decayed to 0 over ``steps``. ``positions``
+    is the former name of ``target_positions``.
     """
+    target_positions = renamed_options("melbo", renamed, RENAMED).get(
+        "target_positions", target_positions
+    )
     radius = _positive(radius, "radius")
     p, q, lr = _positive(p, "p"), _positive(q, "q"), _positive(lr, "lr")
     if not is_int(steps) or steps < 1:
         raise ValueError(f"steps must be a positive int, got {steps!r}")
     op = LayerJacobian(
         model, prompts, source, target,
-        source_site=source_site, target_site=target_site, positions=positions,
+        source_site=source_site, target_site=target_site, target_positions=target_positions,
     )  # fmt: skip
     d = op.shape[1]
     if not is_int(n_vectors) or not 1 <= n_vectors <= d:
@@ -232,7 +243,7 @@ def melbo(
     base = op.target_value
 
     def change(theta: Tensor) -> Tensor:
-        return (op.readout(theta) - base).view(batch_size, positions, -1)
+        return (op.readout(theta) - base).view(batch_size, target_positions, -1)
 
     from tqdm.auto import tqdm
 
@@ -255,7 +266,7 @@ def melbo(
         target=op.target,
         source_site=source_site,
         target_site=target_site,
-        positions=positions,
+        target_positions=target_positions,
         n_forward=calls + 1,  # and the unsteered pass
         n_backward=n_vectors * steps,
         seconds=seconds,
