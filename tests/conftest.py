@@ -16,29 +16,10 @@ import pytest
 import torch
 
 import tl_powersteer as tps
+from tests.helpers import TINY_CONFIG, build_models, write_tiny_gpt2, write_word_tokenizer
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-
-_TEXT = (
-    "the a cat dog sat on mat is was good bad movie film i liked it not very and but so "
-    "last night honestly watched"
-)
-WORDS = ["<pad>", "<bos>", "<eos>", "<unk>", *_TEXT.split()]
-N_LAYERS = 4
-D_MODEL = 16
-# Shared by the HookedTransformer and the native TransformerBridge.
-TINY_CONFIG: dict[str, Any] = {
-    "d_model": D_MODEL,
-    "d_head": 4,
-    "n_heads": 4,
-    "n_layers": N_LAYERS,
-    "n_ctx": 32,
-    "d_vocab": len(WORDS),
-    "d_mlp": 32,
-    "act_fn": "gelu",
-    "seed": 0,
-}
 
 
 def pytest_addoption(parser: pytest.Parser) -> None:
@@ -72,79 +53,13 @@ def no_grad() -> Iterator[None]:
 
 @pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory) -> str:
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        bos_token="<bos>",
-        eos_token="<eos>",
-        pad_token="<pad>",
-        unk_token="<unk>",
-    )
-    path = tmp_path_factory.mktemp("tokenizer")
-    fast.save_pretrained(path)
-    return str(path)
-
-
-def _hooked(tokenizer_dir: str) -> Any:
-    try:
-        from transformer_lens import HookedTransformer, HookedTransformerConfig
-    except ImportError:
-        return None
-    from transformers import AutoTokenizer
-
-    cfg = HookedTransformerConfig(**TINY_CONFIG, dtype=torch.float64)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        return HookedTransformer(cfg, tokenizer=AutoTokenizer.from_pretrained(tokenizer_dir))
-
-
-def _native() -> Any:
-    from transformer_lens.config import TransformerBridgeConfig
-    from transformer_lens.model_bridge import TransformerBridge
-
-    cfg = TransformerBridgeConfig(**TINY_CONFIG)
-    return TransformerBridge.boot_native(cfg, dtype=torch.float64)
+    return write_word_tokenizer(tmp_path_factory.mktemp("tokenizer"))
 
 
 @pytest.fixture(scope="session")
 def gpt2_dir(tokenizer_dir: str, tmp_path_factory: pytest.TempPathFactory) -> str:
     """A tiny random GPT-2 saved as a local HuggingFace directory, with a tokenizer."""
-    from transformers import AutoTokenizer, GPT2Config, GPT2LMHeadModel
-
-    root = str(tmp_path_factory.mktemp("gpt2"))
-    torch.manual_seed(1)
-    config = GPT2Config(
-        n_embd=D_MODEL,
-        n_layer=N_LAYERS,
-        n_head=4,
-        vocab_size=len(WORDS),
-        n_positions=32,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=0,
-    )
-    GPT2LMHeadModel(config).save_pretrained(root)
-    AutoTokenizer.from_pretrained(tokenizer_dir).save_pretrained(root)
-    return root
-
-
-def build_models(tokenizer_dir: str, gpt2_dir: str, device: str = "cpu") -> dict[str, Any]:
-    """Every tiny model this TransformerLens version can build, by name, each time anew
-    with the same weights."""
-    found: dict[str, Any] = {}
-    hooked = _hooked(tokenizer_dir)
-    if hooked is not None:
-        found["hooked"] = hooked.to(device)
-    found["native_bridge"] = _native().to(device)
-    from transformer_lens.model_bridge import TransformerBridge
-
-    bridge = TransformerBridge.boot_transformers(gpt2_dir, device=device, dtype=torch.float64)
-    found["hf_bridge"] = bridge.eval()
-    return found
+    return write_tiny_gpt2(tmp_path_factory.mktemp("gpt2"), tokenizer_dir)
 
 
 @pytest.fixture(scope="session")

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 import tl_powersteer as tps
-from tl_powersteer.adapters import ModelAdapter, _tensor_attributes_kept
+from tl_powersteer.adapters import ModelAdapter, tensor_attributes_kept
 
 
 def reference_function(
@@ -27,7 +27,7 @@ def reference_function(
 
         # Bridges cache attention patterns on modules; under torch.func those caches are
         # transform wrappers that must not outlive the call.
-        with _tensor_attributes_kept(model):
+        with tensor_attributes_kept(model):
             model.run_with_hooks(tokens[None], fwd_hooks=[(source_hook, add), (target_hook, keep)])
         return store["target"][0, -positions:].reshape(-1)
 

@@ -51,6 +51,7 @@ __all__ = [
     "boot",
     "decode_token",
     "steered_logits",
+    "tensor_attributes_kept",
     "installed_version",
     "versions_line",
 ]
@@ -80,7 +81,7 @@ class _StopForward(Exception):
 
 
 @contextmanager
-def _tensor_attributes_kept(model: nn.Module) -> Iterator[None]:
+def tensor_attributes_kept(model: nn.Module) -> Iterator[None]:
     """Undo tensors that a forward pass caches on modules (e.g. a bridge's last attention
     pattern): under torch.func they are transform wrappers that must not outlive the call,
     and the model must be left as it was."""
@@ -370,7 +371,7 @@ class ModelAdapter:
             hooks = [(name, add_row(i, name)) for i, name in enumerate(source_hooks)]
             hooks += [(name, capture_as(name)) for name in targets]
             try:
-                with _tensor_attributes_kept(model), model.hooks(fwd_hooks=hooks):
+                with tensor_attributes_kept(model), model.hooks(fwd_hooks=hooks):
                     model(tokens)
             except _StopForward:
                 pass
@@ -419,7 +420,7 @@ class ModelAdapter:
         """
         if self.kind == "hooked" and getattr(self.model, "tokenizer", None) is None:
             use_cache = False
-        with torch.no_grad(), _tensor_attributes_kept(self.model), warnings.catch_warnings():
+        with torch.no_grad(), tensor_attributes_kept(self.model), warnings.catch_warnings():
             # Raised inside transformers by TransformerLens' own call: nothing a user can change.
             warnings.filterwarnings("ignore", message=".*past_key_values.*", category=FutureWarning)
             out = self.model.generate(
@@ -456,7 +457,7 @@ class ModelAdapter:
         tokens = tokens.to(self.device)
         if tokens.shape[1] <= prompt_length:
             return None
-        with torch.no_grad(), _tensor_attributes_kept(self.model):
+        with torch.no_grad(), tensor_attributes_kept(self.model):
             logits = self.model(tokens[:, :-1])[0, prompt_length - 1 :].double()
         chosen = tokens[0, prompt_length:]
         best = logits.max(dim=-1).values
@@ -603,7 +604,7 @@ def steered_logits(
         fwd: list[tuple[str, Callable[..., Any]]] = [(hook, add)]
         if unembed_in is not None:
             fwd.append((unembed_in, grab))
-        with torch.no_grad(), _tensor_attributes_kept(model):
+        with torch.no_grad(), tensor_attributes_kept(model):
             try:
                 with model.hooks(fwd_hooks=fwd):
                     logits = model(tokens.repeat(m, 1))

@@ -18,7 +18,7 @@ import torch
 from .adapters import ModelAdapter
 from .baselines.caa import caa_vector
 from .baselines.melbo import melbo
-from .effects import Metric, _metric, rank_vectors
+from .effects import Metric, check_metric, rank_vectors
 from .power_steering import power_steer
 from .scales import check_scale, typical_norm
 from .vectors import SteeringVector
@@ -69,7 +69,7 @@ def compare_methods(
         raise ValueError("prompts must be a non-empty list of strings")
     if metric == "kl":
         raise ValueError("compare_methods measures effects at a fixed KL: choose another metric")
-    _metric(adapter, metric, answers, continuation, 20)
+    check_metric(adapter, metric, answers, continuation, 20)
     check_scale(kl, "kl")
     if (positive is None) != (negative is None):
         raise ValueError("CAA needs both positive and negative prompts (or neither)")

@@ -53,14 +53,22 @@ from .scales import (
 from .steering import check_new_tokens, steer
 from .vectors import SteeringVector, check_vector, random_vectors, vector_list
 
-__all__ = ["METRICS", "effect", "rank_vectors"]
+__all__ = [
+    "METRICS",
+    "CheckedMetric",
+    "Metric",
+    "check_metric",
+    "effect",
+    "rank_vectors",
+    "split_prompts",
+]
 
 METRICS = ("kl", "logit_diff", "logprob")
 Metric = str | Callable[[str], float]
 
 
 @dataclass
-class _Metric:
+class CheckedMetric:
     """A checked metric: its name and what it needs."""
 
     name: str
@@ -70,15 +78,15 @@ class _Metric:
     max_new_tokens: int = 20
 
 
-def _metric(
+def check_metric(
     adapter: ModelAdapter,
     metric: Metric,
     answers: Sequence[str | int] | None,
     continuation: str | None,
     max_new_tokens: int,
-) -> _Metric:
+) -> CheckedMetric:
     if callable(metric):
-        return _Metric("text", fn=metric, max_new_tokens=check_new_tokens(max_new_tokens))
+        return CheckedMetric("text", fn=metric, max_new_tokens=check_new_tokens(max_new_tokens))
     if metric not in METRICS:
         raise ValueError(
             f"metric must be one of {METRICS} or a function of the generated text, got {metric!r}"
@@ -90,12 +98,14 @@ def _metric(
                 "(' great', ' terrible'); the value is logit(A) - logit(B)"
             )
         a, b = (adapter.single_token(x, "answer") for x in answers)
-        return _Metric("logit_diff", answers=(a, b))
+        return CheckedMetric("logit_diff", answers=(a, b))
     if metric == "logprob":
         if not isinstance(continuation, str) or not continuation:
             raise ValueError("metric='logprob' needs continuation='...', the text to score")
-        return _Metric("logprob", continuation=adapter.text_tokens(continuation, "continuation"))
-    return _Metric("kl")
+        return CheckedMetric(
+            "logprob", continuation=adapter.text_tokens(continuation, "continuation")
+        )
+    return CheckedMetric("kl")
 
 
 def _single_prompts(adapter: ModelAdapter, prompts: Prompts) -> list[TokenBatch]:
@@ -112,7 +122,7 @@ def _measure(
     model: Any,
     prompt: TokenBatch,
     items: list[tuple[SteeringVector, float]],
-    metric: _Metric,
+    metric: CheckedMetric,
     positions: Positions,
 ) -> tuple[list[tuple[float, float]], float]:
     """Per item (vector, signed absolute scale): (KL, metric value); and the unsteered value."""
@@ -218,7 +228,7 @@ def effect(
         check_vector(adapter, v)
     scale_list, sign_list = check_scales(scales), check_signs(signs)
     check_positions(positions)
-    checked = _metric(adapter, metric, answers, continuation, max_new_tokens)
+    checked = check_metric(adapter, metric, answers, continuation, max_new_tokens)
     singles = _single_prompts(adapter, prompts)
     for p in singles:
         check_positions_fit(positions, int(p.lengths[0]))
@@ -316,7 +326,7 @@ def rank_vectors(
         raise ValueError(f"the KL budget must be positive (nats), got {kl}")
     sign_list = check_signs(signs)
     check_positions(positions)
-    checked = _metric(adapter, metric, answers, continuation, max_new_tokens)
+    checked = check_metric(adapter, metric, answers, continuation, max_new_tokens)
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings")
     held_out = False

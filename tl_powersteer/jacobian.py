@@ -59,6 +59,8 @@ from .checks import is_int, renamed_options
 
 __all__ = [
     "JVP_METHODS",
+    "ActivationsWithKnownDerivatives",
+    "RoundedMatrixProducts",
     "LayerJacobian",
     "RecordedJacobian",
     "RecordedPass",
@@ -154,7 +156,7 @@ _DERIVATIVES: dict[Any, tuple[frozenset[str], Callable[..., Tensor]]] = {
 }
 
 
-class _ActivationsWithKnownDerivatives(torch.overrides.TorchFunctionMode):
+class ActivationsWithKnownDerivatives(torch.overrides.TorchFunctionMode):
     """Records GELU, SiLU and tanh as ``_KnownDerivative``s, for a graph of first-order
     products.
 
@@ -197,7 +199,7 @@ _MATRIX_PRODUCTS = {
 }
 
 
-class _RoundedMatrixProducts(TorchDispatchMode):
+class RoundedMatrixProducts(TorchDispatchMode):
     """Runs every matrix product of two ``dtype`` tensors with both factors rounded to
     ``low`` (bfloat16): the backends accumulate in float32 and round the product to ``low``,
     which comes back as ``dtype``. Everything else (the elementwise work, the norms, the
@@ -413,7 +415,7 @@ class _StackedJacobian:
             sizes = [min(self.chunk_size, n - i) for i in range(0, n, self.chunk_size)]
         low = self._matmul_dtype
         rounding = (
-            nullcontext() if low in (None, self.dtype) else _RoundedMatrixProducts(self.dtype, low)
+            nullcontext() if low in (None, self.dtype) else RoundedMatrixProducts(self.dtype, low)
         )
         with torch.no_grad(), rounding:
             blocks = [product(block.T).T for block in X.split(sizes, dim=1)]
@@ -619,7 +621,7 @@ class RecordedPass:
             )
             for s in self.sources
         }
-        with torch.enable_grad(), _ActivationsWithKnownDerivatives():
+        with torch.enable_grad(), ActivationsWithKnownDerivatives():
             acts = run([self._vectors[s] for s in self.sources], True)
             n = len(self.targets)
             reads = zip(self.targets, acts[:n], strict=True)

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 import tl_powersteer as tps
-from tests.conftest import WORDS
+from tests.helpers import WORDS
 
 
 @pytest.fixture(scope="module", params=["hooked", "hf_bridge"])

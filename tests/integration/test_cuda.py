@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import tl_powersteer as tps
-from tests.conftest import build_models
+from tests.helpers import build_models
 from tl_powersteer.atlas import token_effects
 from tl_powersteer.cli import main
 

@@ -8,13 +8,13 @@ import pytest
 import torch
 
 import tl_powersteer as tps
-from tests.conftest import build_models
+from tests.helpers import build_models
 from tests.reference import reference_function, reference_jacobian
 from tl_powersteer.adapters import ModelAdapter
 from tl_powersteer.jacobian import (
+    ActivationsWithKnownDerivatives,
     RecordedPass,
-    _ActivationsWithKnownDerivatives,
-    _RoundedMatrixProducts,
+    RoundedMatrixProducts,
     cpu_multiplies_bfloat16,
 )
 
@@ -467,7 +467,7 @@ def test_activations_are_recorded_with_their_derivative(f: Any, options: dict[st
     x0 = torch.randn(3, 5, generator=gen, dtype=torch.float64)
     G = torch.randn(4, 3, 5, generator=gen, dtype=torch.float64)
     x = x0.clone().requires_grad_(True)
-    with _ActivationsWithKnownDerivatives():
+    with ActivationsWithKnownDerivatives():
         y = f(x, **options)
     assert type(y.grad_fn).__name__ == "_KnownDerivativeBackward"
     torch.testing.assert_close(y, f(x0, **options), atol=0, rtol=0)
@@ -482,7 +482,7 @@ def test_activations_are_recorded_with_their_derivative(f: Any, options: dict[st
 
 def test_other_calls_run_as_they_are() -> None:
     x = torch.randn(3, 5, dtype=torch.float64, requires_grad=True)
-    with _ActivationsWithKnownDerivatives():
+    with ActivationsWithKnownDerivatives():
         relu = torch.nn.functional.relu(x)
         frozen = torch.nn.functional.gelu(x.detach())
         inplace = torch.nn.functional.silu(x * 1, inplace=True)
@@ -586,7 +586,7 @@ def test_rounded_matrix_products_round_both_factors_and_nothing_else() -> None:
     gen = torch.Generator().manual_seed(0)
     a, b, bias = (torch.randn(*shape, generator=gen) for shape in [(6, 5), (5, 4), (4,)])
     A, B = torch.randn(3, 6, 5, generator=gen), torch.randn(3, 5, 4, generator=gen)
-    with _RoundedMatrixProducts(torch.float32, torch.bfloat16):
+    with RoundedMatrixProducts(torch.float32, torch.bfloat16):
         mm, bmm = a @ b, torch.bmm(A, B)
         addmm = torch.addmm(bias, a, b, beta=0.5, alpha=2.0)
         linear = torch.nn.functional.linear(a, b.T, bias)

@@ -29,10 +29,10 @@ from ..adapters import ModelAdapter, Prompts, TokenBatch, activations
 from ..checks import is_int
 from ..vectors import SteeringVector
 
-__all__ = ["caa_layer_sweep", "caa_vector"]
+__all__ = ["caa_layer_sweep", "caa_vector", "token_at_position"]
 
 
-def _at_position(batch: TokenBatch, acts: Tensor, position: int, what: str) -> Tensor:
+def token_at_position(batch: TokenBatch, acts: Tensor, position: int, what: str) -> Tensor:
     """Each prompt's activation at ``position`` (negative counts from its last real token)."""
     shortest = int(batch.lengths.min())
     if not is_int(position):
@@ -65,16 +65,16 @@ def _paired(
         )
     layers = [adapter.resolve_layer(layer, "layer") for layer in layers]
     hooks = [adapter.hook_name(layer, site) for layer in layers]
-    _at_position(pos, pos.tokens[..., None], position, "positive")
-    _at_position(neg, neg.tokens[..., None], position, "negative")
+    token_at_position(pos, pos.tokens[..., None], position, "positive")
+    token_at_position(neg, neg.tokens[..., None], position, "negative")
     acts = zip(activations(adapter, pos, hooks), activations(adapter, neg, hooks), strict=True)
     return (
         adapter,
         layers,
         [
             (
-                _at_position(pos, a, position, "positive").double(),
-                _at_position(neg, b, position, "negative").double(),
+                token_at_position(pos, a, position, "positive").double(),
+                token_at_position(neg, b, position, "negative").double(),
             )
             for a, b in acts
         ],

@@ -25,7 +25,7 @@ from torch import Tensor
 
 from ..adapters import ModelAdapter, Prompts, activations
 from ..vectors import SteeringVector
-from .caa import _at_position
+from .caa import token_at_position
 
 __all__ = ["probe"]
 
@@ -51,7 +51,7 @@ def probe(
         )
     hook = adapter.hook_name(vector.layer if layer is None else layer, site or vector.site)
     batch = adapter.tokenize(prompts)
-    _at_position(batch, batch.tokens[..., None], position, "")
-    act = _at_position(batch, activations(adapter, batch, [hook])[0], position, "").double()
+    token_at_position(batch, batch.tokens[..., None], position, "")
+    act = token_at_position(batch, activations(adapter, batch, [hook])[0], position, "").double()
     u = vector.direction.to(act.device).double()
     return ((act @ u) / act.norm(dim=-1).clamp_min(1e-30)).float().cpu()
