@@ -39,6 +39,15 @@ def test_vectors(gpt2_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[st
         assert f"{sigma:.4f}" in line
 
 
+def test_former_option_name_still_works(
+    gpt2_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "v.safetensors"
+    assert main(vectors_args(gpt2_dir, out, "--positions", "2")) == 0
+    assert "--positions is now --target-positions" in capsys.readouterr().err
+    assert tps.load(out).target_positions == 2
+
+
 @pytest.mark.parametrize(
     ("change", "message"),
     [
