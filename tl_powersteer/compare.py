@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from .adapters import ModelAdapter
+from .adapters import Model, ModelAdapter
 from .baselines.caa import caa_vector
 from .baselines.melbo import melbo
 from .effects import Metric, check_metric, rank_vectors
@@ -29,7 +29,7 @@ _METHODS = ("power_steering", "melbo", "caa")
 
 
 def compare_methods(
-    model: Any,
+    model: Model | ModelAdapter,
     prompts: Sequence[str],
     source: int,
     target: int,
@@ -64,7 +64,7 @@ def compare_methods(
     """
     import pandas as pd
 
-    adapter = ModelAdapter(model)
+    adapter = ModelAdapter.of(model)
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings")
     if metric == "kl":
@@ -83,17 +83,19 @@ def compare_methods(
 
     found: dict[str, tuple[list[SteeringVector], int, float]] = {}
     began = time.perf_counter()
-    ps = power_steer(model, prompts, source, target, k=k, seed=seed, **site)  # type: ignore[arg-type]
+    ps = power_steer(adapter, prompts, source, target, k=k, seed=seed, **site)  # type: ignore[arg-type]
     found["power_steering"] = (
         ps.steering_vectors(),
         ps.n_jvp + ps.n_vjp,
         time.perf_counter() - began,
     )
     radius = (
-        typical_norm(model, prompts, source, source_site) if melbo_radius is None else melbo_radius
+        typical_norm(adapter, prompts, source, source_site)
+        if melbo_radius is None
+        else melbo_radius
     )
     mel = melbo(
-        model, prompts, source, target, n_vectors=k, radius=radius, steps=melbo_steps,
+        adapter, prompts, source, target, n_vectors=k, radius=radius, steps=melbo_steps,
         seed=seed, progress=progress, **site,  # type: ignore[arg-type]
     )  # fmt: skip
     found["melbo"] = (
@@ -103,12 +105,14 @@ def compare_methods(
     )
     if positive is not None and negative is not None:
         began = time.perf_counter()
-        caa = caa_vector(model, positive, negative, source, site=source_site, position=caa_position)
+        caa = caa_vector(
+            adapter, positive, negative, source, site=source_site, position=caa_position
+        )
         found["caa"] = ([caa], 2 * len(positive), time.perf_counter() - began)
 
     vectors = [v for vs, _, _ in found.values() for v in vs]
     ranked = rank_vectors(
-        model, prompts, vectors, kl=kl, metric=metric, answers=answers,
+        adapter, prompts, vectors, kl=kl, metric=metric, answers=answers,
         continuation=continuation, holdout=holdout, controls=controls, seed=seed,
         progress=progress,
     )  # fmt: skip

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from .adapters import KV_CACHE_FIX, ModelAdapter, installed_version
+from .adapters import KV_CACHE_FIX, Model, ModelAdapter, installed_version
 from .jacobian import LayerJacobian
 from .models import (
     EMBEDDED_MODEL,
@@ -199,7 +199,9 @@ def _random_vector(adapter: ModelAdapter, layer: int, site: str, seed: int) -> S
     return SteeringVector(direction, layer=layer, site=site, method="random")
 
 
-def check_generation(model: Any, prompt: str, *, max_new_tokens: int = 12) -> Check:
+def check_generation(
+    model: Model | ModelAdapter, prompt: str, *, max_new_tokens: int = 12
+) -> Check:
     """KV-cache greedy generation equals the model's cache-free continuation, unsteered and
     steered (a random direction at half the middle block's typical norm).
 
@@ -208,7 +210,7 @@ def check_generation(model: Any, prompt: str, *, max_new_tokens: int = 12) -> Ch
     TransformerLens' own loop, and checked the same way.
     """
     claim = "KV-cache generation equals cache-free generation"
-    adapter = ModelAdapter(model)
+    adapter = ModelAdapter.of(model)
     tokens = adapter.tokenize(prompt).tokens
     n = tokens.shape[1]
     vector = _random_vector(adapter, adapter.n_layers // 2, "hook_resid_post", seed=0)
@@ -255,11 +257,11 @@ def check_generation(model: Any, prompt: str, *, max_new_tokens: int = 12) -> Ch
     )
 
 
-def check_hooks(model: Any) -> Check:
+def check_hooks(model: Model | ModelAdapter) -> Check:
     """The hooks of a ``steer`` block exist inside it and are gone after it, also when the
     block raises."""
     claim = "steer removes its hooks"
-    adapter = ModelAdapter(model)
+    adapter = ModelAdapter.of(model)
     vector = _random_vector(adapter, 0, "hook_resid_post", seed=1)
     before = adapter.hook_count()
     inside = []
@@ -300,9 +302,9 @@ class _Probe(Exception):
     pass
 
 
-def check_adjointness(model: Any, prompt: str) -> Check:
+def check_adjointness(model: Model | ModelAdapter, prompt: str) -> Check:
     """⟨u, J v⟩ = ⟨Jᵀu, v⟩ between a forward-mode JVP and a VJP (the model in float64)."""
-    adapter = ModelAdapter(model)
+    adapter = ModelAdapter.of(model)
     op = LayerJacobian(
         model,
         prompt,

@@ -38,7 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from .adapters import ModelAdapter, Prompts, TokenBatch, steered_logits
+from .adapters import Model, ModelAdapter, Prompts, TokenBatch, steered_logits
 from .checks import is_int
 from .positions import Positions, check_positions, check_positions_fit, position_mask
 from .scales import (
@@ -119,14 +119,14 @@ def _single_prompts(adapter: ModelAdapter, prompts: Prompts) -> list[TokenBatch]
 
 
 def _measure(
-    model: Any,
+    model: Model | ModelAdapter,
     prompt: TokenBatch,
     items: list[tuple[SteeringVector, float]],
     metric: CheckedMetric,
     positions: Positions,
 ) -> tuple[list[tuple[float, float]], float]:
     """Per item (vector, signed absolute scale): (KL, metric value); and the unsteered value."""
-    adapter = ModelAdapter(model)
+    adapter = ModelAdapter.of(model)
     length = int(prompt.lengths[0])
     check_positions_fit(positions, length)
     tokens = prompt.tokens
@@ -171,7 +171,7 @@ def _measure(
             return float(logp[torch.arange(len(ids)), ids].sum())
         assert metric.fn is not None
         vs, amounts = [v for v, _ in steering], [a for _, a in steering]
-        with steer(model, vs, amounts, positions=positions) if steering else nullcontext():
+        with steer(adapter, vs, amounts, positions=positions) if steering else nullcontext():
             out = adapter.generate(prompt.tokens, max_new_tokens=metric.max_new_tokens, greedy=True)
         return float(metric.fn(adapter.decode(out[0, length:])))
 
@@ -193,7 +193,7 @@ def _with_controls(items: list[SteeringVector], controls: int, seed: int) -> lis
 
 
 def effect(
-    model: Any,
+    model: Model | ModelAdapter,
     prompts: Prompts,
     vectors: SteeringVector | Sequence[SteeringVector],
     scales: float | Sequence[float],
@@ -222,7 +222,7 @@ def effect(
     """
     import pandas as pd
 
-    adapter = ModelAdapter(model)
+    adapter = ModelAdapter.of(model)
     items = _with_controls(vector_list(vectors), controls, seed)
     for v in items:
         check_vector(adapter, v)
@@ -236,7 +236,7 @@ def effect(
     check_mode(scale_mode, reference)
 
     plan = scale_plan(
-        model, items, sign_list, scale_list, scale_mode=scale_mode, reference=reference,
+        adapter, items, sign_list, scale_list, scale_mode=scale_mode, reference=reference,
         positions=positions, progress=progress,
     )  # fmt: skip
     from tqdm.auto import tqdm
@@ -246,7 +246,7 @@ def effect(
         tqdm(singles, desc="effects", unit="prompt", disable=not progress)
     ):
         measured, baseline = _measure(
-            model, prompt, [(v, a) for v, _, _, a in plan], checked, positions
+            adapter, prompt, [(v, a) for v, _, _, a in plan], checked, positions
         )
         for (v, sign, s, a), (kl, val) in zip(plan, measured, strict=True):
             rows.append(
@@ -284,7 +284,7 @@ def split_prompts(prompts: Sequence[str], holdout: float, seed: int) -> tuple[li
 
 
 def rank_vectors(
-    model: Any,
+    model: Model | ModelAdapter,
     prompts: Sequence[str],
     vectors: SteeringVector | Sequence[SteeringVector],
     *,
@@ -312,7 +312,7 @@ def rank_vectors(
     """
     import pandas as pd
 
-    adapter = ModelAdapter(model)
+    adapter = ModelAdapter.of(model)
     if metric == "kl":
         raise ValueError(
             "rank_vectors compares vectors at the same KL, so metric='kl' cannot rank them: "
@@ -340,7 +340,7 @@ def rank_vectors(
 
     combos = [(v, sign) for v in items for sign in sign_list]
     amounts = kl_scales(
-        model, fit, [(v, sign * budget) for v, sign in combos], positions=positions,
+        adapter, fit, [(v, sign * budget) for v, sign in combos], positions=positions,
         progress=progress,
     )  # fmt: skip
     plan = [(v, a) for (v, _), a in zip(combos, amounts, strict=True)]
@@ -348,7 +348,7 @@ def rank_vectors(
     from tqdm.auto import tqdm
 
     for prompt in tqdm(singles, desc="effects", unit="prompt", disable=not progress):
-        measured, baseline = _measure(model, prompt, plan, checked, positions)
+        measured, baseline = _measure(adapter, prompt, plan, checked, positions)
         totals += torch.tensor([[k, val - baseline] for k, val in measured], dtype=torch.float64)
     totals /= len(singles)
     best: dict[int, int] = {}

@@ -33,7 +33,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .adapters import ModelAdapter, Prompts
+from .adapters import Model, ModelAdapter, Prompts
 from .checks import is_int, renamed_attribute, renamed_options
 from .io import register
 from .io import save as save_result
@@ -155,7 +155,7 @@ class PowerSteeringResult:
 
 
 def power_steer(
-    model: Any,
+    model: Model | ModelAdapter,
     prompts: Prompts,
     source: int,
     target: int,
@@ -194,11 +194,10 @@ def power_steer(
         "target_positions", target_positions
     )
     # Every option is checked before the first forward pass.
-    check_iteration_args(
-        k, ModelAdapter(model).d_model, block_size=block_size, tol=tol, max_iters=max_iters
-    )
+    adapter = ModelAdapter.of(model)
+    check_iteration_args(k, adapter.d_model, block_size=block_size, tol=tol, max_iters=max_iters)
     op = LayerJacobian(
-        model,
+        adapter,
         prompts,
         source,
         target,

@@ -33,7 +33,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .adapters import ModelAdapter, Prompts, TokenBatch, activations, steered_logits
+from .adapters import Model, ModelAdapter, Prompts, TokenBatch, activations, steered_logits
 from .checks import is_number
 from .positions import Positions, position_weights
 from .vectors import SteeringVector, check_vector
@@ -80,11 +80,13 @@ def robust_norm(acts: Float[Tensor, "tokens d_model"], *, cutoff: float = 5.0) -
     return float(a[:, ~massive].norm(dim=-1).median())
 
 
-def typical_norm(model: Any, prompts: Prompts, layer: int, site: str) -> float:
+def typical_norm(
+    model: Model | ModelAdapter, prompts: Prompts | TokenBatch, layer: int, site: str
+) -> float:
     """``robust_norm`` of the activation at ``blocks.{layer}.{site}`` over the prompts'
     real tokens, without each prompt's first token (often an attention sink with a norm
     many times the others')."""
-    adapter = ModelAdapter(model)
+    adapter = ModelAdapter.of(model)
     batch = adapter.tokenize(prompts)
     return float(typical_norms(adapter, batch, [adapter.hook_name(layer, site)])[0])
 
@@ -216,8 +218,8 @@ def kl_search(
 
 
 def kl_scales(
-    model: Any,
-    prompts: Prompts,
+    model: Model | ModelAdapter,
+    prompts: Prompts | TokenBatch,
     items: Sequence[tuple[SteeringVector, float]],
     *,
     positions: Positions = "all",
@@ -304,8 +306,8 @@ def kl_scales(
 
 
 def kl_scale(
-    model: Any,
-    prompts: Prompts,
+    model: Model | ModelAdapter,
+    prompts: Prompts | TokenBatch,
     vector: SteeringVector,
     kl: float,
     *,
@@ -324,7 +326,7 @@ def kl_scale(
 
 
 def resolve_scales(
-    model: Any,
+    model: Model | ModelAdapter,
     items: Sequence[tuple[SteeringVector, float]],
     *,
     scale_mode: str = "absolute",
@@ -339,6 +341,8 @@ def resolve_scales(
     if scale_mode == "absolute":
         return scales
     assert reference is not None
+    adapter = ModelAdapter.of(model)
+    batch = adapter.tokenize(reference)
     out = [0.0] * len(items)
     if scale_mode == "relative":
         units: dict[tuple[int, str], float] = {}
@@ -346,13 +350,13 @@ def resolve_scales(
             if scale != 0:
                 key = (v.layer, v.site)
                 if key not in units:
-                    units[key] = typical_norm(model, reference, v.layer, v.site)
+                    units[key] = typical_norm(adapter, batch, v.layer, v.site)
                 out[j] = scale * units[key]
         return out
     searched = [j for j, scale in enumerate(scales) if scale != 0]
     values = kl_scales(
-        model,
-        reference,
+        adapter,
+        batch,
         [(items[j][0], scales[j]) for j in searched],
         positions=positions,
         progress=progress,
@@ -380,7 +384,7 @@ def check_signs(signs: Sequence[int]) -> list[int]:
 
 
 def scale_plan(
-    model: Any,
+    model: Model | ModelAdapter,
     vectors: list[SteeringVector],
     signs: list[int],
     scales: list[float],

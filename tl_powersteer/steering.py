@@ -35,7 +35,7 @@ from torch import Tensor
 from . import positions as positions_module
 from . import scales as scales_module
 from . import vectors as vectors_module
-from .adapters import KV_CACHE_FIX, ModelAdapter, Prompts, versions_line
+from .adapters import KV_CACHE_FIX, Model, ModelAdapter, Prompts, versions_line
 from .checks import is_int
 from .positions import Positions, SequenceTracker, check_positions, check_positions_fit
 from .scales import check_mode, check_scales, check_signs, resolve_scales, scale_plan
@@ -62,7 +62,7 @@ class Steering:
 
 @contextmanager
 def steer(
-    model: Any,
+    model: Model | ModelAdapter,
     vectors: SteeringVector | Sequence[SteeringVector],
     scale: float | Sequence[float] = 8.0,
     *,
@@ -79,7 +79,7 @@ def steer(
     ``"relative"`` and ``"kl"`` measure the model on ``reference`` prompts first (see the
     module docstring).
     """
-    adapter = ModelAdapter(model)
+    adapter = ModelAdapter.of(model)
     items = vector_list(vectors)
     hooks = [check_vector(adapter, v) for v in items]
     given = [scale] * len(items) if not isinstance(scale, Sequence) else list(scale)
@@ -87,7 +87,7 @@ def steer(
         raise ValueError(f"got {len(given)} scales for {len(items)} vectors")
     check_positions(positions)
     scales = resolve_scales(
-        model,
+        adapter,
         list(zip(items, given, strict=True)),
         scale_mode=scale_mode,
         reference=reference,
@@ -123,7 +123,7 @@ def check_new_tokens(max_new_tokens: Any) -> int:
 
 
 def generate_steered(
-    model: Any,
+    model: Model | ModelAdapter,
     prompt: str | Tensor,
     vectors: SteeringVector | Sequence[SteeringVector],
     scales: float | Sequence[float],
@@ -150,7 +150,7 @@ def generate_steered(
     bars for the KL scale search and the generations.
     """
 
-    adapter = ModelAdapter(model)
+    adapter = ModelAdapter.of(model)
     items = vector_list(vectors)
     for v in items:
         check_vector(adapter, v)
@@ -168,11 +168,11 @@ def generate_steered(
     check_mode(scale_mode, reference)
 
     rows = scale_plan(
-        model, items, sign_list, scale_list, scale_mode=scale_mode, reference=reference,
+        adapter, items, sign_list, scale_list, scale_mode=scale_mode, reference=reference,
         positions=positions, progress=progress,
     )  # fmt: skip
     return generations(
-        model, tokens, rows, positions=positions, max_new_tokens=max_new_tokens,
+        adapter, tokens, rows, positions=positions, max_new_tokens=max_new_tokens,
         greedy=greedy, seed=seed, use_cache=use_cache, progress=progress,
     )  # fmt: skip
 
@@ -206,7 +206,7 @@ def check_greedy_continuation(
 
 
 def generations(
-    model: Any,
+    model: Model | ModelAdapter,
     tokens: Tensor,
     plan: Sequence[tuple[SteeringVector, int, float, float]],
     *,
@@ -222,13 +222,13 @@ def generations(
     import pandas as pd
     from tqdm.auto import tqdm
 
-    adapter = ModelAdapter(model)
+    adapter = ModelAdapter.of(model)
 
     def run(steering: list[tuple[SteeringVector, float]]) -> str:
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             vs, amounts = [v for v, _ in steering], [a for _, a in steering]
-            with steer(model, vs, amounts, positions=positions) if steering else nullcontext():
+            with steer(adapter, vs, amounts, positions=positions) if steering else nullcontext():
                 out = adapter.generate(
                     tokens, max_new_tokens=max_new_tokens, greedy=greedy, use_cache=use_cache
                 )

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from ..adapters import ModelAdapter, Prompts, TokenBatch, activations
+from ..adapters import Model, ModelAdapter, Prompts, TokenBatch, activations
 from ..checks import is_int
 from ..vectors import SteeringVector
 
@@ -47,7 +47,7 @@ def token_at_position(batch: TokenBatch, acts: Tensor, position: int, what: str)
 
 
 def _paired(
-    model: Any,
+    model: Model | ModelAdapter,
     positive: Prompts,
     negative: Prompts,
     layers: Sequence[int],
@@ -56,7 +56,7 @@ def _paired(
 ) -> tuple[ModelAdapter, list[int], list[tuple[Tensor, Tensor]]]:
     """(adapter, resolved layers, per layer the positive and negative activations
     ``[n_pairs, d_model]`` at ``position``), checked before any forward pass."""
-    adapter = ModelAdapter(model)
+    adapter = ModelAdapter.of(model)
     pos, neg = adapter.tokenize(positive), adapter.tokenize(negative)
     if pos.tokens.shape[0] != neg.tokens.shape[0]:
         raise ValueError(
@@ -113,7 +113,7 @@ def _caa(
 
 
 def caa_vector(
-    model: Any,
+    model: Model | ModelAdapter,
     positive_prompts: Prompts,
     negative_prompts: Prompts,
     layer: int,
@@ -136,7 +136,7 @@ def caa_vector(
 
 
 def caa_layer_sweep(
-    model: Any,
+    model: Model | ModelAdapter,
     positive_prompts: Prompts,
     negative_prompts: Prompts,
     layers: Sequence[int] | None = None,
@@ -155,9 +155,10 @@ def caa_layer_sweep(
 
     if layers is not None and not list(layers):
         raise ValueError("layers is empty: give at least one layer or None for all")
-    chosen = list(range(ModelAdapter(model).n_layers)) if layers is None else list(layers)
+    adapter = ModelAdapter.of(model)
+    chosen = list(range(adapter.n_layers)) if layers is None else list(layers)
     adapter, chosen, acts = _paired(
-        model, positive_prompts, negative_prompts, chosen, site, position
+        adapter, positive_prompts, negative_prompts, chosen, site, position
     )
     rows = []
     for layer, (a, b) in zip(chosen, acts, strict=True):

@@ -34,7 +34,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from ..adapters import Prompts
+from ..adapters import Model, ModelAdapter, Prompts
 from ..checks import is_int, is_number, renamed_attribute, renamed_options
 from ..io import register
 from ..io import save as save_result
@@ -198,7 +198,7 @@ def _positive(value: Any, what: str) -> float:
 
 
 def melbo(
-    model: Any,
+    model: Model | ModelAdapter,
     prompts: Prompts,
     source: int,
     target: int,

@@ -18,12 +18,10 @@ torch.Size([2])
 
 from __future__ import annotations
 
-from typing import Any
-
 from jaxtyping import Float
 from torch import Tensor
 
-from ..adapters import ModelAdapter, Prompts, activations
+from ..adapters import Model, ModelAdapter, Prompts, activations
 from ..vectors import SteeringVector
 from .caa import token_at_position
 
@@ -31,7 +29,7 @@ __all__ = ["probe"]
 
 
 def probe(
-    model: Any,
+    model: Model | ModelAdapter,
     prompts: Prompts,
     vector: SteeringVector,
     *,
@@ -44,7 +42,7 @@ def probe(
     from each prompt's last real token)."""
     if not isinstance(vector, SteeringVector):
         raise TypeError(f"vector must be a SteeringVector, got {type(vector).__name__}")
-    adapter = ModelAdapter(model)
+    adapter = ModelAdapter.of(model)
     if vector.d_model != adapter.d_model:
         raise ValueError(
             f"{vector.name} has width {vector.d_model}, the model's d_model is {adapter.d_model}"
