@@ -34,16 +34,15 @@ import torch
 
 from .adapters import ModelAdapter
 from .atlas import ATLAS_METHODS, sensitivity_atlas, token_effects, validate_atlas_arguments
-from .baselines import caa_vector, melbo
+from .compare import STEER_METHODS, check_method_options, find_vectors
 from .doctor import TINY_MODEL, doctor
-from .effects import effect
+from .effects import effects_and_generations
 from .io import atomic_folder
 from .jacobian import JVP_METHODS
 from .models import EMBEDDED_MODEL, KINDS, load_model
 from .plotting import atlas_html
-from .power_steering import PowerSteeringResult, power_steer
-from .scales import SCALE_MODES, typical_norm
-from .steering import generations
+from .power_steering import PowerSteeringResult
+from .scales import SCALE_MODES
 from .vectors import SteeringVector
 
 __all__ = ["DEMO_ANSWERS", "DEMO_PAIR", "DEMO_PROMPT", "main"]
@@ -56,7 +55,6 @@ DEMO_PAIR = (8, 16)
 DEMO_ANSWERS = (" great", " terrible")
 _DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 _MARKER = "summary.md"
-STEER_METHODS = ("power_steering", "melbo", "caa")
 SKETCH_MATMULS = ("auto", "full", "bfloat16")
 
 
@@ -388,13 +386,7 @@ def _layer_range(text: str) -> list[int] | slice:
 
 
 def _method_list(text: str) -> list[str]:
-    methods = [part.strip() for part in text.split(",") if part.strip()]
-    unknown = [m for m in methods if m not in STEER_METHODS]
-    if unknown or not methods:
-        raise argparse.ArgumentTypeError(
-            f"unknown method(s) {unknown or text!r}; choose from {', '.join(STEER_METHODS)}"
-        )
-    return methods
+    return [part.strip() for part in text.split(",") if part.strip()]
 
 
 def _number_list(text: str) -> list[float]:
@@ -486,22 +478,18 @@ def _load(args: argparse.Namespace) -> Any:
 def _compute(
     model: Any, prompts: list[str], args: argparse.Namespace
 ) -> tuple[PowerSteeringResult, float]:
-    start = time.perf_counter()
-    res = power_steer(
-        model,
-        prompts,
-        args.source,
-        args.target,
-        k=args.k,
-        source_site=args.source_site,
-        target_site=args.target_site,
-        target_positions=args.target_positions,
-        jvp_method=args.jvp_method,
-        tol=args.tol,
-        max_iters=args.max_iters,
-        seed=args.seed,
-    )
-    return res, time.perf_counter() - start
+    (run,) = find_vectors(model, prompts, args.source, args.target, methods=["power_steering"],
+                          **_power_steering_options(args))  # fmt: skip
+    assert isinstance(run.result, PowerSteeringResult)
+    return run.result, run.seconds
+
+
+def _power_steering_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "k": args.k, "source_site": args.source_site, "target_site": args.target_site,
+        "target_positions": args.target_positions, "jvp_method": args.jvp_method,
+        "tol": args.tol, "max_iters": args.max_iters, "seed": args.seed,
+    }  # fmt: skip
 
 
 def _report(res: PowerSteeringResult, seconds: float) -> str:
@@ -580,22 +568,10 @@ def _write_folder(out: Path, write: Any) -> None:
 
 
 def _steering_methods(args: argparse.Namespace) -> list[str]:
-    pairs = args.positive is not None or args.negative is not None
-    if pairs and (args.positive is None or args.negative is None):
-        raise UsageError("CAA needs both --positive and --negative prompts")
-    if pairs and len(args.positive) != len(args.negative):
-        raise UsageError(
-            f"got {len(args.positive)} --positive and {len(args.negative)} --negative prompts; "
-            "CAA pairs them, give the same number"
-        )
-    methods = args.methods or ["power_steering", "melbo"] + (["caa"] if pairs else [])
-    if "caa" in methods and not pairs:
-        raise UsageError("--methods caa needs --positive and --negative prompt pairs")
-    if args.melbo_radius is not None and not args.melbo_radius > 0:
-        raise UsageError(f"--melbo-radius must be positive, got {args.melbo_radius}")
-    if args.melbo_steps < 1:
-        raise UsageError(f"--melbo-steps must be at least 1, got {args.melbo_steps}")
-    return methods
+    return check_method_options(
+        args.methods, args.positive, args.negative, melbo_radius=args.melbo_radius,
+        melbo_steps=args.melbo_steps, spell=lambda name: "--" + name.replace("_", "-"),
+    )  # fmt: skip
 
 
 def _check_steering(args: argparse.Namespace) -> None:
@@ -603,41 +579,6 @@ def _check_steering(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.controls < 0:
         raise UsageError(f"--controls must be non-negative, got {args.controls}")
-
-
-def _find_vectors(
-    model: Any, args: argparse.Namespace, methods: list[str]
-) -> tuple[list[SteeringVector], list[str]]:
-    """Every requested method's vectors, and one report line per method."""
-    vectors: list[SteeringVector] = []
-    lines = []
-    if "power_steering" in methods:
-        res, seconds = _compute(model, args.prompt, args)
-        vectors += res.steering_vectors()
-        lines.append(
-            f"power_steering: {res.k} vectors, {res.n_jvp + res.n_vjp} JVP/VJP products, "
-            f"{seconds:.1f} s, sigma {', '.join(f'{x:.3g}' for x in res.singular_values.tolist())}"
-        )
-    if "melbo" in methods:
-        radius = args.melbo_radius or typical_norm(
-            model, args.prompt, args.source, args.source_site
-        )
-        mel = melbo(
-            model, args.prompt, args.source, args.target, n_vectors=args.k, radius=radius,
-            steps=args.melbo_steps, target_positions=args.target_positions, source_site=args.source_site,
-            target_site=args.target_site, seed=args.seed,
-        )  # fmt: skip
-        vectors += [mel.steering_vector(i) for i in range(args.k)]
-        lines.append(
-            f"melbo: {args.k} vectors at radius {radius:.4g}, {mel.n_forward} forward + "
-            f"{mel.n_backward} backward passes, {mel.seconds:.1f} s"
-        )
-    if "caa" in methods:
-        vectors.append(
-            caa_vector(model, args.positive, args.negative, args.source, site=args.source_site)
-        )
-        lines.append(f"caa: 1 vector from {len(args.positive)} prompt pairs")
-    return vectors, lines
 
 
 def _check_answers(model: Any, args: argparse.Namespace) -> None:
@@ -650,26 +591,10 @@ def _steering_stage(
     model: Any, args: argparse.Namespace, vectors: list[SteeringVector]
 ) -> tuple[Any, Any, list[str]]:
     """Effects on every prompt and generations from the first, with their summary lines."""
-    metric: dict[str, Any] = (
-        {"metric": "logit_diff", "answers": tuple(args.answers)} if args.answers else {}
-    )
-    effects = effect(
-        model, args.prompt, vectors, args.scales, scale_mode=args.scale_mode,
-        controls=args.controls, seed=args.seed, **metric,
-    )  # fmt: skip
-    # Generate at the scales the effect table used (calibrated on all prompts), rather
-    # than calibrating again on the first prompt alone.
-    by_name = {v.name: v for v in vectors}
-    used = effects[effects["vector"].isin(list(by_name))].drop_duplicates(
-        ["vector", "sign", "scale"]
-    )
-    plan = [
-        (by_name[r.vector], int(r.sign), float(r.scale), int(r.sign) * float(r.absolute_scale))
-        for r in used.itertuples()
-    ]
-    texts = generations(
-        model, ModelAdapter(model).tokenize(args.prompt[0]).tokens, plan,
-        max_new_tokens=args.max_new_tokens, seed=args.seed,
+    effects, texts = effects_and_generations(
+        model, args.prompt, vectors, args.scales, answers=args.answers,
+        scale_mode=args.scale_mode, controls=args.controls, max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
     )  # fmt: skip
     means = (
         effects.groupby(["vector", "method", "sign", "scale"], sort=False)[
@@ -712,7 +637,13 @@ def _run_steer(args: argparse.Namespace) -> int:
     _check_out_folder(out)
     model = _load(args)
     _check_answers(model, args)
-    vectors, found = _find_vectors(model, args, methods)
+    runs = find_vectors(
+        model, args.prompt, args.source, args.target, methods=methods,
+        positive=args.positive, negative=args.negative, melbo_radius=args.melbo_radius,
+        melbo_steps=args.melbo_steps, **_power_steering_options(args),
+    )  # fmt: skip
+    vectors = [v for run in runs for v in run.vectors]
+    found = [run.summary for run in runs]
     for line in found:
         print(line)
     effects, texts, lines = _steering_stage(model, args, vectors)

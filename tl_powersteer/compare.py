@@ -1,5 +1,7 @@
 """Power Steering, MELBO and CAA on the same pair and prompts, compared like for like.
 
+``find_vectors`` runs the methods side by side; ``compare_methods`` then measures them.
+
 Each method's vectors live at the same source hook. They are compared by what they cost
 (passes through the model and seconds), by their effect at the same KL budget
 (``rank_vectors``, best of both signs, random directions as control),
@@ -10,22 +12,185 @@ vectors (do Power Steering's directions match CAA's contrast direction? MELBO's?
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from typing import Any
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .adapters import Model, ModelAdapter
+from .adapters import Model, ModelAdapter, Prompts
 from .baselines.caa import caa_vector
-from .baselines.melbo import melbo
+from .baselines.melbo import MelboResult, melbo
+from .checks import is_int, renamed_options
 from .effects import Metric, check_metric, rank_vectors
-from .power_steering import power_steer
+from .power_steering import PowerSteeringResult, power_steer
 from .scales import check_scale, typical_norm
 from .vectors import SteeringVector
 
-__all__ = ["compare_methods", "cosine_table"]
+if TYPE_CHECKING:
+    import pandas as pd
 
-_METHODS = ("power_steering", "melbo", "caa")
+__all__ = [
+    "STEER_METHODS",
+    "MethodRun",
+    "check_method_options",
+    "compare_methods",
+    "cosine_table",
+    "find_vectors",
+]
+
+STEER_METHODS = ("power_steering", "melbo", "caa")
+# Former option names that still work for one release.
+RENAMED = {"positions": "target_positions"}
+
+
+@dataclass
+class MethodRun:
+    """What one method found for a layer pair, what it spent, and a line that says so.
+
+    ``passes`` counts what the method ran: JVPs + VJPs for Power Steering, forward +
+    backward passes for MELBO, prompts for CAA. ``result`` is the method's own result
+    (``PowerSteeringResult``, ``MelboResult``; None for CAA).
+    """
+
+    method: str
+    vectors: list[SteeringVector]
+    passes: int
+    seconds: float
+    summary: str
+    result: PowerSteeringResult | MelboResult | None = None
+
+
+def check_method_options(
+    methods: Sequence[str] | None,
+    positive: Sequence[str] | None,
+    negative: Sequence[str] | None,
+    *,
+    melbo_radius: float | None = None,
+    melbo_steps: int = 200,
+    spell: Callable[[str], str] = str,
+) -> list[str]:
+    """The methods ``find_vectors`` will run (default Power Steering and MELBO, and CAA
+    when contrast pairs are given), after checking its options without a model.
+
+    ``spell`` turns an option's name into the caller's spelling of it in error messages
+    (the command line's ``--melbo-radius`` for ``melbo_radius``).
+    """
+    pairs = positive is not None or negative is not None
+    if pairs and (positive is None or negative is None):
+        raise ValueError(
+            f"CAA needs both {spell('positive')} and {spell('negative')} prompts (or neither)"
+        )
+    if positive is not None and negative is not None and len(positive) != len(negative):
+        raise ValueError(
+            f"got {len(positive)} {spell('positive')} and {len(negative)} {spell('negative')} "
+            "prompts; CAA pairs them, give the same number"
+        )
+    chosen = list(methods) if methods is not None else list(STEER_METHODS[: 2 + pairs])
+    unknown = [m for m in chosen if m not in STEER_METHODS]
+    if unknown or not chosen:
+        raise ValueError(
+            f"unknown method(s) {unknown or chosen!r}; choose from {', '.join(STEER_METHODS)}"
+        )
+    if "caa" in chosen and not pairs:
+        raise ValueError(f"caa needs {spell('positive')} and {spell('negative')} prompt pairs")
+    if melbo_radius is not None:
+        check_scale(melbo_radius, spell("melbo_radius"))
+        if not melbo_radius > 0:
+            raise ValueError(f"{spell('melbo_radius')} must be positive, got {melbo_radius}")
+    if not is_int(melbo_steps) or melbo_steps < 1:
+        raise ValueError(f"{spell('melbo_steps')} must be at least 1, got {melbo_steps}")
+    return chosen
+
+
+def find_vectors(
+    model: Model | ModelAdapter,
+    prompts: Prompts,
+    source: int,
+    target: int,
+    *,
+    methods: Sequence[str] | None = None,
+    k: int = 4,
+    positive: Sequence[str] | None = None,
+    negative: Sequence[str] | None = None,
+    caa_position: int = -1,
+    melbo_radius: float | None = None,
+    melbo_steps: int = 200,
+    source_site: str = "hook_mlp_out",
+    target_site: str = "hook_mlp_out",
+    target_positions: int = 4,
+    jvp_method: str = "reverse",
+    tol: float = 1e-4,
+    max_iters: int = 50,
+    seed: int = 0,
+    progress: bool = True,
+) -> list[MethodRun]:
+    """Steering vectors for the pair ``source -> target`` from each of ``methods`` (see
+    ``check_method_options``), all at the same source hook: ``k`` Power Steering vectors,
+    ``k`` MELBO vectors of norm ``melbo_radius`` (default the source activation's
+    ``typical_norm``), and one CAA vector from the ``positive``/``negative`` pairs."""
+    chosen = check_method_options(
+        methods, positive, negative, melbo_radius=melbo_radius, melbo_steps=melbo_steps
+    )
+    adapter = ModelAdapter.of(model)
+    site = dict(source_site=source_site, target_site=target_site, target_positions=target_positions)
+    runs = []
+    if "power_steering" in chosen:
+        began = time.perf_counter()
+        ps = power_steer(
+            adapter, prompts, source, target, k=k, jvp_method=jvp_method, tol=tol,
+            max_iters=max_iters, seed=seed, **site,  # type: ignore[arg-type]
+        )  # fmt: skip
+        seconds = time.perf_counter() - began
+        sigma = ", ".join(f"{x:.3g}" for x in ps.singular_values.tolist())
+        runs.append(
+            MethodRun(
+                "power_steering",
+                ps.steering_vectors(),
+                ps.n_jvp + ps.n_vjp,
+                seconds,
+                f"power_steering: {ps.k} vectors, {ps.n_jvp + ps.n_vjp} JVP/VJP products, "
+                f"{seconds:.1f} s, sigma {sigma}",
+                ps,
+            )
+        )
+    if "melbo" in chosen:
+        radius = (
+            typical_norm(adapter, prompts, source, source_site)
+            if melbo_radius is None
+            else melbo_radius
+        )
+        mel = melbo(
+            adapter, prompts, source, target, n_vectors=k, radius=radius, steps=melbo_steps,
+            seed=seed, progress=progress, **site,  # type: ignore[arg-type]
+        )  # fmt: skip
+        runs.append(
+            MethodRun(
+                "melbo",
+                [mel.steering_vector(i) for i in range(k)],
+                mel.n_forward + mel.n_backward,
+                mel.seconds,
+                f"melbo: {k} vectors at radius {radius:.4g}, {mel.n_forward} forward + "
+                f"{mel.n_backward} backward passes, {mel.seconds:.1f} s",
+                mel,
+            )
+        )
+    if "caa" in chosen:
+        assert positive is not None and negative is not None
+        began = time.perf_counter()
+        caa = caa_vector(
+            adapter, positive, negative, source, site=source_site, position=caa_position
+        )
+        runs.append(
+            MethodRun(
+                "caa",
+                [caa],
+                2 * len(positive),
+                time.perf_counter() - began,
+                f"caa: 1 vector from {len(positive)} prompt pairs",
+            )
+        )
+    return runs
 
 
 def compare_methods(
@@ -51,7 +216,8 @@ def compare_methods(
     controls: int = 2,
     seed: int = 0,
     progress: bool = True,
-) -> Any:
+    **renamed: Any,
+) -> pd.DataFrame:
     """One row per vector (k Power Steering, k MELBO, one CAA if ``positive``/``negative``
     pairs are given, ``controls`` random directions) as a pandas DataFrame.
 
@@ -60,10 +226,14 @@ def compare_methods(
     ``rank_vectors`` columns at KL budget ``kl`` (``sign,
     absolute_scale, kl, effect, abs_effect, held_out``), and ``cos_<method>``: the largest
     |cosine| with that other method's vectors (NaN for the vector's own method).
-    ``melbo_radius`` defaults to the source activation's ``typical_norm``.
+    ``melbo_radius`` defaults to the source activation's ``typical_norm``. ``positions``
+    is the former name of ``target_positions``.
     """
     import pandas as pd
 
+    target_positions = renamed_options("compare_methods", renamed, RENAMED).get(
+        "target_positions", target_positions
+    )
     adapter = ModelAdapter.of(model)
     if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
         raise ValueError("prompts must be a non-empty list of strings")
@@ -71,46 +241,14 @@ def compare_methods(
         raise ValueError("compare_methods measures effects at a fixed KL: choose another metric")
     check_metric(adapter, metric, answers, continuation, 20)
     check_scale(kl, "kl")
-    if (positive is None) != (negative is None):
-        raise ValueError("CAA needs both positive and negative prompts (or neither)")
-    if positive is not None and negative is not None and len(positive) != len(negative):
-        raise ValueError(
-            f"got {len(positive)} positive and {len(negative)} negative prompts; CAA pairs them"
-        )
-    if melbo_radius is not None:
-        check_scale(melbo_radius, "melbo_radius")
-    site = dict(source_site=source_site, target_site=target_site, target_positions=target_positions)
-
-    found: dict[str, tuple[list[SteeringVector], int, float]] = {}
-    began = time.perf_counter()
-    ps = power_steer(adapter, prompts, source, target, k=k, seed=seed, **site)  # type: ignore[arg-type]
-    found["power_steering"] = (
-        ps.steering_vectors(),
-        ps.n_jvp + ps.n_vjp,
-        time.perf_counter() - began,
-    )
-    radius = (
-        typical_norm(adapter, prompts, source, source_site)
-        if melbo_radius is None
-        else melbo_radius
-    )
-    mel = melbo(
-        adapter, prompts, source, target, n_vectors=k, radius=radius, steps=melbo_steps,
-        seed=seed, progress=progress, **site,  # type: ignore[arg-type]
+    runs = find_vectors(
+        adapter, prompts, source, target, k=k, positive=positive, negative=negative,
+        caa_position=caa_position, melbo_radius=melbo_radius, melbo_steps=melbo_steps,
+        source_site=source_site, target_site=target_site, target_positions=target_positions,
+        seed=seed, progress=progress,
     )  # fmt: skip
-    found["melbo"] = (
-        [mel.steering_vector(i) for i in range(k)],
-        mel.n_forward + mel.n_backward,
-        mel.seconds,
-    )
-    if positive is not None and negative is not None:
-        began = time.perf_counter()
-        caa = caa_vector(
-            adapter, positive, negative, source, site=source_site, position=caa_position
-        )
-        found["caa"] = ([caa], 2 * len(positive), time.perf_counter() - began)
-
-    vectors = [v for vs, _, _ in found.values() for v in vs]
+    found = {run.method: run for run in runs}
+    vectors = [v for run in runs for v in run.vectors]
     ranked = rank_vectors(
         adapter, prompts, vectors, kl=kl, metric=metric, answers=answers,
         continuation=continuation, holdout=holdout, controls=controls, seed=seed,
@@ -121,26 +259,26 @@ def compare_methods(
     for record in ranked.to_dict("records"):
         name, method = record["vector"], record["method"]
         row: dict[str, Any] = {"method": method, "vector": name}
-        row["method_passes"] = found[method][1] if method in found else 0
-        row["method_seconds"] = found[method][2] if method in found else 0.0
+        row["method_passes"] = found[method].passes if method in found else 0
+        row["method_seconds"] = found[method].seconds if method in found else 0.0
         row.update({key: record[key] for key in ranked.columns if key not in row})
-        for other in _METHODS:
+        for other in STEER_METHODS:
             if other == method or other not in found or name not in by_name:
                 row[f"cos_{other}"] = float("nan")
                 continue
             u = by_name[name].direction.double()
             row[f"cos_{other}"] = max(
-                abs(float(u @ w.direction.double().to(u.device))) for w in found[other][0]
+                abs(float(u @ w.direction.double().to(u.device))) for w in found[other].vectors
             )
         rows.append(row)
     table = pd.DataFrame(rows)
-    for other in _METHODS:
+    for other in STEER_METHODS:
         if other not in found:
             table = table.drop(columns=f"cos_{other}")
     return table
 
 
-def cosine_table(vectors: Sequence[SteeringVector]) -> Any:
+def cosine_table(vectors: Sequence[SteeringVector]) -> pd.DataFrame:
     """|cosine| between every pair of vectors, as a labelled square DataFrame."""
     import pandas as pd
 

@@ -33,7 +33,7 @@ import random
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -50,8 +50,11 @@ from .scales import (
     kl_scales,
     scale_plan,
 )
-from .steering import check_new_tokens, steer
+from .steering import check_new_tokens, generations, steer
 from .vectors import SteeringVector, check_vector, random_vectors, vector_list
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "METRICS",
@@ -59,6 +62,7 @@ __all__ = [
     "Metric",
     "check_metric",
     "effect",
+    "effects_and_generations",
     "rank_vectors",
     "split_prompts",
 ]
@@ -192,37 +196,25 @@ def _with_controls(items: list[SteeringVector], controls: int, seed: int) -> lis
     return out
 
 
-def effect(
-    model: Model | ModelAdapter,
+def _effect_plan(
+    adapter: ModelAdapter,
     prompts: Prompts,
     vectors: SteeringVector | Sequence[SteeringVector],
     scales: float | Sequence[float],
     *,
-    metric: Metric = "kl",
-    answers: Sequence[str | int] | None = None,
-    continuation: str | None = None,
-    max_new_tokens: int = 20,
-    signs: Sequence[int] = (1, -1),
-    scale_mode: str = "absolute",
-    positions: Positions = "all",
-    controls: int = 0,
-    reference: Prompts | None = None,
-    seed: int = 0,
-    progress: bool = True,
-) -> Any:
-    """The effect of each vector, sign and scale on each prompt, as a pandas DataFrame.
-
-    Columns: ``prompt`` (index), ``vector, method, layer, site, sign, scale,
-    absolute_scale, kl`` (next-token KL at the last prompt token), ``value`` (the metric),
-    ``baseline`` (the metric unsteered) and ``delta = value - baseline``. ``controls``
-    adds that many random unit directions (seeds ``seed``...) at each vector's hook.
-    In ``"relative"`` and ``"kl"`` scale modes the scales are calibrated on ``reference``
-    (default: these prompts, which is optimistic; pass held-out prompts to avoid it).
-    ``progress`` shows tqdm bars for the scale search and the prompts measured.
-    """
-    import pandas as pd
-
-    adapter = ModelAdapter.of(model)
+    metric: Metric,
+    answers: Sequence[str | int] | None,
+    continuation: str | None,
+    max_new_tokens: int,
+    signs: Sequence[int],
+    scale_mode: str,
+    positions: Positions,
+    controls: int,
+    reference: Prompts | None,
+    seed: int,
+    progress: bool,
+) -> tuple[list[tuple[SteeringVector, int, float, float]], CheckedMetric, list[TokenBatch]]:
+    """``effect``'s checks, then its scale plan (controls included), metric and prompts."""
     items = _with_controls(vector_list(vectors), controls, seed)
     for v in items:
         check_vector(adapter, v)
@@ -234,11 +226,22 @@ def effect(
         check_positions_fit(positions, int(p.lengths[0]))
     reference = prompts if reference is None else reference
     check_mode(scale_mode, reference)
-
     plan = scale_plan(
         adapter, items, sign_list, scale_list, scale_mode=scale_mode, reference=reference,
         positions=positions, progress=progress,
     )  # fmt: skip
+    return plan, checked, singles
+
+
+def _effect_table(
+    adapter: ModelAdapter,
+    singles: list[TokenBatch],
+    plan: list[tuple[SteeringVector, int, float, float]],
+    checked: CheckedMetric,
+    positions: Positions,
+    progress: bool,
+) -> pd.DataFrame:
+    import pandas as pd
     from tqdm.auto import tqdm
 
     rows = []
@@ -266,6 +269,79 @@ def effect(
                 }
             )
     return pd.DataFrame(rows)
+
+
+def effect(
+    model: Model | ModelAdapter,
+    prompts: Prompts,
+    vectors: SteeringVector | Sequence[SteeringVector],
+    scales: float | Sequence[float],
+    *,
+    metric: Metric = "kl",
+    answers: Sequence[str | int] | None = None,
+    continuation: str | None = None,
+    max_new_tokens: int = 20,
+    signs: Sequence[int] = (1, -1),
+    scale_mode: str = "absolute",
+    positions: Positions = "all",
+    controls: int = 0,
+    reference: Prompts | None = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> pd.DataFrame:
+    """The effect of each vector, sign and scale on each prompt, as a pandas DataFrame.
+
+    Columns: ``prompt`` (index), ``vector, method, layer, site, sign, scale,
+    absolute_scale, kl`` (next-token KL at the last prompt token), ``value`` (the metric),
+    ``baseline`` (the metric unsteered) and ``delta = value - baseline``. ``controls``
+    adds that many random unit directions (seeds ``seed``...) at each vector's hook.
+    In ``"relative"`` and ``"kl"`` scale modes the scales are calibrated on ``reference``
+    (default: these prompts, which is optimistic; pass held-out prompts to avoid it).
+    ``progress`` shows tqdm bars for the scale search and the prompts measured.
+    """
+    adapter = ModelAdapter.of(model)
+    plan, checked, singles = _effect_plan(
+        adapter, prompts, vectors, scales, metric=metric, answers=answers,
+        continuation=continuation, max_new_tokens=max_new_tokens, signs=signs,
+        scale_mode=scale_mode, positions=positions, controls=controls, reference=reference,
+        seed=seed, progress=progress,
+    )  # fmt: skip
+    return _effect_table(adapter, singles, plan, checked, positions, progress)
+
+
+def effects_and_generations(
+    model: Model | ModelAdapter,
+    prompts: Prompts,
+    vectors: SteeringVector | Sequence[SteeringVector],
+    scales: float | Sequence[float],
+    *,
+    answers: Sequence[str | int] | None = None,
+    scale_mode: str = "kl",
+    controls: int = 2,
+    max_new_tokens: int = 30,
+    seed: int = 0,
+    progress: bool = True,
+) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """``effect`` on every prompt and ``generate_steered``'s greedy generations from the
+    first, at the same scales: each vector, both signs and every scale, calibrated once
+    on all the prompts. The metric is ``logit(A) - logit(B)`` of ``answers``, else the
+    next-token KL; ``controls`` random directions per hook are measured beside the vectors
+    but not generated with. Returns ``(effects, generations)``, the tables of ``effect``
+    and ``generate_steered``."""
+    adapter = ModelAdapter.of(model)
+    plan, checked, singles = _effect_plan(
+        adapter, prompts, vectors, scales, metric="logit_diff" if answers else "kl",
+        answers=answers, continuation=None, max_new_tokens=max_new_tokens, signs=(1, -1),
+        scale_mode=scale_mode, positions="all", controls=controls, reference=None, seed=seed,
+        progress=progress,
+    )  # fmt: skip
+    effects = _effect_table(adapter, singles, plan, checked, "all", progress)
+    found = {id(v) for v in vector_list(vectors)}
+    texts = generations(
+        adapter, singles[0].tokens, [row for row in plan if id(row[0]) in found],
+        max_new_tokens=max_new_tokens, seed=seed, progress=progress,
+    )  # fmt: skip
+    return effects, texts
 
 
 def split_prompts(prompts: Sequence[str], holdout: float, seed: int) -> tuple[list, list]:
@@ -299,7 +375,7 @@ def rank_vectors(
     controls: int = 3,
     seed: int = 0,
     progress: bool = True,
-) -> Any:
+) -> pd.DataFrame:
     """Screen vectors by their effect at a fixed KL budget, the best of both signs.
 
     For each vector and sign, the scale that reaches ``kl`` nats is found on the fit

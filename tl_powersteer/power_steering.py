@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
@@ -40,6 +40,9 @@ from .io import save as save_result
 from .jacobian import LayerJacobian
 from .linalg import block_power_iteration, check_iteration_args
 from .vectors import SteeringVector
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["PowerSteeringResult", "power_steer", "power_steering_vector"]
 
@@ -139,7 +142,7 @@ class PowerSteeringResult:
         """All k vectors, in rank order."""
         return [self.steering_vector(i) for i in range(self.k)]
 
-    def to_pandas(self) -> Any:
+    def to_pandas(self) -> pd.DataFrame:
         """One row per vector: rank, singular value, residual."""
         import pandas as pd
 

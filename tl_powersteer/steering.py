@@ -27,7 +27,7 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -40,6 +40,9 @@ from .checks import is_int
 from .positions import Positions, SequenceTracker, check_positions, check_positions_fit
 from .scales import check_mode, check_scales, check_signs, resolve_scales, scale_plan
 from .vectors import SteeringVector, check_vector, vector_list
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = [
     "Steering",
@@ -137,7 +140,7 @@ def generate_steered(
     use_cache: bool = True,
     reference: Prompts | None = None,
     progress: bool = True,
-) -> Any:
+) -> pd.DataFrame:
     """Generations for every vector × sign × scale, plus the unsteered baseline.
 
     Returns a pandas DataFrame with columns ``vector, method, layer, site, sign, scale,
@@ -216,7 +219,7 @@ def generations(
     seed: int = 0,
     use_cache: bool = True,
     progress: bool = True,
-) -> Any:
+) -> pd.DataFrame:
     """The baseline and one generation per (vector, sign, scale, signed absolute scale)
     of ``plan``, from prompt ``tokens`` ``[1, seq]``, as ``generate_steered``'s table."""
     import pandas as pd

@@ -20,7 +20,7 @@ steering direction and ‖m‖ its natural scale (``vector.norm``): steering wit
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -28,6 +28,9 @@ from torch import Tensor
 from ..adapters import Model, ModelAdapter, Prompts, TokenBatch, activations
 from ..checks import is_int
 from ..vectors import SteeringVector
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["caa_layer_sweep", "caa_vector", "token_at_position"]
 
@@ -143,7 +146,7 @@ def caa_layer_sweep(
     *,
     site: str = "hook_resid_post",
     position: int = -1,
-) -> Any:
+) -> pd.DataFrame:
     """CAA at every layer from one forward pass per prompt set, as a DataFrame.
 
     Columns: ``layer``, ``mean_difference_norm``, ``separation`` (the gap between the

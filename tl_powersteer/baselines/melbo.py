@@ -28,7 +28,7 @@ import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from jaxtyping import Float
@@ -40,6 +40,9 @@ from ..io import register
 from ..io import save as save_result
 from ..jacobian import LayerJacobian
 from ..vectors import SteeringVector
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 __all__ = ["MelboResult", "melbo", "melbo_optimise"]
 
@@ -168,7 +171,7 @@ class MelboResult:
             },
         )
 
-    def to_pandas(self) -> Any:
+    def to_pandas(self) -> pd.DataFrame:
         """One row per vector: index, objective, radius, p, q, passes."""
         import pandas as pd
 
