@@ -130,3 +130,27 @@ def test_bad_metric_input(text_model: Any) -> None:
         tps.rank_vectors(text_model, PROMPTS, v, metric="kl")
     with pytest.raises(ValueError, match="empty list"):
         tps.effect(text_model, [], v, [1.0])
+
+
+def test_effects_and_generations_share_one_calibration(text_model: Any) -> None:
+    from tl_powersteer.effects import effects_and_generations
+
+    vs = [vector(text_model, 1, seed=1), vector(text_model, 2, seed=2)]
+    target = 0.5 * float(tps.effect(text_model, PROMPTS, vs, [0.05])["kl"].min())
+    effects, texts = effects_and_generations(
+        text_model, PROMPTS, vs, [target], answers=("good", "bad"), controls=1,
+        max_new_tokens=4, progress=False,
+    )  # fmt: skip
+    alone = tps.effect(text_model, PROMPTS, vs, [target], scale_mode="kl", metric="logit_diff",
+                       answers=("good", "bad"), controls=1, progress=False)  # fmt: skip
+    assert effects.equals(alone)
+    # Generations: the baseline, then each vector (not the controls) at both signs, at the
+    # scales the effect table used, as generate_steered writes them at those scales.
+    assert list(texts["vector"]) == ["baseline"] + [v.name for v in vs for _ in (1, -1)]
+    for row in texts.iloc[1:].itertuples():
+        used = effects[(effects["vector"] == row.vector) & (effects["sign"] == row.sign)]
+        assert row.absolute_scale == used["absolute_scale"].iloc[0]
+        v = next(v for v in vs if v.name == row.vector)
+        direct = tps.generate_steered(text_model, PROMPTS[0], v, [row.absolute_scale],
+                                      signs=[row.sign], max_new_tokens=4, progress=False)  # fmt: skip
+        assert direct["text"].iloc[1] == row.text
