@@ -1,0 +1,48 @@
+"""The ``tl-powersteer`` command (also ``python -m tl_powersteer``): ``parser`` parses,
+``commands`` does each subcommand's work through the library.
+
+Subcommands:
+
+* ``vectors``: Power Steering vectors for one (source, target) pair; prints a table and
+  saves them to a ``.safetensors`` file.
+* ``atlas``: the sensitivity atlas of every layer pair, with its HTML browser.
+* ``steer``: vectors from Power Steering, MELBO and (given contrast pairs) CAA for one
+  pair, steered generations for both signs, and a table of measured effects.
+* ``doctor``: versions and self-checks of the environment, for when something looks wrong.
+* ``demo``: the main job on the embedded model (Gemma 3 270M) with a built-in prompt that
+  has a decision fork: vectors, steered generations and effects, written to a folder it
+  names at the end.
+
+Every subcommand runs in-process through ``main``, which returns the exit code: bad
+arguments print one line and return 2, before any model is loaded where possible, and
+leave no output file behind.
+
+>>> from tl_powersteer.cli import main
+>>> main(["vectors", "--prompt", "hi", "--source", "3", "--target", "2"])
+2
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Sequence
+
+from .commands import COMMANDS
+from .parser import DEMO_ANSWERS, DEMO_PAIR, DEMO_PROMPT, PROG, UsageError, build_parser
+
+__all__ = ["DEMO_ANSWERS", "DEMO_PAIR", "DEMO_PROMPT", "build_parser", "main"]
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line with ``argv`` (default ``sys.argv[1:]``); return the exit code."""
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+        code: int = COMMANDS[args.command](args)
+        return code
+    except (UsageError, ValueError, TypeError) as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        print(f"{PROG}: error: {err}", file=sys.stderr)
+        return 1

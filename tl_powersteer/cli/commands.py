@@ -1,0 +1,340 @@
+"""What each subcommand does, with the library doing the work: checks that need no model
+first (so that bad input fails before a slow load), then the library calls, then the
+outputs, written atomically."""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from ..adapters import ModelAdapter
+from ..atlas import sensitivity_atlas, token_effects, validate_atlas_arguments
+from ..compare import check_method_options, find_vectors
+from ..doctor import doctor
+from ..effects import effects_and_generations
+from ..io import atomic_folder
+from ..models import load_model
+from ..plotting import atlas_html
+from ..power_steering import PowerSteeringResult
+from ..vectors import SteeringVector
+from .parser import DEMO_PROMPT, DTYPES, UsageError
+
+__all__ = ["COMMANDS", "run_atlas", "run_demo", "run_doctor", "run_steer", "run_vectors"]
+
+# A folder holding this file is an earlier output of ``steer`` or ``demo``: it may be replaced.
+_MARKER = "summary.md"
+
+
+def run_atlas(args: argparse.Namespace) -> int:
+    if args.k < 1:
+        raise UsageError(f"--k must be at least 1, got {args.k}")
+    if args.target_positions < 1:
+        raise UsageError(f"--target-positions must be at least 1, got {args.target_positions}")
+    if any(not p.strip() for p in args.prompt):
+        raise UsageError("--prompt must not be empty")
+    sketch_options = args.sketch_rank is not None or args.sketch_matmuls != "auto"
+    if sketch_options and args.method not in ("sketch", "auto"):
+        raise UsageError(
+            f"--sketch-rank and --sketch-matmuls apply to --method sketch (or auto), not "
+            f"{args.method}; drop them or choose --method sketch"
+        )
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {str(out)!r} exists and is not a folder")
+    if not out.parent.is_dir():
+        raise UsageError(f"the folder of --out does not exist: {str(out.parent)!r}")
+    model = _load(args)
+    options = {
+        "sources": args.sources,
+        "targets": args.targets,
+        "k": args.k,
+        "method": args.method,
+        "source_site": args.source_site,
+        "target_site": args.target_site,
+        "target_positions": args.target_positions,
+        "seed": args.seed,
+        "sketch_rank": args.sketch_rank,
+        "sketch_matmul_dtype": {
+            "auto": None, "full": ModelAdapter(model).dtype, "bfloat16": torch.bfloat16
+        }[args.sketch_matmuls],
+    }  # fmt: skip
+    # A dry run of the checks: bad layers or sites fail here, before the folder exists.
+    validate_atlas_arguments(model, args.prompt, **options)
+    out.mkdir(exist_ok=True)
+    start = time.perf_counter()
+    result = sensitivity_atlas(model, args.prompt, checkpoint=out / "atlas.safetensors", **options)
+    seconds = time.perf_counter() - start
+    result.to_pandas().to_csv(out / "atlas.csv", index=False)
+    atlas_html(result, out / "atlas.html", effects=token_effects(model, result))
+    print(
+        f"atlas of {len(result.pairs())} pairs ({result.method_label}) in {seconds:.1f} s; "
+        f"open {(out / 'atlas.html').resolve()}"
+    )
+    return 0
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    """Checks that need no model, so that they fail before a slow load."""
+    if args.k < 1:
+        raise UsageError(f"--k must be at least 1, got {args.k}")
+    if args.target_positions < 1:
+        raise UsageError(f"--target-positions must be at least 1, got {args.target_positions}")
+    if args.max_iters < 1:
+        raise UsageError(f"--max-iters must be at least 1, got {args.max_iters}")
+    if not args.tol > 0:
+        raise UsageError(f"--tol must be positive, got {args.tol}")
+    if (args.source >= 0) == (args.target >= 0) and args.target <= args.source:
+        raise UsageError(f"--target ({args.target}) must come after --source ({args.source})")
+
+
+def _load(args: argparse.Namespace) -> Any:
+    return load_model(args.model, kind=args.kind, device=args.device, dtype=DTYPES[args.dtype])
+
+
+def _compute(
+    model: Any, prompts: list[str], args: argparse.Namespace
+) -> tuple[PowerSteeringResult, float]:
+    (run,) = find_vectors(model, prompts, args.source, args.target, methods=["power_steering"],
+                          **_power_steering_options(args))  # fmt: skip
+    assert isinstance(run.result, PowerSteeringResult)
+    return run.result, run.seconds
+
+
+def _power_steering_options(args: argparse.Namespace) -> dict[str, Any]:
+    return {
+        "k": args.k, "source_site": args.source_site, "target_site": args.target_site,
+        "target_positions": args.target_positions, "jvp_method": args.jvp_method,
+        "tol": args.tol, "max_iters": args.max_iters, "seed": args.seed,
+    }  # fmt: skip
+
+
+def _report(res: PowerSteeringResult, seconds: float) -> str:
+    table = res.to_pandas().drop(columns=["source", "target"])
+    status = "converged" if res.converged else "NOT converged (raise --max-iters)"
+    lines = [
+        f"model {res.model_name}: L{res.source} {res.source_site} -> L{res.target} "
+        f"{res.target_site}, last {res.target_positions} tokens of {len(res.prompts or [])} prompt(s)",
+        f"{res.iterations} iterations, {status}; {res.n_jvp} JVPs + {res.n_vjp} VJPs "
+        f"in {seconds:.1f} s",
+        table.to_string(
+            index=False, formatters={"singular_value": "{:.4f}".format, "residual": "{:.1e}".format}
+        ),
+    ]
+    return "\n".join(lines)
+
+
+def run_vectors(args: argparse.Namespace) -> int:
+    _check_numbers(args)
+    if any(not p.strip() for p in args.prompt):
+        raise UsageError("--prompt must not be empty")
+    out = Path(args.out or f"powersteer_L{args.source}_L{args.target}.safetensors")
+    if out.suffix != ".safetensors":
+        raise UsageError(f"--out must end in .safetensors, got {str(out)!r}")
+    if not out.parent.is_dir():
+        raise UsageError(f"the folder of --out does not exist: {str(out.parent)!r}")
+    model = _load(args)
+    res, seconds = _compute(model, args.prompt, args)
+    print(_report(res, seconds))
+    res.save(out)
+    print(f"saved {out}")
+    return 0
+
+
+def _summary(res: PowerSteeringResult, seconds: float, prompt: str, steering: list[str]) -> str:
+    return "\n".join(
+        [
+            "# Power Steering demo",
+            "",
+            f"Prompt: {prompt!r}",
+            "",
+            "```",
+            _report(res, seconds),
+            "```",
+            "",
+            *steering,
+            "Files:",
+            "- `vectors.safetensors`: the vectors and their metadata; load with "
+            "`tl_powersteer.load(path)`.",
+            "- `vectors.csv`: the table of singular values above.",
+            "- `effects.csv`, `generations.csv`: the steering tables above, per prompt.",
+            "",
+            "Each vector is a unit direction at the source hook, added times a scale during "
+            "generation; both signs are tried, since singular vectors have none of their own. "
+            "Random directions at the same KL are the control.",
+            "",
+        ]
+    )
+
+
+def _check_out_folder(out: Path) -> None:
+    """Refuse an ``--out`` that holds anything but a previous output of this program."""
+    if out.exists() and not (
+        out.is_dir() and ((out / _MARKER).is_file() or not any(out.iterdir()))
+    ):
+        raise UsageError(
+            f"--out {str(out)!r} exists and is not a previous output folder; choose another --out"
+        )
+    if not out.parent.is_dir():
+        raise UsageError(f"the folder of --out does not exist: {str(out.parent)!r}")
+
+
+def _write_folder(out: Path, write: Any) -> None:
+    with atomic_folder(out) as tmp:
+        write(tmp)
+
+
+def _steering_methods(args: argparse.Namespace) -> list[str]:
+    return check_method_options(
+        args.methods, args.positive, args.negative, melbo_radius=args.melbo_radius,
+        melbo_steps=args.melbo_steps, spell=lambda name: "--" + name.replace("_", "-"),
+    )  # fmt: skip
+
+
+def _check_steering(args: argparse.Namespace) -> None:
+    if args.max_new_tokens < 1:
+        raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
+    if args.controls < 0:
+        raise UsageError(f"--controls must be non-negative, got {args.controls}")
+
+
+def _check_answers(model: Any, args: argparse.Namespace) -> None:
+    """Answers must be single tokens of this model: checked before any computation."""
+    for answer in args.answers or []:
+        ModelAdapter(model).single_token(answer, "--answers")
+
+
+def _steering_stage(
+    model: Any, args: argparse.Namespace, vectors: list[SteeringVector]
+) -> tuple[Any, Any, list[str]]:
+    """Effects on every prompt and generations from the first, with their summary lines."""
+    effects, texts = effects_and_generations(
+        model, args.prompt, vectors, args.scales, answers=args.answers,
+        scale_mode=args.scale_mode, controls=args.controls, max_new_tokens=args.max_new_tokens,
+        seed=args.seed,
+    )  # fmt: skip
+    means = (
+        effects.groupby(["vector", "method", "sign", "scale"], sort=False)[
+            ["absolute_scale", "kl", "delta"]
+        ]
+        .mean()
+        .reset_index()
+    )
+    measured = (
+        f"logit({args.answers[0]!r}) - logit({args.answers[1]!r})" if args.answers else "the KL"
+    )
+    lines = [
+        f"## Effects: change of {measured}, mean over prompts "
+        f"(scales {args.scales} in {args.scale_mode} units)",
+        "",
+        "```",
+        means.to_string(index=False, float_format="{:.4g}".format),
+        "```",
+        "",
+        f"## Generations from {args.prompt[0]!r}",
+        "",
+        "Greedy, with the KV cache; every row was checked token by token against the "
+        "model's own forward passes without it.",
+        "",
+        "```",
+        texts.drop(columns=["site", "layer"]).to_string(index=False, max_colwidth=90),
+        "```",
+        "",
+    ]
+    return effects, texts, lines
+
+
+def run_steer(args: argparse.Namespace) -> int:
+    _check_numbers(args)
+    if any(not p.strip() for p in args.prompt):
+        raise UsageError("--prompt must not be empty")
+    methods = _steering_methods(args)
+    _check_steering(args)
+    out = Path(args.out)
+    _check_out_folder(out)
+    model = _load(args)
+    _check_answers(model, args)
+    runs = find_vectors(
+        model, args.prompt, args.source, args.target, methods=methods,
+        positive=args.positive, negative=args.negative, melbo_radius=args.melbo_radius,
+        melbo_steps=args.melbo_steps, **_power_steering_options(args),
+    )  # fmt: skip
+    vectors = [v for run in runs for v in run.vectors]
+    found = [run.summary for run in runs]
+    for line in found:
+        print(line)
+    effects, texts, lines = _steering_stage(model, args, vectors)
+    summary = "\n".join(
+        [
+            "# Steering",
+            "",
+            f"Prompts: {args.prompt!r}; pair L{args.source} {args.source_site} -> "
+            f"L{args.target} {args.target_site}.",
+            "",
+            *[f"- {line}" for line in found],
+            "",
+            *lines,
+            "Files: `vectors/*.safetensors` (load with `tl_powersteer.load`), "
+            "`effects.csv` (per prompt), `generations.csv`.",
+            "",
+        ]
+    )
+
+    def write(folder: Path) -> None:
+        (folder / "vectors").mkdir()
+        for i, v in enumerate(vectors):
+            v.save(folder / "vectors" / f"{i:02d}_{v.method}.safetensors")
+        effects.to_csv(folder / "effects.csv", index=False)
+        texts.to_csv(folder / "generations.csv", index=False)
+        (folder / _MARKER).write_text(summary)
+
+    _write_folder(out, write)
+    print(summary)
+    print(f"outputs written to {out.resolve()}")
+    return 0
+
+
+def run_demo(args: argparse.Namespace) -> int:
+    _check_numbers(args)
+    args.prompt = args.prompt or [DEMO_PROMPT]
+    if any(not p.strip() for p in args.prompt):
+        raise UsageError("--prompt must not be empty")
+    _check_steering(args)
+    out = Path(args.out)
+    _check_out_folder(out)
+    model = _load(args)
+    _check_answers(model, args)
+    res, seconds = _compute(model, args.prompt, args)
+    print(_report(res, seconds))
+    effects, texts, lines = _steering_stage(model, args, res.steering_vectors())
+    summary = _summary(res, seconds, args.prompt[0], lines)
+    print("\n".join(lines))
+
+    def write(folder: Path) -> None:
+        res.save(folder / "vectors.safetensors")
+        res.to_pandas().to_csv(folder / "vectors.csv", index=False)
+        effects.to_csv(folder / "effects.csv", index=False)
+        texts.to_csv(folder / "generations.csv", index=False)
+        (folder / _MARKER).write_text(summary)
+
+    _write_folder(out, write)
+    print(f"demo outputs written to {out.resolve()}")
+    return 0
+
+
+def run_doctor(args: argparse.Namespace) -> int:
+    report = doctor(model=args.model, kind=args.kind)
+    print(report.to_text())
+    return 0 if report.ok else 1
+
+
+COMMANDS = {
+    "vectors": run_vectors,
+    "atlas": run_atlas,
+    "steer": run_steer,
+    "demo": run_demo,
+    "doctor": run_doctor,
+}
