@@ -27,7 +27,6 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from importlib import metadata
 from typing import TYPE_CHECKING, Any, Literal, TypeAlias
 
 import torch
@@ -41,7 +40,6 @@ if TYPE_CHECKING:
     from transformer_lens.model_bridge import TransformerBridge
 
 __all__ = [
-    "KV_CACHE_FIX",
     "Model",
     "ModelAdapter",
     "ModelKind",
@@ -52,8 +50,6 @@ __all__ = [
     "decode_token",
     "steered_logits",
     "tensor_attributes_kept",
-    "installed_version",
-    "versions_line",
 ]
 
 Prompts = str | Sequence[str] | Tensor
@@ -502,25 +498,6 @@ class ModelAdapter:
 
 
 # transformers 5.24.0 breaks TransformerBridge.generate with its KV cache (TransformerLens 4.3).
-KV_CACHE_FIX = (
-    "install the verified versions (pip install 'transformers<5.24'; in a checkout, "
-    "scripts/test.sh installs requirements/*.txt), or generate with use_cache=False"
-)
-
-
-def installed_version(name: str) -> str | None:
-    """The installed version of a distribution (``"transformers"``), or None."""
-    try:
-        return metadata.version(name)
-    except metadata.PackageNotFoundError:
-        return None
-
-
-def versions_line(names: Sequence[str]) -> str:
-    """``"transformers 5.23.0, transformer-lens 4.3.0"``, for messages."""
-    return ", ".join(f"{name} {installed_version(name) or 'not installed'}" for name in names)
-
-
 def boot(
     name_or_path: str,
     *,

@@ -41,7 +41,7 @@ from typing import Any
 
 import torch
 
-from .adapters import KV_CACHE_FIX, Model, ModelAdapter, installed_version
+from .adapters import Model, ModelAdapter
 from .jacobian import LayerJacobian
 from .models import (
     EMBEDDED_MODEL,
@@ -56,6 +56,7 @@ from .positions import Positions
 from .scales import typical_norm
 from .steering import steer
 from .vectors import SteeringVector
+from .version import KV_CACHE_FIX, installed_version
 
 __all__ = [
     "TINY_ARCHITECTURES",

@@ -74,11 +74,8 @@ __all__ = [
 RENAMED = {"positions": "target_positions"}
 
 JVP_METHODS = ("reverse", "forward")
-# A vmapped product over c columns runs the model on c x batch x seq token rows. On CPU its
-# elementwise work (most of its time) is fastest while those rows' intermediates stay in
-# cache: on Gemma 3 270M (2 cores) the best c was about 1024 token rows in every case
-# measured, 16 to 48 columns for 61 tokens, 48 for 21 (9% faster than 64 over the whole
-# exact atlas) and 128 to 256 for 4, while 128 columns of 61 tokens ran 40% slower.
+# A vmapped product over c columns runs the model on c x batch x seq token rows; on a CPU it
+# is fastest while their intermediates stay in cache (measured: docs/concepts/jacobian.md).
 TOKEN_ROWS_PER_CHUNK = 1024
 
 

@@ -303,9 +303,9 @@ def top_k_svd(J: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     The eigendecomposition of the Gram JᵀJ (d x d) in J's own precision finds the top of
     the spectrum, k + 1 + RITZ_MARGIN directions; a Rayleigh-Ritz step in float64 (an SVD
     of J times those directions) then gives σ and vectors. The directions' error enters σ
-    squared, so σ agree with a float64 SVD of J to ~1e-11 (Gemma 3 270M) and the vectors to
-    J's rounding, at half the cost of a float64 Gram and eigendecomposition (80 ms per pair
-    there, an exact atlas's 12 s) and a quarter of an SVD of the tall J.
+    squared, so σ agree with a float64 SVD of J far below J's own rounding, and the vectors
+    to J's rounding, at half the cost of a float64 Gram and eigendecomposition (measured:
+    docs/concepts/atlas.md).
     """
     work = J if J.dtype in (torch.float32, torch.float64) else J.float()
     evals, evecs = torch.linalg.eigh(work.T @ work)

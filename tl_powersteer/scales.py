@@ -128,8 +128,8 @@ def kl_divergence(
 
 # The scales a KL search tries, in typical norms of the hook's activation.
 KL_SCALE_RANGE = (1 / 256, 64.0)
-# The search's first scale, as a fraction of the source's typical norm: on Gemma 3 270M a
-# KL of 0.01 to 2 nats, mostly where it still grows like the square of the scale.
+# The search's first scale, as a fraction of the source's typical norm: where KL still
+# grows like the square of the scale (docs/concepts/scales.md).
 KL_PROBE_FRACTION = 1 / 32
 
 
@@ -155,7 +155,7 @@ def kl_search(
     bracket, kept off its ends so that it always shrinks. A row stops within ``tol`` of
     log ``kl``, at a bound it cannot get past, or after ``rounds`` steps; ``settled`` is
     told after every step how many rows have stopped. Evaluations per row at each
-    tolerance: ``docs/concepts/steering.md``.
+    tolerance: ``docs/concepts/scales.md``.
     """
     x_min, x_max = bounds[0].log(), bounds[1].log()
     x = probe.log().clone()

@@ -35,11 +35,12 @@ from torch import Tensor
 from . import positions as positions_module
 from . import scales as scales_module
 from . import vectors as vectors_module
-from .adapters import KV_CACHE_FIX, Model, ModelAdapter, Prompts, versions_line
+from .adapters import Model, ModelAdapter, Prompts
 from .checks import is_int
 from .positions import Positions, SequenceTracker, check_positions, check_positions_fit
 from .scales import check_mode, check_scales, check_signs, resolve_scales, scale_plan
 from .vectors import SteeringVector, check_vector, vector_list
+from .version import KV_CACHE_FIX, versions_line
 
 if TYPE_CHECKING:
     import pandas as pd

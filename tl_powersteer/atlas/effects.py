@@ -34,8 +34,8 @@ def kl_matched_effects(
     """Per unit direction, the scale at which steering along it reaches about ``kl`` nats
     (``kl_search``, from 1/32 of ``unit``, the hook's typical norm), the KL there
     and the mean change of the last token's logits there."""
-    # Some 32 sequences per forward pass: on a CPU, 1.5x faster per vector than 8 (Gemma 3
-    # 270M), and only last-token logits are kept, so memory stays small.
+    # Some 32 sequences per forward pass (faster than fewer: docs/concepts/atlas.md); only
+    # last-token logits are kept, so memory stays small.
     chunk = max(1, 32 // batch.tokens.shape[0])
     base = steered_logits(adapter, batch, hook, 0 * directions[:1], chunk=chunk)
 
