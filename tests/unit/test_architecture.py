@@ -187,3 +187,38 @@ def test_tests_and_examples_use_the_public_api(where: str) -> None:
                 if private or any(part.startswith("_") for part in node.module.split(".")):
                     found.append(f"{shown} imports {private or node.module}")
     assert not found, found
+
+
+def readme_layers() -> dict[str, int]:
+    """Each module or subpackage named in the README's "Where things live" table, with
+    its row: the table lists them bottom layer first."""
+    text = (ROOT / "README.md").read_text()
+    section = text.split("## Where things live", 1)[1].split("\n## ", 1)[0]
+    rows = [line for line in section.splitlines() if line.startswith("| `")]
+    layers = {}
+    for row, line in enumerate(rows):
+        for name in line.split("|")[1].replace("`", "").split(","):
+            layers[name.strip().removesuffix(".py").removesuffix("/")] = row
+    return layers
+
+
+def layer_of(module: str, layers: dict[str, int]) -> int:
+    parts = module.split(".")[1:]
+    assert parts and parts[0] in layers, f"{module} is not in README.md's Where things live"
+    return layers[parts[0]]
+
+
+def test_imports_go_down_the_readme_layers() -> None:
+    """The README's table is the layer order: a module imports only from its own row or
+    the rows above, and every module is in the table."""
+    layers = readme_layers()
+    assert layers["linalg"] < layers["io"] < layers["adapters"] < layers["cli"]
+    upward = []
+    for module, found in package_imports().items():
+        if module in ("tl_powersteer", "tl_powersteer.__main__"):
+            continue  # the package's front door imports everything
+        mine = layer_of(module, layers)
+        for target, _, _, _, line in found:
+            if target != "tl_powersteer" and layer_of(target, layers) > mine:
+                upward.append(f"{module}:{line} imports {target}, which sits above it")
+    assert not upward, upward
