@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from tl_powersteer.adapters import ModelAdapter
+from tl_powersteer.jacobian import RecordedJacobian
 
 
 def break_kv_cache(monkeypatch: pytest.MonkeyPatch, *, also_without: bool = False) -> None:
@@ -125,3 +126,23 @@ def build_models(tokenizer_dir: str, gpt2_dir: str, device: str = "cpu") -> dict
     bridge = TransformerBridge.boot_transformers(gpt2_dir, device=device, dtype=torch.float64)
     found["hf_bridge"] = bridge.eval()
     return found
+
+
+class Interrupt(Exception):
+    pass
+
+
+def interrupt_call(monkeypatch: pytest.MonkeyPatch, method: str, number: int) -> Any:
+    """Make ``RecordedJacobian.<method>`` raise ``Interrupt`` at its call ``number`` (from 0);
+    returns the real method, to put back."""
+    real = getattr(RecordedJacobian, method)
+    calls = [0]
+
+    def stopping(self: RecordedJacobian, X: torch.Tensor) -> torch.Tensor:
+        if calls[0] == number:
+            raise Interrupt
+        calls[0] += 1
+        return real(self, X)
+
+    monkeypatch.setattr(RecordedJacobian, method, stopping)
+    return real

@@ -1,4 +1,5 @@
-"""Block power iteration on plain matrices, against torch.linalg.svd in float64."""
+"""Linear algebra on plain matrices against torch.linalg.svd in float64: block power
+iteration and the atlas's top-k helpers."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import pytest
 import torch
 
 from tests.reference import principal_angles
+from tl_powersteer import linalg
 from tl_powersteer.linalg import MatrixOperator, block_power_iteration, canonical_signs
 
 
@@ -133,3 +135,91 @@ def test_principal_angles_reference() -> None:
     assert principal_angles(A, -A).item() == 0.0
     with pytest.raises(ValueError, match="equal size"):
         principal_angles(torch.eye(3)[:2], torch.eye(3)[:1])
+
+
+def test_shared_basis_holds_every_low_rank_sketch_exactly() -> None:
+    gen = torch.Generator().manual_seed(0)
+
+    def low_rank(rows: int, rank: int, cols: int = 30) -> torch.Tensor:
+        left = torch.randn(rows, rank, generator=gen, dtype=torch.float64)
+        return left @ torch.randn(rank, cols, generator=gen, dtype=torch.float64)
+
+    # Three Jacobians of rank 3 with unrelated row spaces: a basis of 9 columns holds all.
+    Js = [low_rank(40, 3) for _ in range(3)]
+    sketches = [torch.randn(40, 12, generator=gen, dtype=torch.float64).T @ J for J in Js]
+    basis = linalg.shared_basis(sketches, 9)
+    assert basis.shape == (30, 9) and basis.dtype == torch.float64
+    torch.testing.assert_close(basis.T @ basis, torch.eye(9, dtype=torch.float64))
+    for J in Js:
+        sig, nxt, V = linalg.top_k_in_basis(J @ basis, basis, k=2)
+        S, Vh = torch.linalg.svd(J, full_matrices=False)[1:]
+        torch.testing.assert_close(sig, S[:2], rtol=1e-10, atol=0)
+        torch.testing.assert_close(nxt, S[2], rtol=1e-10, atol=0)
+        assert principal_angles(V, Vh[:2]).max() < 1e-8
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_top_k_of_a_dense_jacobian_is_float64_accurate(dtype: torch.dtype) -> None:
+    # Heavy-tailed like a layer Jacobian's spectrum; σ_5 close to σ_6, where a step on
+    # the top k + 1 directions alone would mix them.
+    gen = torch.Generator().manual_seed(3)
+    U = torch.linalg.qr(torch.randn(300, 80, generator=gen, dtype=torch.float64)).Q
+    W = torch.linalg.qr(torch.randn(80, 80, generator=gen, dtype=torch.float64)).Q
+    spectrum = torch.cat(
+        [torch.tensor([9.0, 5.0, 3.0, 2.0, 1.98, 1.9799]), torch.linspace(1.5, 0.1, 74)]
+    )
+    J = ((U * spectrum.double()) @ W.T).to(dtype)
+    sig, nxt, V = linalg.top_k_svd(J, k=4)
+    # The reference: a float64 SVD of the very matrix given (rounded to its dtype).
+    S, Vh = torch.linalg.svd(J.double(), full_matrices=False)[1:]
+    assert sig.dtype == nxt.dtype == V.dtype == torch.float64
+    # float32 eigenvectors are orthonormal to ~1e-7 only: unless made orthonormal in
+    # float64 before the Rayleigh-Ritz step, σ would be off by about that much.
+    torch.testing.assert_close(sig, S[:4], rtol=1e-10, atol=0)
+    torch.testing.assert_close(nxt, S[4], rtol=1e-10, atol=0)
+    assert principal_angles(V, Vh[:4]).max() < (1e-8 if dtype == torch.float64 else 1e-4)
+
+
+def test_rows_of_a_left_basis_give_the_exact_top_k() -> None:
+    gen = torch.Generator().manual_seed(2)
+    J = torch.randn(40, 4, generator=gen, dtype=torch.float64) @ torch.randn(
+        4, 30, generator=gen, dtype=torch.float64
+    )
+    # A left basis built from J's own top directions holds its column space: Qᵀ J is exact.
+    left = linalg.top_directions(J, 4)
+    Q = linalg.shared_basis([left.T], 6)
+    sig, nxt, V, W = linalg.top_k_of_rows(Q.T @ J, k=3)
+    U, S, Vh = torch.linalg.svd(J, full_matrices=False)
+    torch.testing.assert_close(sig, S[:3], rtol=1e-10, atol=0)
+    torch.testing.assert_close(nxt, S[3], rtol=1e-10, atol=0)
+    assert principal_angles(V, Vh[:3]).max() < 1e-8
+    # J's top left directions within Q, in order (where the Krylov step starts), and those
+    # of Z = J, each times its singular value (what the refining basis is built from).
+    assert principal_angles((Q @ W[:, :4]).T, U[:, :4].T).max() < 1e-8
+    torch.testing.assert_close(left.norm(dim=0), S[:4], rtol=1e-10, atol=0)
+    assert principal_angles((left / S[:4]).T, U[:, :4].T).max() < 1e-8
+
+
+def test_shared_basis_weighs_every_target_equally() -> None:
+    gen = torch.Generator().manual_seed(1)
+    # A large Jacobian with a flat spectrum and a tiny one of rank 1: unscaled, the tiny
+    # one's direction would fall below the large one's top 4 and out of a 5-column basis.
+    large = torch.randn(40, 30, generator=gen, dtype=torch.float64) * 1e3
+    tiny = torch.randn(40, 1, generator=gen, dtype=torch.float64) @ torch.randn(
+        1, 30, generator=gen, dtype=torch.float64
+    )
+    psi = torch.randn(40, 20, generator=gen, dtype=torch.float64)
+    sketches = [psi.T @ large, psi.T @ tiny]
+    exact = torch.linalg.svdvals(tiny)[0]
+
+    def error(basis: torch.Tensor) -> float:
+        sig = linalg.top_k_in_basis(tiny @ basis, basis, k=1)[0]
+        return float((exact - sig[0]) / exact)
+
+    unscaled = torch.linalg.svd(torch.cat(sketches).T, full_matrices=False).U[:, :5]
+    assert error(unscaled) > 0.1
+    assert 0 <= error(linalg.shared_basis(sketches, 5)) < 1e-3
+    # A target whose Jacobian is zero adds nothing and no NaN; short stacks are completed.
+    basis = linalg.shared_basis([torch.zeros(2, 30, dtype=torch.float64)], 6)
+    assert basis.shape == (30, 6) and bool(torch.isfinite(basis).all())
+    torch.testing.assert_close(basis.T @ basis, torch.eye(6, dtype=torch.float64))
