@@ -71,6 +71,12 @@ class TokenBatch:
         positions = torch.arange(self.tokens.shape[1], device=self.tokens.device)
         return positions[None, :] < self.lengths[:, None]
 
+    def provenance(self) -> dict[str, Any]:
+        """What a result records of its prompts: their texts, or (given as a token tensor)
+        the tokens, on the CPU."""
+        tokens = None if self.texts is not None else self.tokens.cpu()
+        return {"prompts": self.texts, "tokens": tokens}
+
 
 class _StopForward(Exception):
     """Raised by the target hook so that nothing after the target layer runs."""

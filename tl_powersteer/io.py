@@ -53,6 +53,7 @@ __all__ = [
     "read_fields",
     "register",
     "save",
+    "split_fields",
     "write_fields",
 ]
 
@@ -172,6 +173,11 @@ def save(result: Any, path: str | os.PathLike[str]) -> Path:
     kind = type(result).__name__
     if kind not in RESULT_TYPES or not dataclasses.is_dataclass(result):
         raise TypeError(f"cannot save a {kind}; expected one of {sorted(RESULT_TYPES)}")
+    return write_fields(path, kind, *split_fields(result))
+
+
+def split_fields(result: Any) -> tuple[dict[str, Tensor], dict[str, Any]]:
+    """A dataclass's fields as (tensors, everything else), as ``write_fields`` takes them."""
     tensors: dict[str, Tensor] = {}
     fields: dict[str, Any] = {}
     for f in dataclasses.fields(result):
@@ -180,7 +186,7 @@ def save(result: Any, path: str | os.PathLike[str]) -> Path:
             tensors[f.name] = value
         else:
             fields[f.name] = value
-    return write_fields(path, kind, tensors, fields)
+    return tensors, fields
 
 
 def load(path: str | os.PathLike[str]) -> Any:

@@ -228,8 +228,7 @@ def power_steer(
         target_site=target_site,
         target_positions=target_positions,
         model_name=op.adapter.name,
-        prompts=batch.texts,
-        tokens=None if batch.texts is not None else batch.tokens.cpu(),
+        **batch.provenance(),
         seed=seed,
         history=found.history.cpu(),
     )

@@ -3,7 +3,6 @@ one; files written under the former field names still load."""
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 import sys
 from pathlib import Path
@@ -15,7 +14,7 @@ import torch
 import tl_powersteer as tps
 from tl_powersteer import jacobian, scales
 from tl_powersteer.atlas.checkpoint import load_checkpoint
-from tl_powersteer.io import write_fields
+from tl_powersteer.io import split_fields, write_fields
 
 
 def test_renamed_modules_and_classes() -> None:
@@ -80,12 +79,9 @@ def test_files_with_former_field_names_load(
     path = tmp_path / "old.safetensors"
 
     def write_as_before(result: Any, extra: dict[str, Any]) -> None:
-        fields = {f.name: getattr(result, f.name) for f in dataclasses.fields(result)}
+        tensors, fields = split_fields(result)
         fields["positions"] = fields.pop("target_positions")
-        fields.update(extra)
-        tensors = {k: v for k, v in fields.items() if isinstance(v, torch.Tensor)}
-        plain = {k: v for k, v in fields.items() if k not in tensors}
-        write_fields(path, type(result).__name__, tensors, plain)
+        write_fields(path, type(result).__name__, tensors, {**fields, **extra})
 
     write_as_before(res, {})
     again = tps.load(path)

@@ -15,7 +15,7 @@ from typing import Any
 
 from torch import Tensor
 
-from ..io import build_result, read_fields, write_fields
+from ..io import build_result, read_fields, split_fields, write_fields
 from .result import SensitivityAtlas
 
 __all__ = ["SketchState", "load_checkpoint", "resume", "save_checkpoint"]
@@ -61,16 +61,11 @@ def save_checkpoint(
     path: str | os.PathLike[str], atlas: SensitivityAtlas, state: SketchState
 ) -> None:
     """Write the atlas and the sketch's state to one file, atomically."""
-    tensors: dict[str, Tensor] = {}
-    fields: dict[str, Any] = {}
-    for obj in (atlas, state):
-        for f in dataclasses.fields(obj):
-            value = getattr(obj, f.name)
-            if isinstance(value, Tensor):
-                tensors[f.name] = value
-            else:
-                fields[f.name] = value
-    write_fields(path, type(atlas).__name__, tensors, fields)
+    tensors, fields = split_fields(atlas)
+    state_tensors, state_fields = split_fields(state)
+    write_fields(
+        path, type(atlas).__name__, {**tensors, **state_tensors}, {**fields, **state_fields}
+    )
 
 
 def load_checkpoint(path: str | os.PathLike[str]) -> tuple[SensitivityAtlas, SketchState]:

@@ -174,8 +174,7 @@ def sensitivity_atlas(
         target_positions=target_positions,
         seed=seed,
         model_name=adapter.name,
-        prompts=batch.texts,
-        tokens=None if batch.texts is not None else batch.tokens.cpu(),
+        **batch.provenance(),
         sketch_rank=r if method == "sketch" else 0,
         sketch_matmul_dtype=str(plan.matmul_dtype).removeprefix("torch.")
         if method == "sketch"

@@ -274,8 +274,7 @@ def melbo(
         n_backward=n_vectors * steps,
         seconds=seconds,
         model_name=op.adapter.name,
-        prompts=op.batch.texts,
-        tokens=op.batch.tokens.cpu() if op.batch.texts is None else None,
+        **op.batch.provenance(),
         seed=seed,
         lr=lr,
     )
