@@ -136,14 +136,18 @@ def test_recorded_graph_reads_gemma_targets_at_the_read_positions(gemma: Any) ->
     assert sorted(graph._short_reads) == [1, 9, 17]
 
 
-def test_atlas_methods_on_real_pairs(gemma: Any) -> None:
+def test_atlas_methods_on_real_pairs(gemma: Any, tmp_path: Path) -> None:
+    from tl_powersteer.atlas.checkpoint import load_checkpoint
+
     pairs = {"sources": [3, 8], "targets": [10, 16], "k": 4, "progress": False}
     exact = tps.sensitivity_atlas(gemma, DEMO_PROMPT, method="exact", **pairs)
     power = tps.sensitivity_atlas(gemma, DEMO_PROMPT, method="power", **pairs)
-    sketch = tps.sensitivity_atlas(gemma, DEMO_PROMPT, method="sketch", **pairs)
+    ckpt = tmp_path / "sketch.safetensors"
+    sketch = tps.sensitivity_atlas(gemma, DEMO_PROMPT, method="sketch", checkpoint=ckpt, **pairs)
     # 3k + 2; each layer here has two partners, whose sketches are widened to fill the
     # shared basis of 4r = 56 columns.
-    assert (sketch.sketch_rank, sketch.co_range_width, sketch.range_width) == (14, 28, 28)
+    state = load_checkpoint(ckpt)[1]
+    assert (sketch.sketch_rank, state.co_range_width, state.range_width) == (14, 28, 28)
     assert sketch.sketch_matmul_dtype == ("bfloat16" if cpu_multiplies_bfloat16() else "float32")
     full = tps.sensitivity_atlas(
         gemma, DEMO_PROMPT, method="sketch", sketch_matmul_dtype=torch.float32, **pairs
