@@ -270,7 +270,16 @@ class ModelAdapter:
                 "the model has no tokenizer, so string prompts cannot be tokenized: pass "
                 "an integer token tensor [batch, seq] instead"
             )
-        rows = [self.model.to_tokens(text)[0].to(self.device) for text in texts]
+        # to_tokens would cut a long prompt at n_ctx, and the Jacobian would then be read
+        # at the cut instead of the prompt's last tokens.
+        rows = [self.model.to_tokens(text, truncate=False)[0].to(self.device) for text in texts]
+        n_ctx = int(self.model.cfg.n_ctx)
+        for i, row in enumerate(rows):
+            if len(row) > n_ctx:
+                raise ValueError(
+                    f"prompt {i} is {len(row)} tokens long, more than the model's context of "
+                    f"n_ctx = {n_ctx} tokens: shorten it"
+                )
         lengths = torch.tensor([len(r) for r in rows], device=self.device)
         pad_id = getattr(self.model.tokenizer, "pad_token_id", None) or 0
         tokens = torch.full((len(rows), int(lengths.max())), pad_id, dtype=torch.long)

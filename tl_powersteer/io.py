@@ -27,6 +27,7 @@ each result type joins with the ``register`` decorator: this module imports none
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import shutil
@@ -37,6 +38,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor
@@ -49,6 +51,7 @@ __all__ = [
     "atomic_file",
     "atomic_folder",
     "build_result",
+    "digest",
     "load",
     "read_fields",
     "register",
@@ -70,24 +73,30 @@ class ResultType:
     cls: type
     renamed: dict[str, str]
     dropped: tuple[str, ...]
+    check: Callable[[Any], None] | None
 
 
 RESULT_TYPES: dict[str, ResultType] = {}
 
 
 def register(
-    *, renamed: dict[str, str] | None = None, dropped: tuple[str, ...] = ()
+    *,
+    renamed: dict[str, str] | None = None,
+    dropped: tuple[str, ...] = (),
+    check: Callable[[Any], None] | None = None,
 ) -> Callable[[type[T]], type[T]]:
     """Class decorator: let ``save`` write and ``load`` read this result dataclass.
 
     ``renamed`` maps field names that files of earlier versions used to the current ones;
     ``dropped`` lists fields that earlier versions stored and this one no longer has.
+    ``check(result)`` raises ``ValueError`` when a loaded result breaks an invariant its
+    type guarantees (finite, descending singular values, say).
     """
 
     def add(cls: type[T]) -> type[T]:
         if not dataclasses.is_dataclass(cls):
             raise TypeError(f"only dataclasses can be registered, got {cls.__name__}")
-        RESULT_TYPES[cls.__name__] = ResultType(cls, dict(renamed or {}), tuple(dropped))
+        RESULT_TYPES[cls.__name__] = ResultType(cls, dict(renamed or {}), tuple(dropped), check)
         return cls
 
     return add
@@ -125,46 +134,90 @@ def atomic_folder(folder: str | os.PathLike[str], *, replace: bool = True) -> It
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def digest(kind: str, tensors: dict[str, Tensor], fields: dict[str, Any]) -> str:
+    """SHA-256 of everything a file holds: its kind, its JSON fields (as JSON reads them
+    back) and every tensor's name, dtype, shape and bytes."""
+    h = hashlib.sha256()
+    h.update(json.dumps([kind, json.loads(json.dumps(fields))], sort_keys=True).encode())
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(json.dumps([name, str(t.dtype), list(t.shape)]).encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "sha256:" + h.hexdigest()
+
+
 def write_fields(
     path: str | os.PathLike[str], kind: str, tensors: dict[str, Tensor], fields: dict[str, Any]
 ) -> Path:
-    """Write ``tensors`` and JSON ``fields`` under the header of ``kind``, atomically."""
+    """Write ``tensors`` and JSON ``fields`` under the header of ``kind``, with their
+    ``digest``, atomically."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"save to a file ending in .safetensors, got {str(path)!r}")
     if not path.parent.exists():
         raise ValueError(f"the folder {str(path.parent)!r} does not exist; create it first")
+    if path.is_dir():
+        raise ValueError(f"{str(path)!r} is a folder: choose a file path ending in .safetensors")
+    body = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     header = {
         "kind": kind,
         "schema_version": SCHEMA_VERSION,
         "library_version": __version__,
         "fields": fields,
+        "digest": digest(kind, body, fields),
     }
-    body = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     with atomic_file(path) as tmp:
         save_file(body, str(tmp), metadata={HEADER_KEY: json.dumps(header)})
     return path
 
 
+def _damaged(path: Path, problem: str) -> ValueError:
+    return ValueError(
+        f"{str(path)!r} {problem}: the file is damaged, truncated or was edited; "
+        "restore a copy or compute the result again"
+    )
+
+
 def read_fields(path: str | os.PathLike[str]) -> tuple[dict[str, Any], dict[str, Any]]:
     """The header (kind, versions) and every stored field, tensors included, of a file
-    written by ``write_fields``."""
+    written by ``write_fields``; a file that does not match its digest, or whose header is
+    not what ``write_fields`` writes, is refused with a ``ValueError``."""
     path = Path(path)
     if not path.is_file():
         raise ValueError(f"no such file: {str(path)!r}")
-    with safe_open(str(path), framework="pt") as handle:
-        metadata = handle.metadata() or {}
+    try:
+        with safe_open(str(path), framework="pt") as handle:
+            metadata = handle.metadata() or {}
+        tensors: dict[str, Any] = load_file(str(path))
+    except Exception as err:  # safetensors raises its own error type, and OS errors
+        raise _damaged(path, f"is not a readable safetensors file ({err})") from err
     if HEADER_KEY not in metadata:
         raise ValueError(
             f"{str(path)!r} is a safetensors file but was not written by tl_powersteer"
         )
-    header = json.loads(metadata[HEADER_KEY])
-    if header.get("schema_version", 0) > SCHEMA_VERSION:
+    try:
+        header = json.loads(metadata[HEADER_KEY])
+    except (ValueError, RecursionError) as err:
+        raise _damaged(path, "has a header that is not JSON") from err
+    expected = {"kind": str, "schema_version": int, "fields": dict}
+    if not isinstance(header, dict) or any(
+        not isinstance(header.get(key), kind) or isinstance(header.get(key), bool)
+        for key, kind in expected.items()
+    ):
+        raise _damaged(
+            path, "has a header without the kind, schema_version and fields tl_powersteer writes"
+        )
+    if header["schema_version"] > SCHEMA_VERSION:
         raise ValueError(
             f"{str(path)!r} uses schema version {header['schema_version']}, newer than this "
             f"library's {SCHEMA_VERSION}; upgrade tl_powersteer to read it"
         )
-    tensors: dict[str, Any] = load_file(str(path))
+    overlap = sorted(set(header["fields"]) & set(tensors))
+    if overlap:
+        raise _damaged(path, f"stores {overlap} both as JSON and as tensors")
+    # Files of the first release carry no digest; every later one is checked.
+    if "digest" in header and header["digest"] != digest(header["kind"], tensors, header["fields"]):
+        raise _damaged(path, "does not match its digest")
     return header, {**header["fields"], **tensors}
 
 
@@ -215,4 +268,18 @@ def build_result(
             f"not know: {unknown}; it was written by version "
             f"{header.get('library_version', '?')}: load it with that version, or recompute it"
         )
-    return found.cls(**stored)
+    required = [
+        f.name
+        for f in dataclasses.fields(found.cls)
+        if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+    ]
+    missing = [name for name in required if name not in stored]
+    if missing:
+        raise _damaged(Path(path), f"lacks the fields {missing} of a {found.cls.__name__}")
+    try:
+        result = found.cls(**stored)
+        if found.check is not None:
+            found.check(result)
+    except (TypeError, ValueError, AttributeError, IndexError, RuntimeError) as err:
+        raise _damaged(Path(path), f"holds an invalid {found.cls.__name__} ({err})") from err
+    return result

@@ -54,6 +54,7 @@ __all__ = [
     "block_power_iteration",
     "canonical_signs",
     "check_iteration_args",
+    "spectrum_problem",
     "shared_basis",
     "top_directions",
     "top_k_in_basis",
@@ -132,6 +133,22 @@ def canonical_signs(vectors: Float[Tensor, "k d"]) -> Float[Tensor, " k"]:
     idx = vectors.abs().argmax(dim=1, keepdim=True)
     pivot = vectors.gather(1, idx).squeeze(1)
     return torch.where(pivot < 0, -1.0, 1.0).to(vectors.dtype)
+
+
+def spectrum_problem(singular_values: Tensor, vectors: Tensor) -> str | None:
+    """What is wrong with top-k singular values ``[..., k]`` and their vectors
+    ``[..., k, d]``, or None: the values must be finite, non-negative and descending, the
+    vectors finite."""
+    s = singular_values.double()
+    if not bool(s.isfinite().all()):
+        return "singular values that are not finite"
+    if bool((s < 0).any()):
+        return "negative singular values"
+    if s.shape[-1] > 1 and bool((s[..., 1:] > s[..., :-1] * (1 + 1e-6)).any()):
+        return "singular values that are not in descending order"
+    if not bool(vectors.isfinite().all()):
+        return "singular vectors that are not finite"
+    return None
 
 
 def check_iteration_args(

@@ -38,7 +38,7 @@ from .checks import is_int, renamed_attribute, renamed_options
 from .io import register
 from .io import save as save_result
 from .jacobian import LayerJacobian
-from .linalg import block_power_iteration, check_iteration_args
+from .linalg import block_power_iteration, check_iteration_args, spectrum_problem
 from .vectors import SteeringVector
 
 if TYPE_CHECKING:
@@ -80,7 +80,13 @@ def power_steering_vector(
     )
 
 
-@register(renamed={"positions": "target_positions"})
+def _check_loaded(result: PowerSteeringResult) -> None:
+    problem = spectrum_problem(result.singular_values, result.vectors)
+    if problem is not None:
+        raise ValueError(f"it has {problem}")
+
+
+@register(renamed={"positions": "target_positions"}, check=_check_loaded)
 @dataclass
 class PowerSteeringResult:
     """Top-k Power Steering vectors of one (source, target) pair: J ≈ U diag(σ) Vᵀ.

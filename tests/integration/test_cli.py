@@ -170,6 +170,13 @@ def test_atlas(gpt2_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert atlas.pairs() == [(0, 2), (0, 3), (1, 2), (1, 3)] and atlas.is_complete()
     assert len((out / "atlas.csv").read_text().splitlines()) == 1 + 4 * 2
     assert main(args) == 0  # a rerun resumes from the finished checkpoint
+    # A damaged checkpoint: one line naming it, exit 2, no traceback.
+    capsys.readouterr()
+    data = (out / "atlas.safetensors").read_bytes()
+    (out / "atlas.safetensors").write_bytes(data[: len(data) // 2])
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "atlas.safetensors" in err and "Traceback" not in err, err
 
 
 @pytest.mark.parametrize(("matmuls", "recorded"), [("full", "float64"), ("bfloat16", "bfloat16")])

@@ -14,12 +14,14 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
 from ..checks import is_int, renamed_attribute
 from ..io import register
 from ..io import save as save_result
+from ..linalg import spectrum_problem
 from ..power_steering import power_steering_vector
 from ..vectors import SteeringVector
 
@@ -44,7 +46,21 @@ FORMER_FIELDS = (
 )
 
 
-@register(renamed={"positions": "target_positions"}, dropped=FORMER_FIELDS)
+def _check_loaded(atlas: SensitivityAtlas) -> None:
+    """A finished source's pairs hold finite, non-negative, descending spectra."""
+    unknown = sorted(set(atlas.completed_sources) - set(atlas.sources))
+    if unknown:
+        raise ValueError(f"its finished sources {unknown} are not among its sources")
+    for s, t in atlas.pairs():
+        if s not in atlas.completed_sources:
+            continue
+        values = torch.cat([atlas.singular_values[s, t], atlas.next_singular_value[s, t, None]])
+        problem = spectrum_problem(values, atlas.right_vectors[s, t])
+        if problem is not None:
+            raise ValueError(f"the finished pair L{s} -> L{t} has {problem}")
+
+
+@register(renamed={"positions": "target_positions"}, dropped=FORMER_FIELDS, check=_check_loaded)
 @dataclass
 class SensitivityAtlas:
     """Top-k spectra of every computed (source, target) pair, indexed by layer numbers.
