@@ -22,6 +22,8 @@ see the pad tokens that follow them, and a batched run equals the separate runs.
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -139,6 +141,9 @@ def _active_dropout(model: nn.Module) -> list[str]:
             if "drop" in key and isinstance(value, float) and value > 0:
                 found.append(f"config.{key}={value}")
     return found
+
+
+_SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
 
 
 class ModelAdapter:
@@ -445,6 +450,24 @@ class ModelAdapter:
         # HookedTransformer generates under inference mode; a clone made outside it is an
         # ordinary tensor that later autograd-tracked passes may use.
         return out.clone()
+
+    def weights_fingerprint(self) -> str:
+        """A SHA-256 fingerprint of the model's weights, to tell two models with the same
+        name and shapes apart (new weights saved into the same folder, two random inits).
+
+        It hashes every parameter's name, dtype and shape and every 97th of its values, bit
+        for bit, so it is the same on every device: any retraining, fine-tuning or
+        reinitialisation changes it, though an edit of a few chosen weights might not.
+        """
+        digest = hashlib.sha256()
+        with torch.no_grad():
+            for name, param in self.model.named_parameters():
+                digest.update(json.dumps([name, str(param.dtype), list(param.shape)]).encode())
+                sample = param.detach().reshape(-1)[::97].cpu()
+                # Same-width integers, which numpy has for every dtype (bfloat16 included).
+                bits = _SAME_WIDTH_INT[sample.element_size()]
+                digest.update(sample.view(bits).numpy().tobytes())
+        return "sha256:" + digest.hexdigest()
 
     def hook_count(self) -> int:
         """Forward and backward hooks registered on the model's modules right now."""

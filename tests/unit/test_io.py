@@ -156,3 +156,34 @@ def test_saving_onto_a_folder_is_refused(saved: list[tuple[Path, Any]], tmp_path
     with pytest.raises(ValueError, match="is a folder"):
         saved[0][1].save(folder)
     assert [p.name for p in folder.iterdir()] == []
+
+
+def test_a_checkpoint_of_other_weights_is_refused(
+    models: dict[str, Any], tokens: torch.Tensor, tmp_path: Path
+) -> None:
+    """Same name ("native"), same shapes, other weights: resuming would mix two models,
+    and the page would measure one model's vectors on another."""
+    import copy
+
+    from tl_powersteer.adapters import ModelAdapter
+
+    model = models["native_bridge"]
+    other = copy.deepcopy(model)
+    with torch.no_grad():
+        next(other.parameters()).add_(1e-3)
+    mine, again = ModelAdapter(model), ModelAdapter(copy.deepcopy(model))
+    assert mine.weights_fingerprint() == again.weights_fingerprint()
+    assert mine.weights_fingerprint() != ModelAdapter(other).weights_fingerprint()
+    ckpt = tmp_path / "atlas.safetensors"
+    atlas = tps.sensitivity_atlas(model, tokens, k=1, checkpoint=ckpt, progress=False)
+    assert atlas.weights_fingerprint == mine.weights_fingerprint()
+    with pytest.raises(ValueError, match="computed on other weights than this model's"):
+        tps.sensitivity_atlas(other, tokens, k=1, checkpoint=ckpt, progress=False)
+    with pytest.raises(ValueError, match="weights are not those the atlas was computed on"):
+        tps.token_effects(other, atlas, progress=False)
+    # A checkpoint of the first release, which recorded no weights, still resumes.
+    old, state = load_checkpoint(ckpt)
+    old.weights_fingerprint = ""
+    save_checkpoint(ckpt, old, state)
+    resumed = tps.sensitivity_atlas(model, tokens, k=1, checkpoint=ckpt, progress=False)
+    torch.testing.assert_close(resumed.singular_values, atlas.singular_values, equal_nan=True)

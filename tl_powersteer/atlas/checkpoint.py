@@ -84,7 +84,15 @@ def resume(
     saved, state = load_checkpoint(path)
     mine = {**fresh.settings(), **fresh_state.settings()}
     theirs = {**saved.settings(), **state.settings()}
+    if not saved.weights_fingerprint:  # written before atlases recorded their weights
+        theirs["weights_fingerprint"] = fresh.weights_fingerprint
     differ = [key for key in mine if mine[key] != theirs.get(key)]
+    if "weights_fingerprint" in differ:
+        raise ValueError(
+            f"the checkpoint {str(path)!r} was computed on other weights than this model's "
+            f"(same name {fresh.model_name!r} and shapes, different weights_fingerprint): "
+            "resuming would mix two models; use another checkpoint path or delete this one"
+        )
     if differ:
         shown = "; ".join(f"{key}: {theirs.get(key)!r} there, {mine[key]!r} now" for key in differ)
         raise ValueError(

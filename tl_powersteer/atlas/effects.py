@@ -86,6 +86,12 @@ def token_effects(
             f"the model ({adapter.n_layers} layers, d_model {adapter.d_model}) is not the one "
             f"the atlas was computed on ({atlas.model_name})"
         )
+    if atlas.weights_fingerprint and atlas.weights_fingerprint != adapter.weights_fingerprint():
+        raise ValueError(
+            f"the model's weights are not those the atlas was computed on ({atlas.model_name}, "
+            "same shapes, another weights_fingerprint): its vectors would be measured on "
+            "another model; compute the atlas again on this one"
+        )
     if not is_number(kl) or not 0 < kl < float("inf"):
         raise ValueError(f"kl must be a positive number of nats (e.g. 1.0), got {kl!r}")
     if not is_int(top) or top < 1:

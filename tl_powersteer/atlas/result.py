@@ -92,6 +92,8 @@ class SensitivityAtlas:
     # products' matrix multiplications rounded their factors to.
     sketch_rank: int = 0
     sketch_matmul_dtype: str = ""
+    # ``ModelAdapter.weights_fingerprint`` of the model ("" in files of the first release).
+    weights_fingerprint: str = ""
 
     @property
     def n_layers(self) -> int:
@@ -238,6 +240,7 @@ class SensitivityAtlas:
             "sketch_matmul_dtype": self.sketch_matmul_dtype,
             "prompts": self.prompts,
             "tokens": None if self.tokens is None else self.tokens.tolist(),
+            "weights_fingerprint": self.weights_fingerprint,
         }
 
     @property

@@ -175,6 +175,7 @@ def sensitivity_atlas(
         seed=seed,
         model_name=adapter.name,
         **batch.provenance(),
+        weights_fingerprint=adapter.weights_fingerprint(),
         sketch_rank=r if method == "sketch" else 0,
         sketch_matmul_dtype=str(plan.matmul_dtype).removeprefix("torch.")
         if method == "sketch"
