@@ -8,6 +8,8 @@ up to 3.x, ``TransformerBridge`` from 3.x on.
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -146,3 +148,16 @@ def interrupt_call(monkeypatch: pytest.MonkeyPatch, method: str, number: int) ->
 
     monkeypatch.setattr(RecordedJacobian, method, stopping)
     return real
+
+
+@contextmanager
+def no_forward_pass(model: Any) -> Iterator[None]:
+    """Fail the test if the model runs while the block is active."""
+    calls: list[str] = []
+
+    def spy(act: torch.Tensor, hook: Any) -> None:
+        calls.append(hook.name)
+
+    with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", spy)]):
+        yield
+    assert calls == [], "a forward pass ran before the error"

@@ -24,6 +24,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+import operator
 import sys
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -78,6 +79,24 @@ class TokenBatch:
         the tokens, on the CPU."""
         tokens = None if self.texts is not None else self.tokens.cpu()
         return {"prompts": self.texts, "tokens": tokens}
+
+
+RESIDUAL_SITES = (
+    "hook_resid_pre",
+    "hook_attn_out",
+    "hook_resid_mid",
+    "hook_mlp_out",
+    "hook_resid_post",
+)
+
+
+class _NotResidual(Exception):
+    """Raised inside a hook whose activation is not [batch, seq, d_model]; turned into a
+    ValueError outside the forward pass, where another pass can list the usable sites."""
+
+    def __init__(self, hook_name: str, shape: tuple[int, ...]):
+        super().__init__(hook_name)
+        self.hook_name, self.shape = hook_name, shape
 
 
 class _StopForward(Exception):
@@ -192,14 +211,18 @@ class ModelAdapter:
     def resolve_layer(self, layer: int, what: str) -> int:
         """A block index, negative ones counted from the end as in Python."""
         if not is_int(layer):
-            raise TypeError(f"{what} must be an int layer index, got {type(layer).__name__}")
+            several = isinstance(layer, (Sequence, slice)) and not isinstance(layer, str)
+            raise TypeError(
+                f"{what} must be one int layer index, got {type(layer).__name__}"
+                + (f" {layer!r}: this takes one layer; call it once per layer" if several else "")
+            )
         n = self.n_layers
         if not -n <= layer < n:
             raise ValueError(
                 f"{what}={layer} is out of range for a model with {n} layers: "
                 f"use 0..{n - 1} (or -{n}..-1 from the end)"
             )
-        return layer % n
+        return operator.index(layer) % n
 
     def resolve_layers(
         self, layers: int | Sequence[int] | slice, what: str, *, merge_repeats: bool = False
@@ -215,12 +238,12 @@ class ModelAdapter:
                     f"{self.n_layers}"
                 )
             return chosen
-        if not isinstance(layers, (int, Sequence)) or isinstance(layers, str):
+        if not (is_int(layers) or isinstance(layers, Sequence)) or isinstance(layers, str):
             raise TypeError(
                 f"{what} must be an int layer index (or a list of them), got "
                 f"{type(layers).__name__}"
             )
-        requested: list[Any] = [layers] if isinstance(layers, int) else list(layers)
+        requested: list[Any] = list(layers) if isinstance(layers, Sequence) else [layers]
         if not requested:
             raise ValueError(f"{what} is an empty list: give at least one layer")
         resolved = [self.resolve_layer(layer, what) for layer in requested]
@@ -303,9 +326,37 @@ class ModelAdapter:
                 f"token tensors must be non-empty with shape [seq] or [batch, seq], "
                 f"got {tuple(tokens.shape)}"
             )
+        vocab = int(self.model.cfg.d_vocab)
+        if int(tokens.min()) < 0 or int(tokens.max()) >= vocab:
+            raise ValueError(
+                f"token ids must be in 0..{vocab - 1} (the model's vocabulary), got ids from "
+                f"{int(tokens.min())} to {int(tokens.max())}"
+            )
+        self._refuse_padding(tokens)
         tokens = tokens.to(self.device, torch.long)
         lengths = torch.full((tokens.shape[0],), tokens.shape[1], device=self.device)
         return TokenBatch(tokens=tokens, lengths=lengths, texts=None)
+
+    def _refuse_padding(self, tokens: Tensor) -> None:
+        """Refuse a token tensor that looks padded: a row that ends with the pad id, or
+        starts with it where it is not also the BOS id. Every token of a tensor is read as
+        a real one, so pads would shift the positions read and steer the pads."""
+        tokenizer = getattr(self.model, "tokenizer", None)
+        pad = getattr(tokenizer, "pad_token_id", None)
+        if tokenizer is None or pad is None:
+            return
+        bos = getattr(tokenizer, "bos_token_id", None)
+        ends, starts = tokens[:, -1] == pad, tokens[:, 0] == pad
+        padded = ends | (starts if pad != bos else torch.zeros_like(starts))
+        if bool(padded.any()):
+            row = int(padded.nonzero()[0, 0])
+            side = "ends" if bool(ends[row]) else "starts"
+            raise ValueError(
+                f"token row {row} {side} with the pad token id {pad} "
+                f"({tokenizer.decode([pad])!r}), so the tensor looks padded, and every token "
+                "of a tensor is read as a real one. Pass the prompts as strings (they are "
+                "padded and masked for you), or each prompt as its own tensor without pads"
+            )
 
     def mlp_out_from_resid_mid(
         self, layer: int
@@ -354,6 +405,12 @@ class ModelAdapter:
         # Pad positions get no vector: nothing at a pad position then depends on v.
         weight = batch.mask.to(self.dtype)[..., None]
         targets = list(target_hooks)
+        expected = (*tokens.shape, self.d_model)
+
+        def check_shape(act: Tensor, hook_name: str) -> None:
+            # Under vmap the shape is the logical one, so this holds in every pass.
+            if tuple(act.shape) != expected:
+                raise _NotResidual(hook_name, tuple(act.shape))
 
         def check_finite(act: Tensor, hook_name: str) -> None:
             if not bool(torch.isfinite(act[batch.mask]).all()):
@@ -367,6 +424,7 @@ class ModelAdapter:
 
             def add_row(i: int, name: str) -> Callable[[Tensor, Any], Tensor]:
                 def add(act: Tensor, hook: Any) -> Tensor:
+                    check_shape(act, name)
                     if check:
                         check_finite(act, name)
                     return act + weight * v[i]
@@ -375,6 +433,7 @@ class ModelAdapter:
 
             def capture_as(name: str) -> Callable[[Tensor, Any], None]:
                 def capture(act: Tensor, hook: Any) -> None:
+                    check_shape(act, name)
                     if check:
                         check_finite(act, name)
                     captured[name] = act
@@ -391,6 +450,8 @@ class ModelAdapter:
                     model(tokens)
             except _StopForward:
                 pass
+            except _NotResidual as wrong:
+                raise self.not_residual(wrong.hook_name, wrong.shape, tokens) from None
             missing = [name for name in targets if name not in captured]
             if missing:
                 raise RuntimeError(
@@ -400,6 +461,48 @@ class ModelAdapter:
             return [captured[name] for name in targets]
 
         return run
+
+    def residual_sites(self, layer: int, tokens: Tensor) -> list[str]:
+        """The sites of block ``layer`` whose activations on ``tokens`` are
+        ``[batch, seq, d_model]``, the ones a vector can be added at or read from (one
+        forward pass)."""
+        prefix = f"blocks.{layer}."
+        shapes: dict[str, tuple[int, ...]] = {}
+
+        def record(name: str) -> Callable[[Tensor, Any], None]:
+            # By the name asked for: a bridge reports its own name for an alias.
+            def keep(act: Tensor, hook: Any) -> None:
+                shapes.setdefault(name, tuple(act.shape))
+
+            return keep
+
+        names = [n for n in self.model.hook_dict if n.startswith(prefix) and self._can_hook(n)]
+        with torch.no_grad(), tensor_attributes_kept(self.model):
+            with self.model.hooks(fwd_hooks=[(n, record(n)) for n in names]):
+                self.model(tokens)
+        expected = (*tokens.shape, self.d_model)
+        usable = [n[len(prefix) :] for n in names if shapes.get(n) == expected]
+        # TransformerLens' usual names first.
+        return sorted(usable, key=lambda site: (site not in RESIDUAL_SITES, usable.index(site)))
+
+    def _can_hook(self, name: str) -> bool:
+        """Whether a hook can be added at ``name`` (a bridge refuses those switched off)."""
+        try:
+            with self.model.hooks(fwd_hooks=[(name, lambda act, hook: None)]):
+                return True
+        except ValueError:
+            return False
+
+    def not_residual(self, hook_name: str, shape: tuple[int, ...], tokens: Tensor) -> ValueError:
+        """The error for a hook whose activations are not ``[batch, seq, d_model]``."""
+        layer_text, site = hook_name.split(".", 2)[1:]
+        usable = self.residual_sites(int(layer_text), tokens)
+        return ValueError(
+            f"site {site!r} holds activations of shape {list(shape)} at {hook_name}, not "
+            f"[batch, seq, d_model] with d_model = {self.d_model}: steering vectors are "
+            f"added and read as one d_model vector per token. Choose a site whose "
+            f"activations have that shape: {', '.join(usable)}"
+        )
 
     @contextmanager
     def hooks(self, fwd_hooks: Sequence[tuple[str, Callable[..., Any]]]) -> Iterator[None]:
@@ -593,7 +696,7 @@ def steered_logits(
     (``[m, batch, vocab]``), else every position (``[m, batch, seq, vocab]``). Runs
     ``chunk`` deltas per forward pass: logits over a large vocabulary dominate memory.
     """
-    model, tokens = adapter.model, batch.tokens
+    model, tokens, hook_name = adapter.model, batch.tokens, hook
     if weights is None:
         weights = batch.mask.to(adapter.dtype)
     weights = weights.to(adapter.device, adapter.dtype)
@@ -610,6 +713,8 @@ def steered_logits(
         seen: dict[str, Tensor] = {}
 
         def add(act: Tensor, hook: Any, shift: Tensor = shift) -> Tensor:
+            if act.shape != shift.shape:
+                raise _NotResidual(hook_name, tuple(act.shape))
             return act + shift
 
         def grab(act: Tensor, hook: Any, seen: dict[str, Tensor] = seen) -> None:
@@ -626,6 +731,8 @@ def steered_logits(
             except _StopForward:
                 x = seen["x"].view(m, tokens.shape[0], tokens.shape[1], -1)[:, rows, last]
                 logits = model.unembed(x.reshape(-1, 1, x.shape[-1]))
+            except _NotResidual as wrong:
+                raise adapter.not_residual(hook_name, wrong.shape, tokens) from None
         if unembed_in is not None:
             picked = logits.view(m, tokens.shape[0], -1)
         else:

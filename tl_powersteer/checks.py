@@ -1,22 +1,98 @@
-"""Checks of user input: type predicates (``bool`` is an ``int`` to Python, not to us) and
-former option names.
+"""Checks of user input: type predicates (``bool`` is an ``int`` to Python, not to us; a
+NumPy or torch integer scalar is one), and former option names.
 
+>>> import numpy as np, torch
 >>> from tl_powersteer.checks import is_int, is_number
->>> is_int(3), is_int(True), is_int(3.0), is_number(0.5), is_number(False)
-(True, False, False, True, False)
+>>> is_int(3), is_int(np.int64(3)), is_int(torch.tensor(3)), is_int(True), is_int(3.0)
+(True, True, True, False, False)
+>>> is_number(0.5), is_number(False)
+(True, False)
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
+import operator
 import warnings
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
-__all__ = ["is_int", "is_number", "renamed_attribute", "renamed_options"]
+import torch
+
+__all__ = [
+    "check_seed",
+    "is_int",
+    "is_number",
+    "plain_ints",
+    "renamed_attribute",
+    "renamed_options",
+]
+
+F = TypeVar("F", bound=Callable[..., Any])
 
 
 def is_int(value: Any) -> bool:
-    """Whether ``value`` is an int and not a bool."""
-    return isinstance(value, int) and not isinstance(value, bool)
+    """Whether ``value`` is an integer and not a bool: an int, or a scalar that
+    ``operator.index`` takes (NumPy integers, 0-d integer tensors)."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return True
+    if isinstance(value, torch.Tensor):
+        kind = value.dtype
+        return value.ndim == 0 and not (
+            kind.is_floating_point or kind.is_complex or kind == torch.bool
+        )
+    try:
+        operator.index(value)
+    except TypeError:
+        return False
+    return True
+
+
+def as_plain(value: Any) -> Any:
+    """``value`` with every integer scalar that is not an ``int`` (NumPy, torch) made one,
+    also inside lists, tuples and slices; anything else as it is."""
+    if is_int(value) and not isinstance(value, int):
+        return operator.index(value)
+    if isinstance(value, (list, tuple)) and any(
+        is_int(x) and not isinstance(x, int) for x in value
+    ):
+        return type(value)(as_plain(x) for x in value)
+    if isinstance(value, slice):
+        return slice(as_plain(value.start), as_plain(value.stop), as_plain(value.step))
+    return value
+
+
+def plain_ints(function: F) -> F:
+    """``function`` called with its integer-scalar arguments made ``int`` (``as_plain``),
+    so that what it stores and prints is an ``int`` whatever integer type was passed."""
+    signature = inspect.signature(function)
+
+    @functools.wraps(function)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        try:
+            bound = signature.bind(*args, **kwargs)
+        except TypeError:
+            return function(*args, **kwargs)  # Python's own message for a bad call
+        for name, value in bound.arguments.items():
+            kind = signature.parameters[name].kind
+            if kind is inspect.Parameter.VAR_KEYWORD:
+                bound.arguments[name] = {k: as_plain(v) for k, v in value.items()}
+            elif kind is inspect.Parameter.VAR_POSITIONAL:
+                bound.arguments[name] = tuple(as_plain(v) for v in value)
+            else:
+                bound.arguments[name] = as_plain(value)
+        return function(*bound.args, **bound.kwargs)
+
+    return call  # type: ignore[return-value]
+
+
+def check_seed(seed: Any) -> None:
+    """A random seed is an int (``torch.Generator.manual_seed`` takes nothing else)."""
+    if not is_int(seed):
+        raise TypeError(f"seed must be an int, got {seed!r}")
 
 
 def is_number(value: Any) -> bool:

@@ -19,10 +19,12 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .adapters import Model, ModelAdapter, Prompts
-from .baselines.caa import caa_vector
-from .baselines.melbo import MelboResult, melbo
-from .checks import is_int, renamed_options
-from .effects import Metric, check_metric, rank_vectors
+from .baselines.caa import caa_vector, check_caa_options
+from .baselines.melbo import MelboResult, check_melbo_options, melbo
+from .checks import check_seed, is_int, plain_ints, renamed_options
+from .effects import Metric, check_rank_options, rank_vectors
+from .jacobian import check_pair
+from .linalg import check_iteration_args
 from .power_steering import PowerSteeringResult, power_steer
 from .scales import check_scale, typical_norm
 from .vectors import SteeringVector
@@ -103,6 +105,7 @@ def check_method_options(
     return chosen
 
 
+@plain_ints
 def find_vectors(
     model: Model | ModelAdapter,
     prompts: Prompts,
@@ -134,6 +137,17 @@ def find_vectors(
     )
     adapter = ModelAdapter.of(model)
     site = dict(source_site=source_site, target_site=target_site, target_positions=target_positions)
+    # Every method's options are checked before the first of them runs.
+    adapter.resolve_layer(source, "source"), adapter.resolve_layer(target, "target")
+    check_seed(seed)
+    check_pair(adapter, prompts, source, target, jvp_method=jvp_method, **site)  # type: ignore[arg-type]
+    if "power_steering" in chosen:
+        check_iteration_args(k, adapter.d_model, block_size=None, tol=tol, max_iters=max_iters)
+    if "melbo" in chosen:
+        check_melbo_options(adapter, n_vectors=k, radius=melbo_radius, steps=melbo_steps)
+    if "caa" in chosen:
+        assert positive is not None and negative is not None
+        check_caa_options(adapter, positive, negative, [source], source_site, caa_position)
     runs = []
     if "power_steering" in chosen:
         began = time.perf_counter()
@@ -193,6 +207,7 @@ def find_vectors(
     return runs
 
 
+@plain_ints
 def compare_methods(
     model: Model | ModelAdapter,
     prompts: Sequence[str],
@@ -239,8 +254,12 @@ def compare_methods(
         raise ValueError("prompts must be a non-empty list of strings")
     if metric == "kl":
         raise ValueError("compare_methods measures effects at a fixed KL: choose another metric")
-    check_metric(adapter, metric, answers, continuation, 20)
-    check_scale(kl, "kl")
+    # Ranking's options are checked before the methods run, not after.
+    check_rank_options(
+        adapter, prompts, kl=kl, metric=metric, answers=answers, continuation=continuation,
+        max_new_tokens=20, signs=(1, -1), positions="all", holdout=holdout,
+        controls=controls, seed=seed,
+    )  # fmt: skip
     runs = find_vectors(
         adapter, prompts, source, target, k=k, positive=positive, negative=negative,
         caa_position=caa_position, melbo_radius=melbo_radius, melbo_steps=melbo_steps,

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor
 
 from .adapters import Model, ModelAdapter, Prompts, TokenBatch, steered_logits
-from .checks import is_int
+from .checks import check_seed, is_int, plain_ints
 from .positions import Positions, check_positions, check_positions_fit, position_mask
 from .scales import (
     check_mode,
@@ -60,7 +60,9 @@ __all__ = [
     "METRICS",
     "CheckedMetric",
     "Metric",
+    "RankOptions",
     "check_metric",
+    "check_rank_options",
     "effect",
     "effects_and_generations",
     "rank_vectors",
@@ -102,6 +104,11 @@ def check_metric(
                 "(' great', ' terrible'); the value is logit(A) - logit(B)"
             )
         a, b = (adapter.single_token(x, "answer") for x in answers)
+        if a == b:
+            raise ValueError(
+                f"answers {tuple(answers)!r} are the same token (id {a}), so "
+                "logit(A) - logit(B) is 0 whatever the steering: give two different tokens"
+            )
         return CheckedMetric("logit_diff", answers=(a, b))
     if metric == "logprob":
         if not isinstance(continuation, str) or not continuation:
@@ -215,6 +222,7 @@ def _effect_plan(
     progress: bool,
 ) -> tuple[list[tuple[SteeringVector, int, float, float]], CheckedMetric, list[TokenBatch]]:
     """``effect``'s checks, then its scale plan (controls included), metric and prompts."""
+    check_seed(seed)
     items = _with_controls(vector_list(vectors), controls, seed)
     for v in items:
         check_vector(adapter, v)
@@ -271,6 +279,7 @@ def _effect_table(
     return pd.DataFrame(rows)
 
 
+@plain_ints
 def effect(
     model: Model | ModelAdapter,
     prompts: Prompts,
@@ -309,6 +318,7 @@ def effect(
     return _effect_table(adapter, singles, plan, checked, positions, progress)
 
 
+@plain_ints
 def effects_and_generations(
     model: Model | ModelAdapter,
     prompts: Prompts,
@@ -359,6 +369,63 @@ def split_prompts(prompts: Sequence[str], holdout: float, seed: int) -> tuple[li
     return fit, evaluate
 
 
+@dataclass
+class RankOptions:
+    """``rank_vectors``' checked options: the KL budget, signs and metric, the fit
+    prompts and the evaluation prompts (one batch each)."""
+
+    budget: float
+    signs: list[int]
+    metric: CheckedMetric
+    fit: list[str]
+    evaluate: list[TokenBatch]
+    held_out: bool
+
+
+def check_rank_options(
+    adapter: ModelAdapter,
+    prompts: Sequence[str],
+    *,
+    kl: float,
+    metric: Metric,
+    answers: Sequence[str | int] | None,
+    continuation: str | None,
+    max_new_tokens: int,
+    signs: Sequence[int],
+    positions: Positions,
+    holdout: float | None,
+    controls: int,
+    seed: int,
+) -> RankOptions:
+    """Every check of ``rank_vectors``' options but its vectors, with no forward pass."""
+    if metric == "kl":
+        raise ValueError(
+            "rank_vectors compares vectors at the same KL, so metric='kl' cannot rank them: "
+            f"use one of {METRICS[1:]} or a function of the generated text"
+        )
+    if not is_int(controls) or controls < 0:
+        raise ValueError(f"controls must be a non-negative int, got {controls!r}")
+    check_seed(seed)
+    budget = check_scale(kl, "kl")
+    if budget <= 0:
+        raise ValueError(f"the KL budget must be positive (nats), got {kl}")
+    sign_list = check_signs(signs)
+    check_positions(positions)
+    checked = check_metric(adapter, metric, answers, continuation, max_new_tokens)
+    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
+        raise ValueError("prompts must be a non-empty list of strings")
+    held_out = False
+    fit, evaluate = list(prompts), list(prompts)
+    if holdout is not None and len(prompts) >= 2:
+        fit, evaluate = split_prompts(prompts, holdout, seed)
+        held_out = True
+    singles = _single_prompts(adapter, evaluate)
+    for p in _single_prompts(adapter, fit) + singles:
+        check_positions_fit(positions, int(p.lengths[0]))
+    return RankOptions(budget, sign_list, checked, fit, singles, held_out)
+
+
+@plain_ints
 def rank_vectors(
     model: Model | ModelAdapter,
     prompts: Sequence[str],
@@ -389,30 +456,16 @@ def rank_vectors(
     import pandas as pd
 
     adapter = ModelAdapter.of(model)
-    if metric == "kl":
-        raise ValueError(
-            "rank_vectors compares vectors at the same KL, so metric='kl' cannot rank them: "
-            f"use one of {METRICS[1:]} or a function of the generated text"
-        )
+    ranking = check_rank_options(
+        adapter, prompts, kl=kl, metric=metric, answers=answers, continuation=continuation,
+        max_new_tokens=max_new_tokens, signs=signs, positions=positions, holdout=holdout,
+        controls=controls, seed=seed,
+    )  # fmt: skip
     items = _with_controls(vector_list(vectors), controls, seed)
     for v in items:
         check_vector(adapter, v)
-    budget = check_scale(kl, "kl")
-    if budget <= 0:
-        raise ValueError(f"the KL budget must be positive (nats), got {kl}")
-    sign_list = check_signs(signs)
-    check_positions(positions)
-    checked = check_metric(adapter, metric, answers, continuation, max_new_tokens)
-    if isinstance(prompts, str) or not isinstance(prompts, Sequence) or not prompts:
-        raise ValueError("prompts must be a non-empty list of strings")
-    held_out = False
-    fit, evaluate = list(prompts), list(prompts)
-    if holdout is not None and len(prompts) >= 2:
-        fit, evaluate = split_prompts(prompts, holdout, seed)
-        held_out = True
-    singles = _single_prompts(adapter, evaluate)
-    for p in _single_prompts(adapter, fit) + singles:
-        check_positions_fit(positions, int(p.lengths[0]))
+    budget, sign_list, checked = ranking.budget, ranking.signs, ranking.metric
+    fit, singles, held_out = ranking.fit, ranking.evaluate, ranking.held_out
 
     combos = [(v, sign) for v in items for sign in sign_list]
     amounts = kl_scales(

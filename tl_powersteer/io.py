@@ -30,9 +30,10 @@ import dataclasses
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -51,10 +52,14 @@ __all__ = [
     "atomic_file",
     "atomic_folder",
     "build_result",
+    "check_destination",
+    "check_output_folder",
     "digest",
+    "is_temporary",
     "load",
     "read_fields",
     "register",
+    "remove_stale",
     "save",
     "split_fields",
     "write_fields",
@@ -102,12 +107,96 @@ def register(
     return add
 
 
+# A writer's temporary names: ".{name}.{pid}-{random}.tmp" (files) or ".partial" (folders).
+_TEMPORARY = re.compile(r"^\.(?P<name>.+)\.(?P<pid>\d+)-[^.]+\.(tmp|partial)$")
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name}.{os.getpid()}-"
+
+
+def is_temporary(name: str) -> bool:
+    """Whether ``name`` is a temporary file or folder of ``atomic_file``/``atomic_folder``."""
+    return _TEMPORARY.match(name) is not None
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OSError):
+        return True  # another user's process, or a platform that cannot tell
+    return True
+
+
+def remove_stale(path: str | os.PathLike[str]) -> None:
+    """Remove the temporary files and folders a killed writer of ``path`` left beside it:
+    those whose process (the pid in their name, on this machine) no longer runs."""
+    path = Path(path)
+    if os.name != "posix" or not path.parent.is_dir():
+        return
+    for entry in path.parent.iterdir():
+        found = _TEMPORARY.match(entry.name)
+        if found is None or found["name"] != path.name or _process_alive(int(found["pid"])):
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry, ignore_errors=True)
+        else:
+            entry.unlink(missing_ok=True)
+
+
+def check_destination(path: str | os.PathLike[str], suffix: str, what: str) -> Path:
+    """``path`` as a file a writer can create or replace: it ends in ``suffix``, is not a
+    folder, and its folder exists. The one check of every file writer, before any work."""
+    path = Path(path)
+    if path.suffix != suffix:
+        raise ValueError(f"{what} must be a file ending in {suffix}, got {str(path)!r}")
+    if path.is_dir():
+        raise ValueError(f"{what} {str(path)!r} is a folder: choose a file path ending in {suffix}")
+    if not path.parent.is_dir():
+        raise ValueError(
+            f"the folder {str(path.parent)!r} of {what} does not exist; create it first"
+        )
+    return path
+
+
+def check_output_folder(
+    folder: str | os.PathLike[str], written: Sequence[str], what: str, *, marker: str
+) -> Path:
+    """``folder`` as one a writer of the entries ``written`` may fill or replace: absent,
+    empty, or a previous output, which holds ``marker`` and nothing but ``written`` (and
+    temporary files). Anything else would be partly overwritten, so it is refused."""
+    folder = Path(folder)
+    if not folder.parent.is_dir():
+        raise ValueError(f"the folder of {what} does not exist: {str(folder.parent)!r}")
+    if not folder.exists():
+        return folder
+    if not folder.is_dir():
+        raise ValueError(f"{what} {str(folder)!r} is a file; choose a folder")
+    entries = {e.name for e in folder.iterdir() if not is_temporary(e.name)}
+    foreign = sorted(entries - set(written))
+    if entries and (marker not in entries or foreign):
+        shown = ", ".join(foreign[:5]) + (", ..." if len(foreign) > 5 else "")
+        why = f"it holds {shown}" if foreign else f"it has no {marker}"
+        raise ValueError(
+            f"{what} {str(folder)!r} exists and is not a previous output folder ({why}), "
+            f"so writing there would overwrite part of it; choose another {what}, or an "
+            "empty folder"
+        )
+    return folder
+
+
 @contextmanager
 def atomic_file(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; once the block ends without an exception,
-    rename it onto ``path`` (else delete it), so readers see the old file or the new one."""
+    rename it onto ``path`` (else delete it), so readers see the old file or the new one.
+    Temporary files that a killed writer left for ``path`` are removed first."""
     path = Path(path)
-    fd, name = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    remove_stale(path)
+    fd, name = tempfile.mkstemp(prefix=_temporary_prefix(path), suffix=".tmp", dir=path.parent)
     os.close(fd)
     tmp = Path(name)
     try:
@@ -124,7 +213,10 @@ def atomic_folder(folder: str | os.PathLike[str], *, replace: bool = True) -> It
     none), never a half-written one. With ``replace=False`` an existing ``folder`` is not
     removed and the rename raises ``OSError``."""
     folder = Path(folder)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{folder.name}.partial-", dir=folder.parent))
+    remove_stale(folder)
+    tmp = Path(
+        tempfile.mkdtemp(prefix=_temporary_prefix(folder), suffix=".partial", dir=folder.parent)
+    )
     try:
         yield tmp
         if replace and folder.exists():
@@ -151,13 +243,7 @@ def write_fields(
 ) -> Path:
     """Write ``tensors`` and JSON ``fields`` under the header of ``kind``, with their
     ``digest``, atomically."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"save to a file ending in .safetensors, got {str(path)!r}")
-    if not path.parent.exists():
-        raise ValueError(f"the folder {str(path.parent)!r} does not exist; create it first")
-    if path.is_dir():
-        raise ValueError(f"{str(path)!r} is a folder: choose a file path ending in .safetensors")
+    path = check_destination(path, ".safetensors", "the save path")
     body = {name: t.detach().cpu().contiguous() for name, t in tensors.items()}
     header = {
         "kind": kind,

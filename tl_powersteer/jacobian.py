@@ -55,7 +55,7 @@ from torch.func import jvp, vjp, vmap
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .adapters import Model, ModelAdapter, Prompts, TokenBatch
-from .checks import is_int, renamed_options
+from .checks import is_int, plain_ints, renamed_options
 
 __all__ = [
     "JVP_METHODS",
@@ -63,9 +63,11 @@ __all__ = [
     "RoundedMatrixProducts",
     "LayerJacobian",
     "RecordedJacobian",
+    "CheckedPair",
     "RecordedPass",
     "check_chunk_size",
     "check_matmul_dtype",
+    "check_pair",
     "cpu_multiplies_bfloat16",
     "default_chunk_size",
 ]
@@ -293,6 +295,44 @@ def _readout_positions(
     return _Readout(batch, rows, last, chunk, chunk_size is None)
 
 
+@dataclass
+class CheckedPair:
+    """A layer pair's checked arguments: layers, hooks and where the target is read."""
+
+    sources: list[int]
+    targets: list[int]
+    source_hooks: list[str]
+    target_hooks: list[str]
+    reading: _Readout
+
+
+def check_pair(
+    adapter: ModelAdapter,
+    prompts: Prompts | TokenBatch,
+    source: int | Sequence[int],
+    target: int | Sequence[int],
+    *,
+    source_site: str,
+    target_site: str,
+    target_positions: int,
+    jvp_method: str = "reverse",
+    chunk_size: int | None = None,
+) -> CheckedPair:
+    """Every check of ``LayerJacobian``'s arguments, with no forward pass: what the
+    methods built on it run first, so that a bad option fails before any work."""
+    if jvp_method not in JVP_METHODS:
+        raise ValueError(f"jvp_method must be one of {JVP_METHODS}, got {jvp_method!r}")
+    sources, targets = (
+        adapter.resolve_layers(source, "source"),
+        adapter.resolve_layers(target, "target"),
+    )
+    _check_order(adapter, sources, targets)
+    source_hooks = [adapter.hook_name(s, source_site) for s in sources]
+    target_hooks = [adapter.hook_name(t, target_site) for t in targets]
+    reading = _readout_positions(adapter, prompts, target_positions, chunk_size)
+    return CheckedPair(sources, targets, source_hooks, target_hooks, reading)
+
+
 class _StackedJacobian:
     """What every operator here shares: J has one block of rows per target layer (each
     ``[prompt, position, d_model]`` flattened) and one block of columns per source layer;
@@ -442,6 +482,7 @@ class LayerJacobian(_StackedJacobian):
         **renamed: ``positions``, the former name of ``target_positions``.
     """
 
+    @plain_ints
     def __init__(
         self,
         model: Model | ModelAdapter,
@@ -460,20 +501,17 @@ class LayerJacobian(_StackedJacobian):
             "target_positions", target_positions
         )
         adapter = ModelAdapter.of(model)
-        if jvp_method not in JVP_METHODS:
-            raise ValueError(f"jvp_method must be one of {JVP_METHODS}, got {jvp_method!r}")
+        pair = check_pair(
+            adapter, prompts, source, target, source_site=source_site,
+            target_site=target_site, target_positions=target_positions,
+            jvp_method=jvp_method, chunk_size=chunk_size,
+        )  # fmt: skip
+        sources, targets, reading = pair.sources, pair.targets, pair.reading
+        source_hooks, target_hooks = pair.source_hooks, pair.target_hooks
         self.jvp_method = jvp_method
-        sources, targets = (
-            adapter.resolve_layers(source, "source"),
-            adapter.resolve_layers(target, "target"),
-        )
-        _check_order(adapter, sources, targets)
-        source_hooks = [adapter.hook_name(s, source_site) for s in sources]
-        target_hooks = [adapter.hook_name(t, target_site) for t in targets]
         self.source_hook = source_hooks[0] if isinstance(source, int) else None
         self.target_hook = target_hooks[0] if isinstance(target, int) else None
         self.source_site, self.target_site = source_site, target_site
-        reading = _readout_positions(adapter, prompts, target_positions, chunk_size)
         self.batch, self.target_positions = reading.batch, target_positions
         rows_per_target = reading.last.numel() * adapter.d_model
         super().__init__(
@@ -569,6 +607,7 @@ class RecordedPass:
             product (Gemma 3 270M). ``None`` or the model's dtype: full precision.
     """
 
+    @plain_ints
     def __init__(
         self,
         model: Model | ModelAdapter,
@@ -644,6 +683,7 @@ class RecordedPass:
 class RecordedJacobian(_StackedJacobian):
     """J of some of a ``RecordedPass``'s sources and targets (``RecordedPass.operator``)."""
 
+    @plain_ints
     def __init__(
         self, graph: RecordedPass, sources: int | Sequence[int], targets: int | Sequence[int]
     ):

@@ -45,7 +45,7 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .checks import is_int, is_number
+from .checks import check_seed, is_int, is_number, plain_ints
 
 __all__ = [
     "LinearOperator",
@@ -184,6 +184,7 @@ def _as_operator(op: LinearOperator | Tensor) -> LinearOperator:
     return op
 
 
+@plain_ints
 def block_power_iteration(
     operator: LinearOperator | Tensor,
     k: int,
@@ -208,6 +209,7 @@ def block_power_iteration(
     n, d = op.shape
     b = check_iteration_args(k, min(n, d), block_size=block_size, tol=tol, max_iters=max_iters)
 
+    check_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     start = torch.randn(d, b, generator=gen, dtype=torch.float64)
     # Half-precision operators still get float32 linear algebra (CPU QR/SVD need it).

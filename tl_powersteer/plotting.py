@@ -41,8 +41,8 @@ from typing import Any
 import torch
 
 from .atlas import SensitivityAtlas
-from .checks import is_int
-from .io import atomic_file
+from .checks import is_int, plain_ints
+from .io import atomic_file, check_destination
 
 __all__ = ["GAP_WARNING", "atlas_html", "plot_atlas"]
 
@@ -63,6 +63,7 @@ def _hover(atlas: SensitivityAtlas, s: int, t: int) -> str:
     return f"{_label(s, t)}<br>{values}<br>gap σ{atlas.k}/σ{atlas.k + 1} = {gap:.3f}{flag}"
 
 
+@plain_ints
 def plot_atlas(atlas: SensitivityAtlas, rank: int = 0, *, log: bool = True) -> Any:
     """Heatmap of σ (one rank at a time) over (source, target) pairs; see the module docstring.
 
@@ -195,6 +196,7 @@ table.effect caption {{ text-align: left; font-weight: bold; }}
 """
 
 
+@plain_ints
 def atlas_html(
     atlas: SensitivityAtlas,
     path: str | os.PathLike[str],
@@ -208,11 +210,7 @@ def atlas_html(
     """
     import plotly.io as pio
 
-    path = Path(path)
-    if path.suffix != ".html":
-        raise ValueError(f"write the atlas page to a .html file, got {str(path)!r}")
-    if not path.parent.is_dir():
-        raise ValueError(f"the folder {str(path.parent)!r} does not exist; create it first")
+    path = check_destination(path, ".html", "the atlas page path")
     fig = plot_atlas(atlas)
     figure = pio.to_html(fig, include_plotlyjs=True, full_html=False, div_id="atlas-heatmap")
     gaps = atlas.spectral_gap()

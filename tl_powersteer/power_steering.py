@@ -34,7 +34,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .adapters import Model, ModelAdapter, Prompts
-from .checks import is_int, renamed_attribute, renamed_options
+from .checks import check_seed, is_int, plain_ints, renamed_attribute, renamed_options
 from .io import register
 from .io import save as save_result
 from .jacobian import LayerJacobian
@@ -124,6 +124,7 @@ class PowerSteeringResult:
         """Write a ``.safetensors`` file (tensors, plus JSON metadata in its header)."""
         save_result(self, path)
 
+    @plain_ints
     def steering_vector(self, i: int = 0) -> SteeringVector:
         """Right singular vector ``i`` as a ``SteeringVector`` at the source hook."""
         if not is_int(i) or not -self.k <= i < self.k:
@@ -163,6 +164,7 @@ class PowerSteeringResult:
         )
 
 
+@plain_ints
 def power_steer(
     model: Model | ModelAdapter,
     prompts: Prompts,
@@ -204,6 +206,9 @@ def power_steer(
     )
     # Every option is checked before the first forward pass.
     adapter = ModelAdapter.of(model)
+    # One pair: LayerJacobian would take lists, and stack their Jacobians.
+    adapter.resolve_layer(source, "source"), adapter.resolve_layer(target, "target")
+    check_seed(seed)
     check_iteration_args(k, adapter.d_model, block_size=block_size, tol=tol, max_iters=max_iters)
     op = LayerJacobian(
         adapter,

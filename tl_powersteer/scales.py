@@ -34,7 +34,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .adapters import Model, ModelAdapter, Prompts, TokenBatch, activations, steered_logits
-from .checks import is_number
+from .checks import is_number, plain_ints
 from .positions import Positions, position_weights
 from .vectors import SteeringVector, check_vector
 
@@ -80,6 +80,7 @@ def robust_norm(acts: Float[Tensor, "tokens d_model"], *, cutoff: float = 5.0) -
     return float(a[:, ~massive].norm(dim=-1).median())
 
 
+@plain_ints
 def typical_norm(
     model: Model | ModelAdapter, prompts: Prompts | TokenBatch, layer: int, site: str
 ) -> float:
@@ -217,6 +218,7 @@ def kl_search(
     return best_x.exp(), best_kl, payloads
 
 
+@plain_ints
 def kl_scales(
     model: Model | ModelAdapter,
     prompts: Prompts | TokenBatch,
@@ -305,6 +307,7 @@ def kl_scales(
     return [math.copysign(float(a), t) for a, t in zip(scales, targets, strict=True)]
 
 
+@plain_ints
 def kl_scale(
     model: Model | ModelAdapter,
     prompts: Prompts | TokenBatch,

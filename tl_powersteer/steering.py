@@ -36,7 +36,7 @@ from . import positions as positions_module
 from . import scales as scales_module
 from . import vectors as vectors_module
 from .adapters import Model, ModelAdapter, Prompts
-from .checks import is_int
+from .checks import check_seed, is_int, plain_ints
 from .positions import Positions, SequenceTracker, check_positions, check_positions_fit
 from .scales import check_mode, check_scales, check_signs, resolve_scales, scale_plan
 from .vectors import SteeringVector, check_vector, vector_list
@@ -65,6 +65,7 @@ class Steering:
 
 
 @contextmanager
+@plain_ints
 def steer(
     model: Model | ModelAdapter,
     vectors: SteeringVector | Sequence[SteeringVector],
@@ -103,15 +104,27 @@ def steer(
     if scores_hook is not None:
         fwd.append((scores_hook, tracker.on_scores))
 
-    def adder(delta: Tensor) -> Callable[[Tensor, Any], Tensor]:
+    listing = [False]  # while the error lists the usable sites, with a pass of its own
+
+    def adder(delta: Tensor, name: str) -> Callable[[Tensor, Any], Tensor]:
         def add(act: Tensor, hook: Any) -> Tensor:
+            if listing[0]:
+                return act
+            if act.ndim != 3 or act.shape[-1] != adapter.d_model:
+                listing[0] = True
+                try:
+                    probe = torch.zeros(1, 2, dtype=torch.long, device=adapter.device)
+                    error = adapter.not_residual(name, tuple(act.shape), probe)
+                finally:
+                    listing[0] = False
+                raise error
             weight = tracker.mask().to(act.device, act.dtype)
             return act + weight[:, None] * delta.to(act.device, act.dtype)
 
         return add
 
     fwd += [
-        (hook, adder(a * v.direction.double()))
+        (hook, adder(a * v.direction.double(), hook))
         for hook, v, a in zip(hooks, items, scales, strict=True)
     ]
     with adapter.hooks(fwd):
@@ -126,6 +139,7 @@ def check_new_tokens(max_new_tokens: Any) -> int:
     return max_new_tokens
 
 
+@plain_ints
 def generate_steered(
     model: Model | ModelAdapter,
     prompt: str | Tensor,
@@ -159,6 +173,7 @@ def generate_steered(
     for v in items:
         check_vector(adapter, v)
     scale_list, sign_list = check_scales(scales), check_signs(signs)
+    check_seed(seed)
     check_positions(positions)
     check_new_tokens(max_new_tokens)
     if isinstance(prompt, str) or (isinstance(prompt, Tensor) and prompt.ndim == 1):

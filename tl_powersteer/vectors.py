@@ -14,6 +14,7 @@ alike.
 from __future__ import annotations
 
 import math
+import operator
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from .adapters import ModelAdapter
-from .checks import is_int
+from .checks import check_seed, is_int, plain_ints
 from .io import register
 from .io import save as save_result
 
@@ -68,6 +69,7 @@ class SteeringVector:
             self.direction = self.direction / length
         if not is_int(self.layer):
             raise TypeError(f"layer must be an int, got {self.layer!r}")
+        self.layer = operator.index(self.layer)
         if not isinstance(self.site, str) or not isinstance(self.method, str):
             raise TypeError("site and method must be strings")
 
@@ -89,10 +91,12 @@ class SteeringVector:
         save_result(self, path)
 
 
+@plain_ints
 def random_vectors(
     d_model: int, layer: int, site: str, n: int, *, seed: int = 0
 ) -> list[SteeringVector]:
     """``n`` random unit directions (the control baseline), reproducible from ``seed``."""
+    check_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     rows = torch.randn(n, d_model, generator=gen, dtype=torch.float64)
     return [

@@ -82,7 +82,7 @@ def test_bad_out_paths(gpt2_dir: str, tmp_path: Path, capsys: pytest.CaptureFixt
     assert main(vectors_args(gpt2_dir, tmp_path / "v.pt")) == 2
     assert main(vectors_args(gpt2_dir, tmp_path / "nope" / "v.safetensors")) == 2
     err = capsys.readouterr().err
-    assert "--out must end in .safetensors" in err and "does not exist" in err
+    assert "--out must be a file ending in .safetensors" in err and "does not exist" in err
     assert list(tmp_path.iterdir()) == []
 
 
@@ -290,6 +290,9 @@ def test_steer_compares_methods(
         (["--melbo-radius", "0"], "--melbo-radius must be positive"),
         (["--scale-mode", "big"], "invalid choice"),
         (["--answers", "good", "very good"], "not one"),
+        (["--answers", "good", "good"], "are the same token"),
+        (["--source-site", "attn.hook_q"], "holds activations of shape"),
+        (["--k", "17"], "k must be between 1 and 16"),
     ],
 )
 def test_steer_bad_arguments(
@@ -314,3 +317,64 @@ def test_steer_caa_needs_pairs(
             "--methods", "caa", "--out", str(tmp_path / "s")]  # fmt: skip
     assert main(args) == 2
     assert "needs --positive and --negative" in capsys.readouterr().err
+
+
+def test_vectors_out_that_is_a_folder(
+    gpt2_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    (tmp_path / "v.safetensors").mkdir()
+    assert main(vectors_args(gpt2_dir, tmp_path / "v.safetensors")) == 2
+    captured = capsys.readouterr()
+    assert "is a folder: choose a file path ending in .safetensors" in captured.err
+    assert "converged" not in captured.out  # refused before any computation
+    assert [p.name for p in tmp_path.iterdir()] == ["v.safetensors"]
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        (["notes.txt"], r"not a previous output folder \(it holds notes.txt\)"),
+        (["atlas.csv"], r"\(it has no atlas.safetensors\)"),
+    ],
+)
+def test_atlas_refuses_a_foreign_folder(
+    gpt2_dir: str,
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    entries: list[str],
+    message: str,
+) -> None:
+    out = tmp_path / "mine"
+    out.mkdir()
+    for name in entries:
+        (out / name).write_text("keep me")
+    args = ["atlas", "--prompt", "the cat sat", "--model", gpt2_dir, "--out", str(out)]
+    assert main(args) == 2
+    assert re.search(message, capsys.readouterr().err)
+    assert sorted(p.name for p in out.iterdir()) == entries
+    assert all((out / name).read_text() == "keep me" for name in entries)
+
+
+def test_atlas_ignores_and_removes_a_killed_runs_temporary_files(
+    gpt2_dir: str, tmp_path: Path
+) -> None:
+    out = tmp_path / "atlas"
+    out.mkdir()
+    stale = out / ".atlas.safetensors.4999999-zz.tmp"  # beyond the largest pid, 2**22
+    stale.write_bytes(b"half a checkpoint")
+    args = ["atlas", "--prompt", "the cat sat on the mat", "--sources", "0", "--targets", "1",
+            "--k", "1", "--model", gpt2_dir, "--dtype", "float64", "--out", str(out)]  # fmt: skip
+    assert main(args) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["atlas.csv", "atlas.html", "atlas.safetensors"]
+
+
+def test_steer_refuses_a_previous_output_with_other_files(
+    gpt2_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "steer"
+    out.mkdir()
+    (out / "summary.md").write_text("# Steering")
+    (out / "my_analysis.ipynb").write_text("{}")
+    assert main(steer_args(gpt2_dir, out)) == 2
+    assert "(it holds my_analysis.ipynb)" in capsys.readouterr().err
+    assert (out / "my_analysis.ipynb").read_text() == "{}"

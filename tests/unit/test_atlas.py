@@ -177,7 +177,7 @@ def test_checkpoint_with_other_arguments_is_refused(
         ({"sources": [9]}, ValueError, "sources=9 is out of range"),
         ({"target_site": "hook_mlp"}, ValueError, "unknown site"),
         ({"target_positions": 9}, ValueError, "positions must be an int between 1 and 8"),
-        ({"checkpoint": "x.pt"}, ValueError, r"checkpoint must be a \.safetensors path"),
+        ({"checkpoint": "x.pt"}, ValueError, r"checkpoint must be a file ending in \.safetensors"),
         ({"sketch_rank": 2, "k": 2}, ValueError, "sketch_rank must be an int between k \\+ 1 = 3"),
         ({"chunk_size": 0}, ValueError, r"chunk_size must be a positive int \(or None"),
         (

@@ -15,7 +15,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import tl_powersteer as tps
-from tests.helpers import WORDS
+from tests.helpers import WORDS, no_forward_pass
 from tl_powersteer.atlas.checkpoint import load_checkpoint, save_checkpoint
 from tl_powersteer.io import digest, split_fields
 
@@ -187,3 +187,138 @@ def test_a_checkpoint_of_other_weights_is_refused(
     save_checkpoint(ckpt, old, state)
     resumed = tps.sensitivity_atlas(model, tokens, k=1, checkpoint=ckpt, progress=False)
     torch.testing.assert_close(resumed.singular_values, atlas.singular_values, equal_nan=True)
+
+
+def _dead_pid() -> int:
+    import os
+
+    pid = 4_000_000
+    while True:
+        try:
+            os.kill(pid, 0)
+        except ProcessLookupError:
+            return pid
+        except PermissionError:
+            pass
+        pid += 1
+
+
+@pytest.mark.parametrize("writer", ["save", "checkpoint", "page"])
+@pytest.mark.parametrize("problem", ["suffix", "folder", "missing"])
+def test_every_file_writer_checks_its_destination_first(
+    models: dict[str, Any], tokens: torch.Tensor, tmp_path: Path, writer: str, problem: str
+) -> None:
+    """Saving, the atlas checkpoint and the atlas page share one check, run before any work
+    (the checkpoint's before any forward pass), and leave nothing behind."""
+    model = models["native_bridge"]
+    suffix = ".html" if writer == "page" else ".safetensors"
+    what = {"save": "the save path", "checkpoint": "checkpoint", "page": "the atlas page path"}
+    path = {
+        "suffix": tmp_path / "out.pt",
+        "folder": tmp_path / f"dir{suffix}",
+        "missing": tmp_path / "missing" / f"out{suffix}",
+    }[problem]
+    if problem == "folder":
+        path.mkdir()
+    message = {
+        "suffix": f"{what[writer]} must be a file ending in {suffix}",
+        "folder": f"{what[writer]} '{path}' is a folder: choose a file path ending in {suffix}",
+        "missing": f"of {what[writer]} does not exist; create it first",
+    }[problem]
+    res = tps.power_steer(model, tokens, 0, 2, k=1)
+    atlas = tps.sensitivity_atlas(model, tokens, sources=[0], targets=[1], k=1, progress=False)
+    before = sorted(tmp_path.rglob("*"))
+    with no_forward_pass(model), pytest.raises(ValueError, match=re.escape(message)):
+        if writer == "save":
+            res.save(path)
+        elif writer == "checkpoint":
+            tps.sensitivity_atlas(model, tokens, k=1, checkpoint=path, progress=False)
+        else:
+            tps.atlas_html(atlas, path)
+    assert sorted(tmp_path.rglob("*")) == before
+
+
+def test_a_failed_write_leaves_no_temporary_file(
+    saved: list[tuple[Path, Any]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from tl_powersteer import io
+
+    target = tmp_path / "new.safetensors"
+    before = sorted(p.name for p in tmp_path.iterdir())
+
+    def broken(*args: Any, **kwargs: Any) -> None:
+        raise OSError("disk full")
+
+    monkeypatch.setattr(io, "save_file", broken)
+    with pytest.raises(OSError, match="disk full"):
+        saved[0][1].save(target)
+    with pytest.raises(RuntimeError, match="half way"):
+        with io.atomic_folder(tmp_path / "out") as folder:
+            (folder / "a.csv").write_text("1")
+            raise RuntimeError("half way")
+    assert sorted(p.name for p in tmp_path.iterdir()) == before
+
+
+def test_temporary_files_of_a_killed_writer_are_removed(
+    saved: list[tuple[Path, Any]], tmp_path: Path
+) -> None:
+    """A killed writer's temporary files (its pid no longer runs) are removed by the next
+    write of the same path; a running writer's, and other files, are left alone."""
+    import os
+
+    from tl_powersteer.io import atomic_folder, is_temporary
+
+    path, result = saved[0]
+    dead = _dead_pid()
+    stale = tmp_path / f".{path.name}.{dead}-abc123.tmp"
+    stale.write_bytes(b"half")
+    running = tmp_path / f".{path.name}.{os.getpid()}-def456.tmp"
+    running.write_bytes(b"mine")
+    other = tmp_path / f".{path.name}.notes"
+    other.write_text("keep")
+    stale_folder = tmp_path / f".out.{dead}-x1.partial"
+    (stale_folder / "vectors").mkdir(parents=True)
+    assert is_temporary(stale.name) and is_temporary(stale_folder.name)
+    assert not is_temporary(other.name) and not is_temporary("atlas.csv")
+    result.save(path)
+    assert not stale.exists() and running.exists() and other.exists()
+    assert same(tps.load(path), result)
+    with atomic_folder(tmp_path / "out") as folder:
+        (folder / "summary.md").write_text("done")
+    assert not stale_folder.exists() and (tmp_path / "out" / "summary.md").is_file()
+
+
+@pytest.mark.parametrize(
+    ("entries", "message"),
+    [
+        ([], None),
+        (["summary.md", "effects.csv", ".summary.md.123-ab.tmp"], None),
+        (["notes.txt"], r"not a previous output folder \(it holds notes.txt\)"),
+        (["effects.csv"], r"not a previous output folder \(it has no summary.md\)"),
+        (["summary.md", "thesis.tex"], r"\(it holds thesis.tex\)"),
+    ],
+)
+def test_output_folders_are_only_replaced_when_they_are_ours(
+    tmp_path: Path, entries: list[str], message: str | None
+) -> None:
+    from tl_powersteer.io import check_output_folder
+
+    folder = tmp_path / "out"
+    folder.mkdir()
+    for name in entries:
+        (folder / name).write_text("x")
+    written = ["summary.md", "effects.csv", "generations.csv"]
+    if message is None:
+        assert check_output_folder(folder, written, "--out", marker="summary.md") == folder
+    else:
+        with pytest.raises(ValueError, match=message):
+            check_output_folder(folder, written, "--out", marker="summary.md")
+    with pytest.raises(ValueError, match="is a file; choose a folder"):
+        check_output_folder(_touch(tmp_path / "f"), written, "--out", marker="summary.md")
+    with pytest.raises(ValueError, match="the folder of --out does not exist"):
+        check_output_folder(tmp_path / "no" / "out", written, "--out", marker="summary.md")
+
+
+def _touch(path: Path) -> Path:
+    path.write_text("x")
+    return path

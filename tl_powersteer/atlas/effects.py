@@ -16,7 +16,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..adapters import Model, ModelAdapter, TokenBatch, decode_token, steered_logits
-from ..checks import is_int, is_number
+from ..checks import is_int, is_number, plain_ints
 from ..scales import KL_PROBE_FRACTION, KL_SCALE_RANGE, kl_divergence, kl_search
 from .result import SensitivityAtlas
 
@@ -59,6 +59,7 @@ def kl_matched_effects(
     return kl_search(kl_at, full(KL_PROBE_FRACTION * unit), kl, bounds, tol=0.1, rounds=6)
 
 
+@plain_ints
 def token_effects(
     model: Model | ModelAdapter,
     atlas: SensitivityAtlas,

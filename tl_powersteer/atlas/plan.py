@@ -16,6 +16,7 @@ import torch
 
 from ..adapters import ModelAdapter, TokenBatch
 from ..checks import is_int
+from ..io import check_destination
 from ..jacobian import check_chunk_size, check_matmul_dtype, cpu_multiplies_bfloat16
 from ..linalg import check_iteration_args
 from .sketch import basis_widths, sketch_widths
@@ -113,11 +114,9 @@ def plan_atlas(
     source_hooks = [adapter.hook_name(s, source_site) for s in source_layers]
     for t in target_layers:
         adapter.hook_name(t, target_site)
-    ckpt = None if checkpoint is None else Path(checkpoint)
-    if ckpt is not None and ckpt.suffix != ".safetensors":
-        raise ValueError(f"checkpoint must be a .safetensors path, got {str(ckpt)!r}")
-    if ckpt is not None and not ckpt.parent.is_dir():
-        raise ValueError(f"the folder of checkpoint does not exist: {str(ckpt.parent)!r}")
+    ckpt = (
+        None if checkpoint is None else check_destination(checkpoint, ".safetensors", "checkpoint")
+    )
     # Layer Jacobians have heavy spectral tails, so the sketch needs a wide basis; how
     # this default was chosen: docs/concepts/atlas.md.
     default_rank = min(max(3 * k + 2, adapter.d_model // 48), adapter.d_model)

@@ -18,7 +18,7 @@ import torch
 from jaxtyping import Bool, Float, Int
 from torch import Tensor
 
-from ..checks import is_int, renamed_attribute
+from ..checks import is_int, plain_ints, renamed_attribute
 from ..io import register
 from ..io import save as save_result
 from ..linalg import spectrum_problem
@@ -121,6 +121,7 @@ class SensitivityAtlas:
             raise ValueError(f"source layer {source} has not been computed yet")
         return self.right_vectors[source, target]
 
+    @plain_ints
     def steering_vectors(
         self, pairs: Sequence[tuple[int, int]] | None = None, *, top: int | None = None
     ) -> list[SteeringVector]:

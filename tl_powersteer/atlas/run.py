@@ -68,7 +68,7 @@ from typing import Any
 import torch
 
 from ..adapters import Model, ModelAdapter, Prompts, TokenBatch
-from ..checks import renamed_options
+from ..checks import check_seed, plain_ints, renamed_options
 from ..jacobian import RecordedPass
 from ..scales import typical_norms
 from . import sketch
@@ -83,6 +83,7 @@ __all__ = ["sensitivity_atlas", "validate_atlas_arguments"]
 RENAMED = {"positions": "target_positions"}
 
 
+@plain_ints
 def sensitivity_atlas(
     model: Model | ModelAdapter,
     prompts: Prompts | TokenBatch,
@@ -143,6 +144,7 @@ def sensitivity_atlas(
         "target_positions", target_positions
     )
     adapter = ModelAdapter.of(model)
+    check_seed(seed)
     batch = adapter.tokenize(prompts)
     plan = plan_atlas(
         adapter, batch, sources=sources, targets=targets, k=k, method=method,
@@ -234,6 +236,7 @@ def sensitivity_atlas(
     return atlas
 
 
+@plain_ints
 def validate_atlas_arguments(
     model: Model | ModelAdapter, prompts: Prompts | TokenBatch, **options: Any
 ) -> None:
@@ -249,7 +252,8 @@ def validate_atlas_arguments(
         name: options.get(name, parameter.default)
         for name, parameter in parameters.items()
         if parameter.kind is inspect.Parameter.KEYWORD_ONLY
-        and name not in ("seed", "progress")  # nothing to check
+        and name not in ("seed", "progress")  # not plan_atlas's
     }
+    check_seed(options.get("seed", 0))
     adapter = ModelAdapter.of(model)
     plan_atlas(adapter, adapter.tokenize(prompts), **checked)

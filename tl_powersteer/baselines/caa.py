@@ -26,13 +26,13 @@ import torch
 from torch import Tensor
 
 from ..adapters import Model, ModelAdapter, Prompts, TokenBatch, activations
-from ..checks import is_int
+from ..checks import is_int, plain_ints
 from ..vectors import SteeringVector
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["caa_layer_sweep", "caa_vector", "token_at_position"]
+__all__ = ["caa_layer_sweep", "caa_vector", "check_caa_options", "token_at_position"]
 
 
 def token_at_position(batch: TokenBatch, acts: Tensor, position: int, what: str) -> Tensor:
@@ -49,6 +49,29 @@ def token_at_position(batch: TokenBatch, acts: Tensor, position: int, what: str)
     return acts[torch.arange(acts.shape[0]), index]
 
 
+def check_caa_options(
+    adapter: ModelAdapter,
+    positive: Prompts,
+    negative: Prompts,
+    layers: Sequence[int],
+    site: str,
+    position: int,
+) -> tuple[TokenBatch, TokenBatch, list[int], list[str]]:
+    """CAA's arguments checked with no forward pass: the tokenized positive and negative
+    prompts, the resolved layers and their hooks."""
+    pos, neg = adapter.tokenize(positive), adapter.tokenize(negative)
+    if pos.tokens.shape[0] != neg.tokens.shape[0]:
+        raise ValueError(
+            f"CAA pairs prompts: got {pos.tokens.shape[0]} positive and "
+            f"{neg.tokens.shape[0]} negative prompts; give the same number of each"
+        )
+    layers = [adapter.resolve_layer(layer, "layer") for layer in layers]
+    hooks = [adapter.hook_name(layer, site) for layer in layers]
+    token_at_position(pos, pos.tokens[..., None], position, "positive")
+    token_at_position(neg, neg.tokens[..., None], position, "negative")
+    return pos, neg, layers, hooks
+
+
 def _paired(
     model: Model | ModelAdapter,
     positive: Prompts,
@@ -60,16 +83,7 @@ def _paired(
     """(adapter, resolved layers, per layer the positive and negative activations
     ``[n_pairs, d_model]`` at ``position``), checked before any forward pass."""
     adapter = ModelAdapter.of(model)
-    pos, neg = adapter.tokenize(positive), adapter.tokenize(negative)
-    if pos.tokens.shape[0] != neg.tokens.shape[0]:
-        raise ValueError(
-            f"CAA pairs prompts: got {pos.tokens.shape[0]} positive and "
-            f"{neg.tokens.shape[0]} negative prompts; give the same number of each"
-        )
-    layers = [adapter.resolve_layer(layer, "layer") for layer in layers]
-    hooks = [adapter.hook_name(layer, site) for layer in layers]
-    token_at_position(pos, pos.tokens[..., None], position, "positive")
-    token_at_position(neg, neg.tokens[..., None], position, "negative")
+    pos, neg, layers, hooks = check_caa_options(adapter, positive, negative, layers, site, position)
     acts = zip(activations(adapter, pos, hooks), activations(adapter, neg, hooks), strict=True)
     return (
         adapter,
@@ -115,6 +129,7 @@ def _caa(
     )
 
 
+@plain_ints
 def caa_vector(
     model: Model | ModelAdapter,
     positive_prompts: Prompts,
@@ -138,6 +153,7 @@ def caa_vector(
     return _caa(adapter, (a - b).mean(0), layer, site, position, a.shape[0], normalize)
 
 
+@plain_ints
 def caa_layer_sweep(
     model: Model | ModelAdapter,
     positive_prompts: Prompts,

@@ -35,7 +35,7 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..adapters import Model, ModelAdapter, Prompts
-from ..checks import is_int, is_number, renamed_attribute, renamed_options
+from ..checks import check_seed, is_int, is_number, plain_ints, renamed_attribute, renamed_options
 from ..io import register
 from ..io import save as save_result
 from ..jacobian import LayerJacobian
@@ -44,7 +44,7 @@ from ..vectors import SteeringVector
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["MelboResult", "melbo", "melbo_optimise"]
+__all__ = ["MelboResult", "check_melbo_options", "melbo", "melbo_optimise"]
 
 
 # Former option names that still work for one release.
@@ -148,6 +148,7 @@ class MelboResult:
 
     positions = renamed_attribute("positions", "target_positions")
 
+    @plain_ints
     def steering_vector(self, i: int = 0) -> SteeringVector:
         """Vector ``i`` as a ``SteeringVector`` (``norm`` = the radius it was found at)."""
         n = int(self.vectors.shape[0])
@@ -200,6 +201,31 @@ def _positive(value: Any, what: str) -> float:
     return float(value)
 
 
+def check_melbo_options(
+    adapter: ModelAdapter,
+    *,
+    n_vectors: Any,
+    radius: Any,
+    steps: Any,
+    p: Any = 2.0,
+    q: Any = 1.0,
+    lr: Any = 0.2,
+    seed: Any = 0,
+) -> tuple[float | None, float, float, float]:
+    """``melbo``'s own options checked, with no forward pass; ``radius`` None (chosen
+    later from the activations) is let through. Returns ``(radius, p, q, lr)``."""
+    radius = radius if radius is None else _positive(radius, "radius")
+    p, q, lr = _positive(p, "p"), _positive(q, "q"), _positive(lr, "lr")
+    if not is_int(steps) or steps < 1:
+        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    d = adapter.d_model
+    if not is_int(n_vectors) or not 1 <= n_vectors <= d:
+        raise ValueError(f"n_vectors must be an int between 1 and d_model = {d}, got {n_vectors!r}")
+    check_seed(seed)
+    return radius, p, q, lr
+
+
+@plain_ints
 def melbo(
     model: Model | ModelAdapter,
     prompts: Prompts,
@@ -231,17 +257,17 @@ def melbo(
     target_positions = renamed_options("melbo", renamed, RENAMED).get(
         "target_positions", target_positions
     )
+    adapter = ModelAdapter.of(model)
     radius = _positive(radius, "radius")
-    p, q, lr = _positive(p, "p"), _positive(q, "q"), _positive(lr, "lr")
-    if not is_int(steps) or steps < 1:
-        raise ValueError(f"steps must be a positive int, got {steps!r}")
+    _, p, q, lr = check_melbo_options(
+        adapter, n_vectors=n_vectors, radius=radius, steps=steps, p=p, q=q, lr=lr, seed=seed
+    )
+    adapter.resolve_layer(source, "source"), adapter.resolve_layer(target, "target")
     op = LayerJacobian(
-        model, prompts, source, target,
+        adapter, prompts, source, target,
         source_site=source_site, target_site=target_site, target_positions=target_positions,
     )  # fmt: skip
     d = op.shape[1]
-    if not is_int(n_vectors) or not 1 <= n_vectors <= d:
-        raise ValueError(f"n_vectors must be an int between 1 and d_model = {d}, got {n_vectors!r}")
     batch_size = op.batch.tokens.shape[0]
     base = op.target_value
 

@@ -22,12 +22,14 @@ from jaxtyping import Float
 from torch import Tensor
 
 from ..adapters import Model, ModelAdapter, Prompts, activations
+from ..checks import plain_ints
 from ..vectors import SteeringVector
 from .caa import token_at_position
 
 __all__ = ["probe"]
 
 
+@plain_ints
 def probe(
     model: Model | ModelAdapter,
     prompts: Prompts,

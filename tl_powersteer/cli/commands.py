@@ -15,11 +15,12 @@ from ..adapters import ModelAdapter
 from ..atlas import sensitivity_atlas, token_effects, validate_atlas_arguments
 from ..compare import check_method_options, find_vectors
 from ..doctor import doctor
-from ..effects import effects_and_generations
-from ..io import atomic_folder
+from ..effects import check_metric, effects_and_generations
+from ..io import atomic_file, atomic_folder, check_destination, check_output_folder
 from ..models import load_model
 from ..plotting import atlas_html
 from ..power_steering import PowerSteeringResult
+from ..scales import check_scales
 from ..vectors import SteeringVector
 from .parser import DEMO_PROMPT, DTYPES, UsageError
 
@@ -27,6 +28,16 @@ __all__ = ["COMMANDS", "run_atlas", "run_demo", "run_doctor", "run_steer", "run_
 
 # A folder holding this file is an earlier output of ``steer`` or ``demo``: it may be replaced.
 _MARKER = "summary.md"
+# What each command writes into its --out folder (a previous output holds only these).
+ATLAS_FILES = ("atlas.safetensors", "atlas.csv", "atlas.html")
+OUTPUT_FILES = (
+    _MARKER,
+    "vectors",
+    "vectors.safetensors",
+    "vectors.csv",
+    "effects.csv",
+    "generations.csv",
+)
 
 
 def run_atlas(args: argparse.Namespace) -> int:
@@ -42,11 +53,7 @@ def run_atlas(args: argparse.Namespace) -> int:
             f"--sketch-rank and --sketch-matmuls apply to --method sketch (or auto), not "
             f"{args.method}; drop them or choose --method sketch"
         )
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {str(out)!r} exists and is not a folder")
-    if not out.parent.is_dir():
-        raise UsageError(f"the folder of --out does not exist: {str(out.parent)!r}")
+    out = check_output_folder(args.out, ATLAS_FILES, "--out", marker=ATLAS_FILES[0])
     model = _load(args)
     options = {
         "sources": args.sources,
@@ -68,7 +75,8 @@ def run_atlas(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     result = sensitivity_atlas(model, args.prompt, checkpoint=out / "atlas.safetensors", **options)
     seconds = time.perf_counter() - start
-    result.to_pandas().to_csv(out / "atlas.csv", index=False)
+    with atomic_file(out / "atlas.csv") as tmp:
+        result.to_pandas().to_csv(tmp, index=False)
     atlas_html(result, out / "atlas.html", effects=token_effects(model, result))
     print(
         f"atlas of {len(result.pairs())} pairs ({result.method_label}) in {seconds:.1f} s; "
@@ -131,11 +139,9 @@ def run_vectors(args: argparse.Namespace) -> int:
     _check_numbers(args)
     if any(not p.strip() for p in args.prompt):
         raise UsageError("--prompt must not be empty")
-    out = Path(args.out or f"powersteer_L{args.source}_L{args.target}.safetensors")
-    if out.suffix != ".safetensors":
-        raise UsageError(f"--out must end in .safetensors, got {str(out)!r}")
-    if not out.parent.is_dir():
-        raise UsageError(f"the folder of --out does not exist: {str(out.parent)!r}")
+    out = check_destination(
+        args.out or f"powersteer_L{args.source}_L{args.target}.safetensors", ".safetensors", "--out"
+    )
     model = _load(args)
     res, seconds = _compute(model, args.prompt, args)
     print(_report(res, seconds))
@@ -172,14 +178,7 @@ def _summary(res: PowerSteeringResult, seconds: float, prompt: str, steering: li
 
 def _check_out_folder(out: Path) -> None:
     """Refuse an ``--out`` that holds anything but a previous output of this program."""
-    if out.exists() and not (
-        out.is_dir() and ((out / _MARKER).is_file() or not any(out.iterdir()))
-    ):
-        raise UsageError(
-            f"--out {str(out)!r} exists and is not a previous output folder; choose another --out"
-        )
-    if not out.parent.is_dir():
-        raise UsageError(f"the folder of --out does not exist: {str(out.parent)!r}")
+    check_output_folder(out, OUTPUT_FILES, "--out", marker=_MARKER)
 
 
 def _write_folder(out: Path, write: Any) -> None:
@@ -199,12 +198,15 @@ def _check_steering(args: argparse.Namespace) -> None:
         raise UsageError(f"--max-new-tokens must be at least 1, got {args.max_new_tokens}")
     if args.controls < 0:
         raise UsageError(f"--controls must be non-negative, got {args.controls}")
+    check_scales(args.scales)
 
 
 def _check_answers(model: Any, args: argparse.Namespace) -> None:
     """Answers must be single tokens of this model: checked before any computation."""
     for answer in args.answers or []:
         ModelAdapter(model).single_token(answer, "--answers")
+    if args.answers:
+        check_metric(ModelAdapter(model), "logit_diff", args.answers, None, args.max_new_tokens)
 
 
 def _steering_stage(
