@@ -635,6 +635,12 @@ class ModelAdapter:
                 f"{what}={answer!r} is {len(ids)} tokens {pieces}, not one; answers are "
                 "compared as single next tokens (mind the leading space, e.g. ' great')"
             )
+        unknown = getattr(self.model.tokenizer, "unk_token_id", None)
+        if unknown is not None and ids[0] == unknown and answer != self.model.tokenizer.unk_token:
+            raise ValueError(
+                f"{what}={answer!r} is not in the model's vocabulary: it tokenizes to the "
+                "unknown token; choose a word the tokenizer knows"
+            )
         return int(ids[0])
 
 

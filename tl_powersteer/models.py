@@ -271,7 +271,16 @@ def _load(name: str, kind: ModelKind, device: str, dtype: torch.dtype, progress:
                 "kind='hooked' cannot load a local directory: HookedTransformer needs an "
                 "official model name to pick its architecture. Use kind='bridge'."
             )
-        return boot(str(local), kind="bridge", device=device, dtype=dtype)
+        try:
+            return boot(str(local), kind="bridge", device=device, dtype=dtype)
+        except (OSError, ValueError, KeyError) as err:
+            # transformers' own message names the broken file; say which folder it was.
+            first = (str(err).strip().splitlines() or [type(err).__name__])[0].rstrip(".")
+            raise ValueError(
+                f"could not load the model folder {str(local)!r}: {first}. It must hold a "
+                "HuggingFace model (config.json, weights, tokenizer) as save_pretrained "
+                "writes it"
+            ) from err
     try:
         return boot(name, kind=kind, device=device, dtype=dtype)
     except OSError as err:

@@ -291,6 +291,7 @@ def test_steer_compares_methods(
         (["--scale-mode", "big"], "invalid choice"),
         (["--answers", "good", "very good"], "not one"),
         (["--answers", "good", "good"], "are the same token"),
+        (["--answers", "zzz", "bad"], "'zzz' is not in the model's vocabulary"),
         (["--source-site", "attn.hook_q"], "holds activations of shape"),
         (["--k", "17"], "k must be between 1 and 16"),
     ],
@@ -378,3 +379,18 @@ def test_steer_refuses_a_previous_output_with_other_files(
     assert main(steer_args(gpt2_dir, out)) == 2
     assert "(it holds my_analysis.ipynb)" in capsys.readouterr().err
     assert (out / "my_analysis.ipynb").read_text() == "{}"
+
+
+@pytest.mark.parametrize("content", [None, "{not json", '{"model_type": "no-such-architecture"}'])
+def test_a_folder_that_is_not_a_model(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], content: str | None
+) -> None:
+    folder = tmp_path / "model"
+    folder.mkdir()
+    if content is not None:
+        (folder / "config.json").write_text(content)
+    assert main(vectors_args(str(folder), tmp_path / "v.safetensors")) == 2
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"could not load the model folder {str(folder)!r}" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

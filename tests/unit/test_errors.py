@@ -399,3 +399,13 @@ SEEDED = {
 def test_a_seed_must_be_an_int(model: Any, tokens: torch.Tensor, entry: str, seed: Any) -> None:
     with no_forward_pass(model), pytest.raises(TypeError, match="seed must be an int"):
         SEEDED[entry](model, tokens, seed)
+
+
+def test_an_answer_outside_the_vocabulary(text_model: Any) -> None:
+    vector = tps.random_vectors(16, 1, "hook_mlp_out", 1)
+    with no_forward_pass(text_model), pytest.raises(ValueError, match="not in the model's vocab"):
+        tps.effect(
+            text_model, "the cat", vector, [1.0], metric="logit_diff", answers=("zzz", "cat")
+        )
+    # The unknown token itself, asked for by name, is a token like any other.
+    tps.effect(text_model, "the cat", vector, [1.0], metric="logit_diff", answers=("<unk>", "cat"))
