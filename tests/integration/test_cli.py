@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -394,3 +395,33 @@ def test_a_folder_that_is_not_a_model(
     assert err.count("\n") == 1 and "Traceback" not in err, err
     assert f"could not load the model folder {str(folder)!r}" in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_chat_prompts_on_the_command_line(
+    gpt2_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """--chat, --system and --assistant-prefix render each prompt through the model's own
+    template; a model without one is refused with one line."""
+    out = tmp_path / "v.safetensors"
+    plain = vectors_args(gpt2_dir, out, "--chat")
+    assert main(plain) == 2
+    assert "has no chat template" in capsys.readouterr().err
+    assert not out.exists()
+    from transformers import AutoTokenizer
+
+    chat_dir = tmp_path / "chat-model"
+    shutil.copytree(gpt2_dir, chat_dir)
+    tokenizer = AutoTokenizer.from_pretrained(chat_dir)
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }} {{ m['content'] }} <eos> {% endfor %}"
+        "{% if add_generation_prompt %}i {% endif %}"
+    )
+    tokenizer.save_pretrained(chat_dir)
+    args = vectors_args(str(chat_dir), out, "--system", "the movie was good",
+                        "--assistant-prefix", "liked")  # fmt: skip
+    assert main(args) == 0
+    saved = tps.load(out).prompts
+    assert saved == [
+        "system the movie was good <eos> user the cat sat on the mat <eos> i liked",
+        "system the movie was good <eos> user i liked it <eos> i liked",
+    ]

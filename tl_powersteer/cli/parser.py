@@ -15,7 +15,7 @@ from ..atlas import ATLAS_METHODS
 from ..compare import STEER_METHODS
 from ..doctor import TINY_MODEL
 from ..jacobian import JVP_METHODS
-from ..models import EMBEDDED_MODEL, KINDS
+from ..models import EMBEDDED_MODEL, EMBEDDED_MODELS, KINDS
 from ..scales import SCALE_MODES
 
 __all__ = [
@@ -65,14 +65,27 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--model",
         default=EMBEDDED_MODEL,
-        help=f"{EMBEDDED_MODEL!r} (embedded, works offline), a local HuggingFace directory, "
-        f"or a hub name (default: %(default)s)",
+        help=f"an embedded model, offline ({', '.join(EMBEDDED_MODELS)}), a local "
+        "HuggingFace directory, or a hub name (default: %(default)s)",
     )
     group.add_argument(
         "--kind",
         choices=KINDS,
         default="bridge",
         help="TransformerBridge or HookedTransformer (3.x only) (default: %(default)s)",
+    )
+    group.add_argument(
+        "--chat",
+        action="store_true",
+        help="render each prompt as a user message through the model's chat template",
+    )
+    group.add_argument(
+        "--system", default=None, help="a system message before each chat prompt (implies --chat)"
+    )
+    group.add_argument(
+        "--assistant-prefix",
+        default="",
+        help="text that starts the assistant's answer in each chat prompt (implies --chat)",
     )
     group.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     group.add_argument(
