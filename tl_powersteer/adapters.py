@@ -224,6 +224,11 @@ class ModelAdapter:
             )
         return operator.index(layer) % n
 
+    def resolve_pair(self, source: int, target: int) -> tuple[int, int]:
+        """One (source, target) pair of block indices, for the methods that take exactly
+        one; ``LayerJacobian`` takes lists and would stack their Jacobians."""
+        return self.resolve_layer(source, "source"), self.resolve_layer(target, "target")
+
     def resolve_layers(
         self, layers: int | Sequence[int] | slice, what: str, *, merge_repeats: bool = False
     ) -> list[int]:

@@ -138,7 +138,7 @@ def find_vectors(
     adapter = ModelAdapter.of(model)
     site = dict(source_site=source_site, target_site=target_site, target_positions=target_positions)
     # Every method's options are checked before the first of them runs.
-    adapter.resolve_layer(source, "source"), adapter.resolve_layer(target, "target")
+    adapter.resolve_pair(source, target)
     check_seed(seed)
     check_pair(adapter, prompts, source, target, jvp_method=jvp_method, **site)  # type: ignore[arg-type]
     if "power_steering" in chosen:

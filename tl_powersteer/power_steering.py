@@ -206,8 +206,7 @@ def power_steer(
     )
     # Every option is checked before the first forward pass.
     adapter = ModelAdapter.of(model)
-    # One pair: LayerJacobian would take lists, and stack their Jacobians.
-    adapter.resolve_layer(source, "source"), adapter.resolve_layer(target, "target")
+    adapter.resolve_pair(source, target)
     check_seed(seed)
     check_iteration_args(k, adapter.d_model, block_size=block_size, tol=tol, max_iters=max_iters)
     op = LayerJacobian(

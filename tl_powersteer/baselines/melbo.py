@@ -262,7 +262,7 @@ def melbo(
     _, p, q, lr = check_melbo_options(
         adapter, n_vectors=n_vectors, radius=radius, steps=steps, p=p, q=q, lr=lr, seed=seed
     )
-    adapter.resolve_layer(source, "source"), adapter.resolve_layer(target, "target")
+    adapter.resolve_pair(source, target)
     op = LayerJacobian(
         adapter, prompts, source, target,
         source_site=source_site, target_site=target_site, target_positions=target_positions,
