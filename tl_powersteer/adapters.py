@@ -163,6 +163,21 @@ def _active_dropout(model: nn.Module) -> list[str]:
 
 
 _SAME_WIDTH_INT = {1: torch.uint8, 2: torch.int16, 4: torch.int32, 8: torch.int64}
+# The configuration fields that fix a model's architecture and that both model classes
+# report alike (n_ctx and devices differ between them; the name is recorded on its own).
+_ARCHITECTURE_FIELDS = (
+    "original_architecture",
+    "n_layers",
+    "d_model",
+    "n_heads",
+    "d_head",
+    "n_key_value_heads",
+    "d_mlp",
+    "d_vocab",
+    "act_fn",
+    "normalization_type",
+    "positional_embedding_type",
+)
 
 
 class ModelAdapter:
@@ -178,6 +193,9 @@ class ModelAdapter:
     def __init__(self, model: Any):
         self.kind: ModelKind = _model_kind(model)
         self.model = model
+        self._fingerprint: tuple[tuple[int, ...], str] | None = None
+        # Warnings already given through this adapter, so that one call gives each once.
+        self.warned: set[str] = set()
         dropout = _active_dropout(model)
         if dropout:
             raise ValueError(
@@ -565,15 +583,37 @@ class ModelAdapter:
         for bit, so it is the same on every device: any retraining, fine-tuning or
         reinitialisation changes it, though an edit of a few chosen weights might not.
         """
+        params = list(self.model.named_parameters())
+        # An adapter lives for one call (it is handed down, not kept), and hashes once while
+        # no parameter is replaced or edited in place (load_state_dict, optimiser steps).
+        versions = tuple(v for _, p in params for v in (p._version, p.data_ptr()))
+        if self._fingerprint is not None and self._fingerprint[0] == versions:
+            return self._fingerprint[1]
         digest = hashlib.sha256()
         with torch.no_grad():
-            for name, param in self.model.named_parameters():
+            for name, param in params:
                 digest.update(json.dumps([name, str(param.dtype), list(param.shape)]).encode())
                 sample = param.detach().reshape(-1)[::97].cpu()
                 # Same-width integers, which numpy has for every dtype (bfloat16 included).
                 bits = _SAME_WIDTH_INT[sample.element_size()]
                 digest.update(sample.view(bits).numpy().tobytes())
-        return "sha256:" + digest.hexdigest()
+        fingerprint = "sha256:" + digest.hexdigest()
+        self._fingerprint = (versions, fingerprint)
+        return fingerprint
+
+    def config_hash(self) -> str:
+        """A SHA-256 of the architecture in the model's config (layers, widths, heads,
+        vocabulary, activation, normalisation, positional embedding), the same for a
+        ``HookedTransformer`` and a ``TransformerBridge`` of one model."""
+        cfg = self.model.cfg
+        fields = {}
+        for key in _ARCHITECTURE_FIELDS:
+            value = getattr(cfg, key, None)
+            fields[key] = (
+                value if isinstance(value, (int, float, str, bool, type(None))) else str(value)
+            )
+        text = json.dumps(fields, sort_keys=True)
+        return "sha256:" + hashlib.sha256(text.encode()).hexdigest()
 
     def hook_count(self) -> int:
         """Forward and backward hooks registered on the model's modules right now."""

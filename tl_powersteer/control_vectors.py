@@ -17,10 +17,15 @@ stream as it is, so adding ``v`` to it adds ``v`` to the block's output (checked
 the hooks on both embedded models, Gemma 3's norm after the MLP included, since
 TransformerLens' ``hook_mlp_out`` is after it). A vector at ``blocks.{s}.hook_resid_pre``
 is the output of block ``s - 1``. Other sites have no llama.cpp equivalent.
+
+The file also keeps the vectors' ``metadata["provenance"]`` as JSON under
+``tl_powersteer.provenance`` (llama.cpp skips keys it does not use), so imported vectors
+are checked against the model they are used on like the originals.
 """
 
 from __future__ import annotations
 
+import json
 import math
 import os
 from collections.abc import Sequence
@@ -39,6 +44,7 @@ __all__ = ["ARCHITECTURES", "EXPORTABLE_SITES", "export_control_vector", "import
 EXPORTABLE_SITES = {"hook_resid_post": 0, "hook_mlp_out": 0, "hook_resid_pre": -1}
 # llama.cpp's architecture names of the embedded models, for controlvector.model_hint.
 ARCHITECTURES = {"gemma-3-270m": "gemma3", "smollm2-135m-instruct": "llama"}
+PROVENANCE_KEY = "tl_powersteer.provenance"
 
 
 def _gguf() -> Any:
@@ -77,7 +83,7 @@ def export_control_vector(
     if len(given) != len(items):
         raise ValueError(f"got {len(given)} scales for {len(items)} vectors")
     path = check_destination(path, ".gguf", "the control vector path")
-    hints = {ARCHITECTURES.get(str(v.metadata.get("model_name"))) for v in items}
+    hints = {ARCHITECTURES.get(_model_of(v)) for v in items}
     if architecture is None:
         if len(hints) != 1 or None in hints:
             raise ValueError(
@@ -110,6 +116,10 @@ def export_control_vector(
         writer = gguf.GGUFWriter(str(tmp), "controlvector")
         writer.add_string("controlvector.model_hint", architecture)
         writer.add_int32("controlvector.layer_count", len(directions))
+        made = [v.metadata.get("provenance") for v in items]
+        if made[0] and all(m == made[0] for m in made):
+            # Read back by import_control_vector; llama.cpp ignores keys it does not know.
+            writer.add_string(PROVENANCE_KEY, json.dumps(made[0], sort_keys=True))
         for layer in sorted(directions):
             writer.add_tensor(f"direction.{layer}", directions[layer].float().numpy())
         writer.write_header_to_file()
@@ -117,6 +127,11 @@ def export_control_vector(
         writer.write_tensors_to_file()
         writer.close()
     return path
+
+
+def _model_of(vector: SteeringVector) -> str:
+    made = vector.metadata.get("provenance") or {}
+    return str(made.get("embedded_model") or vector.metadata.get("model_name"))
 
 
 def _field(reader: Any, name: str) -> Any:
@@ -142,6 +157,7 @@ def import_control_vector(path: str | os.PathLike[str]) -> list[SteeringVector]:
         reader = gguf.GGUFReader(str(path))
         architecture = _field(reader, "general.architecture")
         hint = _field(reader, "controlvector.model_hint")
+        made = _field(reader, PROVENANCE_KEY)
         tensors = [(t.name, t.tensor_type, t.data) for t in reader.tensors]
     except Exception as err:  # the reader raises many kinds on damaged input
         raise ValueError(f"{str(path)!r} is not a readable GGUF file: {err}") from err
@@ -150,6 +166,10 @@ def import_control_vector(path: str | os.PathLike[str]) -> list[SteeringVector]:
             f"{str(path)!r} is a GGUF file of {architecture!r}, not a control vector "
             "(general.architecture 'controlvector')"
         )
+    try:
+        provenance = json.loads(made) if made is not None else {}
+    except ValueError as err:
+        raise ValueError(f"{str(path)!r}: {PROVENANCE_KEY} is not JSON ({err})") from err
     out = []
     for name, kind, data in tensors:
         prefix, _, index = name.partition(".")
@@ -176,6 +196,7 @@ def import_control_vector(path: str | os.PathLike[str]) -> list[SteeringVector]:
                     "scale": length,
                     "model_hint": hint,
                     "file": str(path),
+                    **({"provenance": provenance} if provenance else {}),
                 },
             )
         )

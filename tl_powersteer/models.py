@@ -28,6 +28,7 @@ import json
 import os
 import shutil
 import sys
+import weakref
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,7 +37,7 @@ from typing import Any
 
 import torch
 
-from .adapters import ModelKind, boot
+from .adapters import ModelAdapter, ModelKind, boot
 from .io import atomic_folder
 
 __all__ = [
@@ -50,6 +51,7 @@ __all__ = [
     "embedded_model_dir",
     "ensure_cached",
     "load_model",
+    "model_provenance",
     "transformers_bars_off",
 ]
 
@@ -57,6 +59,8 @@ EMBEDDED_MODEL = "gemma-3-270m"
 CACHE_ENV = "TL_POWERSTEER_CACHE"
 KINDS = ("bridge", "hooked")
 _MANIFEST = "tl_powersteer_manifest.json"
+# Models that load_model converted from an embedded GGUF file, and which one.
+_EMBEDDED_SOURCE: weakref.WeakKeyDictionary[Any, str] = weakref.WeakKeyDictionary()
 
 Step = Callable[[str], None]
 
@@ -343,6 +347,32 @@ def load_model(
         return _load(name, model_kind, str(device), dtype, progress)
 
 
+def model_provenance(model: Any) -> dict[str, Any]:
+    """What saved vectors, results and atlases record of the model that made them.
+
+    ``model_name``, ``kind``, ``n_layers``, ``d_model``, ``config_hash``
+    (``ModelAdapter.config_hash``: the architecture, equal for both model classes) and
+    ``weights_fingerprint`` (``ModelAdapter.weights_fingerprint``: the weights; it differs
+    between the classes, which name and arrange them differently); for a model that
+    ``load_model`` converted from an embedded GGUF file, also ``embedded_model`` and
+    ``gguf_sha256``, that file's checked digest.
+    """
+    adapter = ModelAdapter.of(model)
+    record: dict[str, Any] = {
+        "model_name": adapter.name,
+        "kind": adapter.kind,
+        "n_layers": adapter.n_layers,
+        "d_model": adapter.d_model,
+        "config_hash": adapter.config_hash(),
+        "weights_fingerprint": adapter.weights_fingerprint(),
+    }
+    source = _EMBEDDED_SOURCE.get(adapter.model)
+    if source is not None:
+        record["embedded_model"] = source
+        record["gguf_sha256"] = EMBEDDED_MODELS[source].sha256
+    return record
+
+
 def _load(name: str, kind: ModelKind, device: str, dtype: torch.dtype, progress: bool) -> Any:
     local = Path(name).expanduser()
     if name in EMBEDDED_MODELS:
@@ -361,6 +391,7 @@ def _load(name: str, kind: ModelKind, device: str, dtype: torch.dtype, progress:
         # Plain prompts are tokenized as the model's own tokenizer does (SmolLM2's adds no
         # BOS; TransformerLens would prepend <|im_start|>).
         model.cfg.default_prepend_bos = entry.prepend_bos
+        _EMBEDDED_SOURCE[model] = name
         return model
     if local.is_dir():
         if kind == "hooked":

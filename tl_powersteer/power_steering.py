@@ -39,6 +39,7 @@ from .io import register
 from .io import save as save_result
 from .jacobian import LayerJacobian
 from .linalg import block_power_iteration, check_iteration_args, spectrum_problem
+from .models import model_provenance
 from .vectors import SteeringVector
 
 if TYPE_CHECKING:
@@ -115,6 +116,8 @@ class PowerSteeringResult:
     tokens: Tensor | None = None
     seed: int = 0
     history: Float[Tensor, "iterations k"] = field(default_factory=lambda: torch.empty(0, 0))
+    # ``model_provenance`` of the model ({} in files of earlier releases).
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def k(self) -> int:
@@ -141,6 +144,7 @@ class PowerSteeringResult:
             singular_value=float(self.singular_values[i]),
             model_name=self.model_name,
             prompts=self.prompts,
+            provenance=self.provenance,
         )
 
     positions = renamed_attribute("positions", "target_positions")
@@ -241,4 +245,5 @@ def power_steer(
         **batch.provenance(),
         seed=seed,
         history=found.history.cpu(),
+        provenance=model_provenance(op.adapter),
     )

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import operator
 import os
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -28,6 +29,7 @@ from .adapters import ModelAdapter
 from .checks import check_seed, is_int, plain_ints
 from .io import register
 from .io import save as save_result
+from .models import model_provenance
 
 __all__ = ["SteeringVector", "check_vector", "random_vectors", "vector_list"]
 
@@ -39,8 +41,10 @@ class SteeringVector:
 
     ``norm`` is the method's own magnitude for the vector (the CAA mean difference's norm,
     MELBO's radius, 1 for Power Steering), so ``scale=vector.norm`` in absolute mode adds
-    the vector the method found. ``metadata`` holds JSON-friendly provenance (model, layers,
-    prompts, rank, singular value, ...); ``metadata["name"]`` labels the vector in tables.
+    the vector the method found. ``metadata`` holds JSON-friendly provenance (layers,
+    prompts, rank, singular value, ...); ``metadata["name"]`` labels the vector in tables,
+    and ``metadata["provenance"]`` describes the model that made it (``model_provenance``),
+    so that ``steer`` can refuse or warn about a vector used on another model.
     The direction is kept on the CPU, so vectors found on different devices mix freely;
     it moves to the model's device where it is added.
     """
@@ -127,10 +131,51 @@ def vector_list(vectors: SteeringVector | Sequence[SteeringVector]) -> list[Stee
 
 
 def check_vector(adapter: ModelAdapter, vector: SteeringVector) -> str:
-    """The vector's hook name, after checking it fits the model."""
+    """The vector's hook name, after checking it fits the model.
+
+    A vector made for a model of another width or layer count is refused; one made on
+    another model of the same shape (another architecture config, or other weights) is
+    used, with a warning, once per adapter.
+    """
     if vector.d_model != adapter.d_model:
         raise ValueError(
             f"{vector.name} has width {vector.d_model} but the model's d_model is "
             f"{adapter.d_model}: it was made for another model"
         )
+    made = vector.metadata.get("provenance")
+    if isinstance(made, dict):
+        layers = made.get("n_layers")
+        if is_int(layers) and layers != adapter.n_layers:
+            raise ValueError(
+                f"{vector.name} was made for a model with {layers} layers "
+                f"({made.get('model_name')}), but this model ({adapter.name}) has "
+                f"{adapter.n_layers}: it was made for another model"
+            )
+        reason = _other_model(adapter, made)
+        key = f"{id(vector)} {reason}"
+        if reason is not None and key not in adapter.warned:
+            adapter.warned.add(key)
+            warnings.warn(
+                f"{vector.name} was made on {made.get('model_name')}, and this model "
+                f"({adapter.name}) has the same shape but {reason}: the direction may not "
+                "mean the same here",
+                UserWarning,
+                stacklevel=3,
+            )
     return adapter.hook_name(vector.layer, vector.site)
+
+
+def _other_model(adapter: ModelAdapter, made: dict[str, Any]) -> str | None:
+    """How the model differs from the one a vector's provenance describes, if it does."""
+    mine = model_provenance(adapter)
+    if made.get("config_hash") and made["config_hash"] != mine["config_hash"]:
+        return "another architecture configuration (config_hash)"
+    if made.get("kind") == mine["kind"]:
+        theirs = made.get("weights_fingerprint")
+        if theirs and theirs != mine["weights_fingerprint"]:
+            return "other weights (weights_fingerprint)"
+    # The two model classes name their weights differently; an embedded file's digest
+    # still tells them apart.
+    elif made.get("gguf_sha256") and mine.get("gguf_sha256") not in (None, made["gguf_sha256"]):
+        return "weights from another file (gguf_sha256)"
+    return None

@@ -425,3 +425,25 @@ def test_chat_prompts_on_the_command_line(
         "system the movie was good <eos> user the cat sat on the mat <eos> i liked",
         "system the movie was good <eos> user i liked it <eos> i liked",
     ]
+
+
+def testdemo_settings_follow_the_model() -> None:
+    """Each embedded model has its own demo fork; options given on the line win."""
+    from tl_powersteer.cli.commands import demo_settings
+    from tl_powersteer.cli.parser import DEMOS
+
+    parser = build_parser()
+    args = parser.parse_args(["demo", "--model", "smollm2-135m-instruct"])
+    demo_settings(args)
+    demo = DEMOS["smollm2-135m-instruct"]
+    assert (args.source, args.target, args.answers, args.scales) == (6, 18, ["Yes", "No"], [0.5])
+    assert (args.target_positions, args.system, args.chat) == (1, demo.system, True)
+    assert args.prompt == list(demo.prompts)
+    args = parser.parse_args(["demo", "--model", "smollm2-135m-instruct", "--source", "3",
+                              "--scales", "1", "--prompt", "Is it cold?"])  # fmt: skip
+    demo_settings(args)
+    assert (args.source, args.target, args.scales, args.prompt) == (3, 18, [1.0], ["Is it cold?"])
+    args = parser.parse_args(["demo", "--model", "/some/folder"])
+    demo_settings(args)
+    assert (args.source, args.target, args.system, args.chat) == (8, 16, None, False)
+    assert args.answers == [" great", " terrible"] and args.target_positions == 4

@@ -157,3 +157,39 @@ def test_the_readme_example(smollm2: Any, tmp_path: Path) -> None:
     (back,) = tps.import_control_vector(path)
     assert (back.layer, back.norm) == (10, pytest.approx(8.0, rel=1e-6))
     assert back.metadata["model_hint"] == "llama"
+
+
+def test_each_embedded_model_records_its_gguf_file(embedded: Any) -> None:
+    from tl_powersteer.models import EMBEDDED_MODELS, model_provenance
+
+    made = model_provenance(embedded)
+    name = embedded.cfg.model_name
+    assert (made["embedded_model"], made["gguf_sha256"]) == (name, EMBEDDED_MODELS[name].sha256)
+    other = _LOADED[NAMES[1] if name == NAMES[0] else NAMES[0]] if len(_LOADED) == 2 else None
+    if other is not None:
+        assert model_provenance(other)["config_hash"] != made["config_hash"]
+
+
+def test_the_smollm2_demo_has_a_chat_fork_of_its_own(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    import pandas as pd
+
+    from tl_powersteer.cli import main
+    from tl_powersteer.cli.parser import DEMOS
+
+    out = tmp_path / "demo"
+    args = ["demo", "--model", NAMES[1], "--out", str(out), "--k", "2", "--controls", "1",
+            "--max-new-tokens", "12"]  # fmt: skip
+    assert main(args) == 0
+    summary = (out / "summary.md").read_text()
+    demo = DEMOS[NAMES[1]]
+    assert "L6 hook_mlp_out -> L18 hook_mlp_out, last 1 tokens of 4 prompt(s)" in summary
+    assert "change of logit('Yes') - logit('No')" in summary
+    # The prompts went through the chat template, with the demo's system message once.
+    assert summary.count(f"<|im_start|>system\\n{demo.system}<|im_end|>") == 2
+    saved = tps.load(out / "vectors.safetensors")
+    assert saved.prompts[0].endswith("<|im_start|>assistant\n")
+    assert saved.provenance["embedded_model"] == NAMES[1]
+    texts = pd.read_csv(out / "generations.csv")
+    assert texts["text"].str.len().min() > 0 and len(texts) == 1 + 2 * 2

@@ -86,6 +86,8 @@ def resume(
     theirs = {**saved.settings(), **state.settings()}
     if not saved.weights_fingerprint:  # written before atlases recorded their weights
         theirs["weights_fingerprint"] = fresh.weights_fingerprint
+    if not saved.provenance:  # nor their model's provenance
+        saved.provenance = fresh.provenance
     differ = [key for key in mine if mine[key] != theirs.get(key)]
     if "weights_fingerprint" in differ:
         raise ValueError(

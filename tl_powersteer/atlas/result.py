@@ -94,6 +94,8 @@ class SensitivityAtlas:
     sketch_matmul_dtype: str = ""
     # ``ModelAdapter.weights_fingerprint`` of the model ("" in files of the first release).
     weights_fingerprint: str = ""
+    # ``model_provenance`` of the model ({} in files of earlier releases).
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     @property
     def n_layers(self) -> int:
@@ -151,6 +153,7 @@ class SensitivityAtlas:
                         singular_value=float(self.singular_values[s, t, rank]),
                         model_name=self.model_name,
                         atlas_method=self.method,
+                        provenance=self.provenance,
                     )
                 )
         return out

@@ -70,6 +70,7 @@ import torch
 from ..adapters import Model, ModelAdapter, Prompts, TokenBatch
 from ..checks import check_seed, plain_ints, renamed_options
 from ..jacobian import RecordedPass
+from ..models import model_provenance
 from ..scales import typical_norms
 from . import sketch
 from .checkpoint import SketchState, resume, save_checkpoint
@@ -178,6 +179,7 @@ def sensitivity_atlas(
         model_name=adapter.name,
         **batch.provenance(),
         weights_fingerprint=adapter.weights_fingerprint(),
+        provenance=model_provenance(adapter),
         sketch_rank=r if method == "sketch" else 0,
         sketch_matmul_dtype=str(plan.matmul_dtype).removeprefix("torch.")
         if method == "sketch"

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from ..adapters import Model, ModelAdapter, Prompts, TokenBatch, activations
 from ..checks import is_int, plain_ints
+from ..models import model_provenance
 from ..vectors import SteeringVector
 
 if TYPE_CHECKING:
@@ -125,6 +126,7 @@ def _caa(
             "position": position,
             "n_pairs": n_pairs,
             "mean_difference_norm": norm,
+            "provenance": model_provenance(adapter),
         },
     )
 

@@ -39,6 +39,7 @@ from ..checks import check_seed, is_int, is_number, plain_ints, renamed_attribut
 from ..io import register
 from ..io import save as save_result
 from ..jacobian import LayerJacobian
+from ..models import model_provenance
 from ..vectors import SteeringVector
 
 if TYPE_CHECKING:
@@ -145,6 +146,8 @@ class MelboResult:
     seed: int = 0
     lr: float = 0.2
     metadata: dict[str, Any] = field(default_factory=dict)
+    # ``model_provenance`` of the model ({} in files of earlier releases).
+    provenance: dict[str, Any] = field(default_factory=dict)
 
     positions = renamed_attribute("positions", "target_positions")
 
@@ -169,6 +172,7 @@ class MelboResult:
                 "index": i,
                 "radius": self.radius,
                 "objective": float(self.objective[i]),
+                "provenance": self.provenance,
             },
         )
 
@@ -300,6 +304,7 @@ def melbo(
         n_backward=n_vectors * steps,
         seconds=seconds,
         model_name=op.adapter.name,
+        provenance=model_provenance(op.adapter),
         **op.batch.provenance(),
         seed=seed,
         lr=lr,

@@ -18,14 +18,22 @@ from ..compare import check_method_options, find_vectors
 from ..doctor import doctor
 from ..effects import check_metric, effects_and_generations
 from ..io import atomic_file, atomic_folder, check_destination, check_output_folder
-from ..models import load_model
+from ..models import EMBEDDED_MODEL, load_model
 from ..plotting import atlas_html
 from ..power_steering import PowerSteeringResult
 from ..scales import check_scales
 from ..vectors import SteeringVector
-from .parser import DEMO_PROMPT, DTYPES, UsageError
+from .parser import DEMO_OPTIONS, DEMOS, DTYPES, UsageError
 
-__all__ = ["COMMANDS", "run_atlas", "run_demo", "run_doctor", "run_steer", "run_vectors"]
+__all__ = [
+    "COMMANDS",
+    "demo_settings",
+    "run_atlas",
+    "run_demo",
+    "run_doctor",
+    "run_steer",
+    "run_vectors",
+]
 
 # A folder holding this file is an earlier output of ``steer`` or ``demo``: it may be replaced.
 _MARKER = "summary.md"
@@ -312,9 +320,22 @@ def run_steer(args: argparse.Namespace) -> int:
     return 0
 
 
+def demo_settings(args: argparse.Namespace) -> None:
+    """Fill the options left unset from the model's demo (the default model's for others)."""
+    demo = DEMOS.get(args.model) or DEMOS[EMBEDDED_MODEL]
+    if args.prompt is None:
+        args.prompt = list(demo.prompts)
+    for option in DEMO_OPTIONS:
+        if getattr(args, option) is None:
+            value = getattr(demo, option)
+            setattr(args, option, list(value) if isinstance(value, tuple) else value)
+    if args.system is not None:
+        args.chat = True
+
+
 def run_demo(args: argparse.Namespace) -> int:
+    demo_settings(args)
     _check_numbers(args)
-    args.prompt = args.prompt or [DEMO_PROMPT]
     if any(not p.strip() for p in args.prompt):
         raise UsageError("--prompt must not be empty")
     _check_steering(args)

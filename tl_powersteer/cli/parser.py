@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from dataclasses import dataclass
 from typing import Any, NoReturn
 
 import torch
@@ -20,9 +21,12 @@ from ..scales import SCALE_MODES
 
 __all__ = [
     "DEMO_ANSWERS",
+    "DEMO_OPTIONS",
     "DEMO_PAIR",
     "DEMO_PROMPT",
+    "DEMOS",
     "DTYPES",
+    "Demo",
     "PROG",
     "SKETCH_MATMULS",
     "UsageError",
@@ -35,6 +39,43 @@ PROG = "tl-powersteer"
 DEMO_PROMPT = "I watched the film last night. Honestly, the movie was"
 DEMO_PAIR = (8, 16)
 DEMO_ANSWERS = (" great", " terrible")
+
+
+@dataclass(frozen=True)
+class Demo:
+    """What ``demo`` runs on one embedded model: its fork, pair and scales."""
+
+    prompts: tuple[str, ...]
+    source: int
+    target: int
+    answers: tuple[str, str]
+    scales: tuple[float, ...]
+    target_positions: int = 4
+    system: str | None = None  # rendered through the chat template when set
+
+
+DEMOS = {
+    EMBEDDED_MODEL: Demo((DEMO_PROMPT,), *DEMO_PAIR, DEMO_ANSWERS, (1.0,)),
+    # A yes/no fork under a system prompt: SmolLM2 mostly hedges ("While ...", "The ...");
+    # on held-out questions, vector #2 of (6, 18) moves logit(Yes) - logit(No) about twice
+    # as far as random directions at the same KL.
+    "smollm2-135m-instruct": Demo(
+        (
+            "Should I learn to swim?",
+            "Should I drink more water?",
+            "Is it a good idea to save money?",
+            "Should I adopt a cat?",
+        ),
+        6,
+        18,
+        ("Yes", "No"),
+        (0.5,),
+        target_positions=1,
+        system="Answer with yes or no first.",
+    ),
+}
+# Per-model options of ``demo``: left unset by the parser, filled from DEMOS.
+DEMO_OPTIONS = ("source", "target", "answers", "scales", "target_positions", "system")
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16}
 SKETCH_MATMULS = ("auto", "full", "bfloat16")
 
@@ -318,11 +359,19 @@ def build_parser() -> argparse.ArgumentParser:
     demo = sub.add_parser(
         "demo",
         help="run the main job on the embedded model",
-        description=f"Compute Power Steering vectors of Gemma 3 270M for the pair "
-        f"{DEMO_PAIR[0]} -> {DEMO_PAIR[1]} on a built-in decision-fork prompt "
-        f"({DEMO_PROMPT!r}), steer generations with them (both signs, at matched KL), "
-        f"measure how they move logit({DEMO_ANSWERS[0]!r}) - logit({DEMO_ANSWERS[1]!r}) "
-        "against random directions, and write it all, with a summary, to a folder.",
+        description="Compute Power Steering vectors on a built-in decision fork of the "
+        "embedded model, steer generations with them (both signs, at matched KL), measure "
+        "how they move the fork's logit difference against random directions, and write it "
+        "all, with a summary, to a folder. Each embedded model has its own fork: "
+        + "; ".join(
+            f"{name}: {demo.prompts[0]!r}"
+            + (f" as a chat under the system prompt {demo.system!r}" if demo.system else "")
+            + f", pair {demo.source} -> {demo.target}, answers {list(demo.answers)}, "
+            f"scales {list(demo.scales)}, --target-positions {demo.target_positions}"
+            for name, demo in DEMOS.items()
+        )
+        + f". Other models get the {EMBEDDED_MODEL} demo's settings. Any option given "
+        "overrides the demo's.",
     )
     demo.add_argument(
         "--out",
@@ -338,6 +387,10 @@ def build_parser() -> argparse.ArgumentParser:
     _steer_options(demo, source=DEMO_PAIR[0], target=DEMO_PAIR[1])
     _steering_options(demo, answers=list(DEMO_ANSWERS), scales=[1.0])
     _model_options(demo)
+    demo.set_defaults(**dict.fromkeys(DEMO_OPTIONS))
+    for action in demo._actions:
+        if action.dest in DEMO_OPTIONS and action.help:
+            action.help = action.help.split(" (default")[0] + " (default: the model's demo)"
 
     doctor = sub.add_parser(
         "doctor",
