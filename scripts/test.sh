@@ -62,8 +62,11 @@ done
 
 scratch=$(mktemp -d)
 trap 'rm -rf "$scratch"' EXIT
-echo "== notebooks, on a tiny random Gemma 3"
+echo "== notebooks, on tiny random copies of the embedded models"
 "$venv4/bin/python" scripts/tiny_model.py "$scratch/tiny-gemma"
-TL_POWERSTEER_NOTEBOOK_MODEL="$scratch/tiny-gemma" "$venv4/bin/python" -m pytest -q --nbmake notebooks
+"$venv4/bin/python" scripts/tiny_model.py "$scratch/tiny-smollm2" smollm2-135m-instruct
+TL_POWERSTEER_NOTEBOOK_MODEL="$scratch/tiny-gemma" \
+    TL_POWERSTEER_NOTEBOOK_CHAT_MODEL="$scratch/tiny-smollm2" \
+    "$venv4/bin/python" -m pytest -q --nbmake notebooks
 echo "== docs (warnings are errors)"
 NO_MKDOCS_2_WARNING=1 "$venv4/bin/mkdocs" build --strict --quiet --site-dir "$scratch/site"

@@ -8,7 +8,7 @@ with ``sensitivity_atlas`` and browse it with ``atlas_html``; apply vectors with
 """
 
 from . import deprecated as _deprecated  # noqa: F401  (former names, kept for one release)
-from .atlas import SensitivityAtlas, sensitivity_atlas, token_effects
+from .atlas import SensitivityAtlas, merge_atlases, sensitivity_atlas, token_effects
 from .baselines import MelboResult, caa_layer_sweep, caa_vector, melbo, probe
 from .chat import chat_prompt
 from .compare import compare_methods, cosine_table
@@ -45,6 +45,7 @@ __all__ = [
     "load",
     "load_model",
     "melbo",
+    "merge_atlases",
     "plot_atlas",
     "power_steer",
     "probe",

@@ -142,7 +142,7 @@ def test_demo_refuses_a_foreign_folder(tmp_path: Path, capsys: pytest.CaptureFix
 def test_every_option_is_explained() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"vectors", "atlas", "steer", "demo", "doctor"}
+    assert set(sub.choices) == {"vectors", "atlas", "merge", "steer", "demo", "doctor"}
     for name, subparser in sub.choices.items():
         for action in subparser._actions:
             if action.dest != "help":
@@ -178,6 +178,67 @@ def test_atlas(gpt2_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "atlas.safetensors" in err and "Traceback" not in err, err
+
+
+def _atlas_shard(gpt2_dir: str, out: Path, *extra: str) -> list[str]:
+    return ["atlas", "--prompt", "the cat sat on the mat", "--k", "2", "--method", "exact",
+            "--model", gpt2_dir, "--dtype", "float64", "--out", str(out), *extra]  # fmt: skip
+
+
+def test_merge_shards_into_the_whole_atlas(
+    gpt2_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(_atlas_shard(gpt2_dir, tmp_path / "whole")) == 0
+    assert main(_atlas_shard(gpt2_dir, tmp_path / "a", "--sources", "0:2")) == 0
+    assert main(_atlas_shard(gpt2_dir, tmp_path / "b", "--sources", "2:")) == 0
+    capsys.readouterr()
+    out = tmp_path / "merged"
+    model = ["--model", gpt2_dir, "--dtype", "float64"]
+    # A folder and a file, in either order.
+    shards = [str(tmp_path / "b" / "atlas.safetensors"), str(tmp_path / "a")]
+    assert main(["merge", *shards, *model, "--out", str(out)]) == 0
+    assert (
+        "merged 2 shards into an atlas of 6 pairs (exact, sources 0..2)" in capsys.readouterr().out
+    )
+    assert sorted(p.name for p in out.iterdir()) == ["atlas.csv", "atlas.html", "atlas.safetensors"]
+    merged, whole = (
+        tps.load(out / "atlas.safetensors"),
+        tps.load(tmp_path / "whole" / "atlas.safetensors"),
+    )
+    assert merged.sources == whole.sources == [0, 1, 2] and merged.is_complete()
+    assert torch.equal(merged.singular_values.nan_to_num(), whole.singular_values.nan_to_num())
+    assert (out / "atlas.csv").read_text() == (tmp_path / "whole" / "atlas.csv").read_text()
+    html = (out / "atlas.html").read_text()
+    assert "L0 -> L3" in html or "0,3" in html
+    assert main(["merge", *shards, *model, "--out", str(out)]) == 0  # a previous output is replaced
+
+
+def test_merge_refuses_before_writing(
+    gpt2_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(_atlas_shard(gpt2_dir, tmp_path / "a", "--sources", "0:2")) == 0
+    assert main(_atlas_shard(gpt2_dir, tmp_path / "k3", "--sources", "2:", "--k", "3")) == 0
+    assert main(_atlas_shard(gpt2_dir, tmp_path / "b", "--sources", "2:")) == 0
+    (tmp_path / "notes.txt").write_text("mine")
+    model = ["--model", gpt2_dir, "--dtype", "float64"]
+    out = str(tmp_path / "merged")
+    cases = [
+        ([str(tmp_path / "a"), str(tmp_path / "k3"), *model], "shard 1 was computed with another k"),
+        ([str(tmp_path / "a"), str(tmp_path / "nope"), *model], "is neither an atlas file nor a folder"),
+        ([str(tmp_path / "a"), str(tmp_path / "notes.txt"), *model], "is not a readable safetensors file"),
+        ([str(tmp_path / "a"), str(tmp_path / "b"), "--model", gpt2_dir, "--dtype", "float32"],
+         "weights are not those the atlas was computed on"),
+    ]  # fmt: skip
+    capsys.readouterr()
+    for args, message in cases:
+        assert main(["merge", *args, "--out", out]) == 2, message
+        err = capsys.readouterr().err
+        assert err.count("\n") == 1 and message in err, err
+        assert not (tmp_path / "merged").exists()
+    shard_folder = str(tmp_path / "a")
+    assert main(["merge", shard_folder, str(tmp_path / "b"), *model, "--out", shard_folder]) == 2
+    assert "holds the shard" in capsys.readouterr().err
+    assert tps.load(tmp_path / "a" / "atlas.safetensors").sources == [0, 1]
 
 
 @pytest.mark.parametrize(("matmuls", "recorded"), [("full", "float64"), ("bfloat16", "bfloat16")])

@@ -20,7 +20,7 @@ from ..checks import is_int, is_number, plain_ints
 from ..scales import KL_PROBE_FRACTION, KL_SCALE_RANGE, kl_divergence, kl_search
 from .result import SensitivityAtlas
 
-__all__ = ["kl_matched_effects", "token_effects"]
+__all__ = ["check_atlas_model", "kl_matched_effects", "token_effects"]
 
 
 def kl_matched_effects(
@@ -59,6 +59,23 @@ def kl_matched_effects(
     return kl_search(kl_at, full(KL_PROBE_FRACTION * unit), kl, bounds, tol=0.1, rounds=6)
 
 
+def check_atlas_model(model: Model | ModelAdapter, atlas: SensitivityAtlas) -> None:
+    """Refuse a model other than the one the atlas was computed on (its shape, and its
+    weights where the atlas records their fingerprint)."""
+    adapter = ModelAdapter.of(model)
+    if (adapter.n_layers, adapter.d_model) != (atlas.n_layers, int(atlas.right_vectors.shape[-1])):
+        raise ValueError(
+            f"the model ({adapter.n_layers} layers, d_model {adapter.d_model}) is not the one "
+            f"the atlas was computed on ({atlas.model_name})"
+        )
+    if atlas.weights_fingerprint and atlas.weights_fingerprint != adapter.weights_fingerprint():
+        raise ValueError(
+            f"the model's weights are not those the atlas was computed on ({atlas.model_name}, "
+            "same shapes, another weights_fingerprint): its vectors would be measured on "
+            "another model; compute the atlas again on this one"
+        )
+
+
 @plain_ints
 def token_effects(
     model: Model | ModelAdapter,
@@ -82,17 +99,7 @@ def token_effects(
     "promoted": [[text, Δlogit], ...], "suppressed": [...]}, "-": {...}}]}}``.
     """
     adapter = ModelAdapter.of(model)
-    if (adapter.n_layers, adapter.d_model) != (atlas.n_layers, int(atlas.right_vectors.shape[-1])):
-        raise ValueError(
-            f"the model ({adapter.n_layers} layers, d_model {adapter.d_model}) is not the one "
-            f"the atlas was computed on ({atlas.model_name})"
-        )
-    if atlas.weights_fingerprint and atlas.weights_fingerprint != adapter.weights_fingerprint():
-        raise ValueError(
-            f"the model's weights are not those the atlas was computed on ({atlas.model_name}, "
-            "same shapes, another weights_fingerprint): its vectors would be measured on "
-            "another model; compute the atlas again on this one"
-        )
+    check_atlas_model(adapter, atlas)
     if not is_number(kl) or not 0 < kl < float("inf"):
         raise ValueError(f"kl must be a positive number of nats (e.g. 1.0), got {kl!r}")
     if not is_int(top) or top < 1:

@@ -6,12 +6,16 @@ Subcommands:
 * ``vectors``: Power Steering vectors for one (source, target) pair; prints a table and
   saves them to a ``.safetensors`` file.
 * ``atlas``: the sensitivity atlas of every layer pair, with its HTML browser.
+* ``merge``: one atlas from shards of it (``atlas --sources a:b``) computed as separate
+  jobs.
 * ``steer``: vectors from Power Steering, MELBO and (given contrast pairs) CAA for one
   pair, steered generations for both signs, and a table of measured effects.
 * ``doctor``: versions and self-checks of the environment, for when something looks wrong.
-* ``demo``: the main job on the embedded model (Gemma 3 270M) with a built-in prompt that
-  has a decision fork: vectors, steered generations and effects, written to a folder it
-  names at the end.
+* ``demo``: the main job on an embedded model with a decision fork of its own: on
+  Gemma 3 270M (the default) a sentiment fork, on SmolLM2-135M-Instruct
+  (``--model smollm2-135m-instruct``) yes/no questions under a system prompt, through its
+  chat template. Vectors, steered generations and effects against random directions are
+  written to a folder it names at the end.
 
 Every subcommand runs in-process through ``main``, which returns the exit code: bad
 arguments print one line and return 2, before any model is loaded where possible, and

@@ -12,7 +12,14 @@ from typing import Any
 import torch
 
 from ..adapters import ModelAdapter
-from ..atlas import sensitivity_atlas, token_effects, validate_atlas_arguments
+from ..atlas import (
+    SensitivityAtlas,
+    merge_atlases,
+    sensitivity_atlas,
+    token_effects,
+    validate_atlas_arguments,
+)
+from ..atlas.effects import check_atlas_model
 from ..chat import chat_prompt
 from ..compare import check_method_options, find_vectors
 from ..doctor import doctor
@@ -31,6 +38,7 @@ __all__ = [
     "run_atlas",
     "run_demo",
     "run_doctor",
+    "run_merge",
     "run_steer",
     "run_vectors",
 ]
@@ -84,11 +92,47 @@ def run_atlas(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     result = sensitivity_atlas(model, args.prompt, checkpoint=out / "atlas.safetensors", **options)
     seconds = time.perf_counter() - start
+    _write_atlas_page(model, result, out)
+    print(
+        f"atlas of {len(result.pairs())} pairs ({result.method_label}) in {seconds:.1f} s; "
+        f"open {(out / 'atlas.html').resolve()}"
+    )
+    return 0
+
+
+def _write_atlas_page(model: Any, result: SensitivityAtlas, out: Path) -> None:
+    """atlas.csv and atlas.html beside the atlas's file in ``out``."""
     with atomic_file(out / "atlas.csv") as tmp:
         result.to_pandas().to_csv(tmp, index=False)
     atlas_html(result, out / "atlas.html", effects=token_effects(model, result))
+
+
+def run_merge(args: argparse.Namespace) -> int:
+    out = check_output_folder(args.out, ATLAS_FILES, "--out", marker=ATLAS_FILES[0])
+    paths = []
+    for shard in args.shards:
+        path = Path(shard)
+        if path.is_dir():
+            path = path / ATLAS_FILES[0]
+        if not path.is_file():
+            raise UsageError(f"shard {shard!r} is neither an atlas file nor a folder holding "
+                             f"{ATLAS_FILES[0]}")  # fmt: skip
+        if path.resolve().parent == out.resolve():
+            raise UsageError(
+                f"--out {args.out!r} holds the shard {shard!r}, which the merge would replace; "
+                "choose another folder"
+            )
+        paths.append(path)
+    # Before the model loads: shards that do not belong together fail fast.
+    result = merge_atlases(paths)
+    model = _load(args)
+    check_atlas_model(model, result)
+    out.mkdir(exist_ok=True)
+    result.save(out / ATLAS_FILES[0])
+    _write_atlas_page(model, result, out)
     print(
-        f"atlas of {len(result.pairs())} pairs ({result.method_label}) in {seconds:.1f} s; "
+        f"merged {len(paths)} shards into an atlas of {len(result.pairs())} pairs "
+        f"({result.method_label}, sources {result.sources[0]}..{result.sources[-1]}); "
         f"open {(out / 'atlas.html').resolve()}"
     )
     return 0
@@ -111,8 +155,13 @@ def _check_numbers(args: argparse.Namespace) -> None:
 def _load(args: argparse.Namespace) -> Any:
     """The model, with ``--chat`` prompts rendered through its template."""
     model = load_model(args.model, kind=args.kind, device=args.device, dtype=DTYPES[args.dtype])
-    if args.chat or args.system is not None or args.assistant_prefix:
-        system = [] if args.system is None else [{"role": "system", "content": args.system}]
+    system_text = getattr(args, "system", None)
+    if (
+        getattr(args, "chat", False)
+        or system_text is not None
+        or getattr(args, "assistant_prefix", "")
+    ):
+        system = [] if system_text is None else [{"role": "system", "content": system_text}]
 
         def render(text: str) -> str:
             messages = [*system, {"role": "user", "content": text}]
@@ -370,6 +419,7 @@ def run_doctor(args: argparse.Namespace) -> int:
 COMMANDS = {
     "vectors": run_vectors,
     "atlas": run_atlas,
+    "merge": run_merge,
     "steer": run_steer,
     "demo": run_demo,
     "doctor": run_doctor,

@@ -101,7 +101,7 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(message)
 
 
-def _model_options(parser: argparse.ArgumentParser) -> None:
+def _model_options(parser: argparse.ArgumentParser, *, prompts: bool = True) -> None:
     group = parser.add_argument_group("model")
     group.add_argument(
         "--model",
@@ -115,19 +115,22 @@ def _model_options(parser: argparse.ArgumentParser) -> None:
         default="bridge",
         help="TransformerBridge or HookedTransformer (3.x only) (default: %(default)s)",
     )
-    group.add_argument(
-        "--chat",
-        action="store_true",
-        help="render each prompt as a user message through the model's chat template",
-    )
-    group.add_argument(
-        "--system", default=None, help="a system message before each chat prompt (implies --chat)"
-    )
-    group.add_argument(
-        "--assistant-prefix",
-        default="",
-        help="text that starts the assistant's answer in each chat prompt (implies --chat)",
-    )
+    if prompts:
+        group.add_argument(
+            "--chat",
+            action="store_true",
+            help="render each prompt as a user message through the model's chat template",
+        )
+        group.add_argument(
+            "--system",
+            default=None,
+            help="a system message before each chat prompt (implies --chat)",
+        )
+        group.add_argument(
+            "--assistant-prefix",
+            default="",
+            help="text that starts the assistant's answer in each chat prompt (implies --chat)",
+        )
     group.add_argument("--device", default=None, help="torch device (default: cuda if available)")
     group.add_argument(
         "--dtype", choices=sorted(DTYPES), default="float32", help="(default: %(default)s)"
@@ -312,6 +315,29 @@ def build_parser() -> argparse.ArgumentParser:
     )
     atlas.add_argument("--out", required=True, help="output folder (created if missing)")
     _model_options(atlas)
+
+    merge = sub.add_parser(
+        "merge",
+        help="merge atlas shards computed as separate jobs into one atlas",
+        description="Combine atlases of different source layers (each from `atlas --sources "
+        "a:b`, with every other argument the same) into one, and write atlas.safetensors, "
+        "atlas.csv and atlas.html to --out, as `atlas` does. Shards that differ in anything "
+        "but their sources, unfinished shards, and source layers computed by two shards "
+        "with different results are refused. The model is loaded for the page's next-token "
+        "effects and must be the one the shards were computed on.",
+    )
+    merge.add_argument(
+        "shards",
+        nargs="+",
+        metavar="SHARD",
+        help="an atlas .safetensors file, or an `atlas --out` folder holding one",
+    )
+    merge.add_argument(
+        "--out",
+        default="atlas",
+        help="output folder; must be new, empty, or a previous atlas output (default: %(default)s)",
+    )
+    _model_options(merge, prompts=False)
 
     steer = sub.add_parser(
         "steer",
