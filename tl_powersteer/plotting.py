@@ -167,7 +167,8 @@ table.effect caption {{ text-align: left; font-weight: bold; }}
     const vectors = data.effects && data.effects.pairs[s + "," + t];
     if (!vectors) {{ return; }}
     const note = document.createElement("p");
-    note.textContent = "Next-token logit changes at the last token, each vector added " +
+    note.textContent = "Next tokens whose probability at the last token rose and fell " +
+      "most (change of probability, then of logit), each vector added " +
       "with each sign at the scale where the next-token KL is " + data.effects.kl +
       (data.effects.kl === 1 ? " nat" : " nats") +
       " (searched to within 10%; scale in typical norms of the source activation):";
@@ -184,7 +185,9 @@ table.effect caption {{ text-align: left; font-weight: bold; }}
           const row = table.insertRow();
           row.insertCell().textContent = sign + "v " + kind;
           row.insertCell().textContent = effect[sign][kind]
-            .map(([text, delta]) => JSON.stringify(text) + " " + delta.toPrecision(3)).join(", ");
+            .map(([text, dp, dl]) => JSON.stringify(text) + " " + (dp >= 0 ? "+" : "") +
+              dp.toPrecision(2) + " (" + (dl >= 0 ? "+" : "") + dl.toPrecision(3) + ")")
+            .join(", ");
         }});
       }});
       box.appendChild(table);

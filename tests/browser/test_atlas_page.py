@@ -90,6 +90,11 @@ def test_page_renders_hovers_and_clicks(page_file: Path, tmp_path: Path) -> None
         assert re.search(r"v1: \+v at [0-9.e+-]+ \(KL [0-9.e+-]+\), -v at [0-9.e+-]+ \(KL ", first)
         assert "where the next-token KL is 1 nat (searched" in page.inner_text("#effects p")
         assert '"' in first  # token texts are listed, quoted
+        # each with its change of probability (by which it is ranked), then of logit
+        assert re.search(r'"[^"]*" [+-][0-9.e+-]+ \([+-][0-9.e+-]+\)', first), first
+        assert "rose and fell most (change of probability, then of logit)" in page.inner_text(
+            "#effects p"
+        )
         page.screenshot(path=str(tmp_path / "atlas.png"))
         browser.close()
     assert errors == []

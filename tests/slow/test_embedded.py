@@ -174,6 +174,12 @@ def test_atlas_page_effects_reach_the_asked_kl_on_gemma(gemma: Any) -> None:
     assert len(misses) == 32 and misses[-1] < math.log(1.5) and misses[28] <= 0.1
     relative = [e[s]["relative"] for pair in effects["pairs"].values() for e in pair for s in "+-"]
     assert 0.01 < min(relative) and max(relative) < 1.0
+    # Listed by the mass they gained or lost: at 1 nat every first listed token moved by
+    # more than half a percentage point of probability.
+    firsts = [e[s][side][0][1] for pair in effects["pairs"].values() for e in pair for s in "+-"
+              for side in ("promoted", "suppressed")]  # fmt: skip
+    assert min(abs(p) for p in firsts) > 0.005, sorted(abs(p) for p in firsts)[:4]
+    assert min(firsts[0::2]) > 0 > max(firsts[1::2])
 
 
 FORK_PROMPTS = [

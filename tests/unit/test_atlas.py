@@ -247,23 +247,38 @@ def test_token_effects_match_a_direct_steered_run(models: dict[str, Any]) -> Non
     for sign, direction in (("+", v), ("-", -v)):
         listed = entry[sign]
         base, moved = steered(direction * listed["scale"])
-        expected = (moved - base).mean(0)
+        dp = (moved.double().softmax(-1) - base.double().softmax(-1)).mean(0)
+        dl = (moved - base).mean(0).double()
         assert listed["kl"] == pytest.approx(mean_kl(base, moved), rel=1e-6)
-        top_ids = expected.topk(3).indices.tolist()
-        assert [text for text, _ in listed["promoted"]] == [
-            model.tokenizer.decode([i]) for i in top_ids
-        ]
-        assert [d for _, d in listed["promoted"]] == pytest.approx(
-            expected.topk(3).values.tolist(), abs=1e-4
-        )
-        low = expected.topk(3, largest=False)
-        assert [d for _, d in listed["suppressed"]] == pytest.approx(low.values.tolist(), abs=1e-4)
+        # Ranked by the change of probability, each with its change of logit.
+        for kind, largest in (("promoted", True), ("suppressed", False)):
+            ids = dp.topk(3, largest=largest).indices.tolist()
+            assert [text for text, _, _ in listed[kind]] == [
+                model.tokenizer.decode([i]) for i in ids
+            ]
+            assert [p for _, p, _ in listed[kind]] == pytest.approx(dp[ids].tolist(), abs=1e-6)
+            assert [d for _, _, d in listed[kind]] == pytest.approx(dl[ids].tolist(), abs=1e-4)
     # A KL out of reach is shown at the largest scale searched, 64 typical norms.
     strong = tps.token_effects(model, atlas, kl=10.0, top=1, progress=False)
     found = {
         e[sign]["relative"] for pair in strong["pairs"].values() for e in pair for sign in "+-"
     }
     assert found == {64.0}
+
+
+def test_token_moves_rank_by_probability_not_logit() -> None:
+    from tl_powersteer.atlas.effects import TokenMoves
+
+    base = torch.tensor([4.0, 3.0, -6.0, 0.0], dtype=torch.float64)
+    # Token 2 is rare: its logit jumps by 5 while it gains almost no mass; token 0 loses
+    # mass to token 1, the change a reader should see first.
+    moved = torch.tensor([3.0, 4.0, -1.0, 0.0], dtype=torch.float64)
+    dp = moved.softmax(-1) - base.softmax(-1)
+    moves = TokenMoves.of(dp, moved - base, top=2)
+    assert [i for i, _, _ in moves.up] == [1, 2]
+    assert [i for i, _, _ in moves.down] == [0, 3]
+    assert moves.up[0] == (1, pytest.approx(float(dp[1])), pytest.approx(1.0))
+    assert (moved - base).topk(1).indices.item() == 2  # by logit the rare token would lead
 
 
 def test_token_effects_refuse_another_model(models: dict[str, Any], tokens: torch.Tensor) -> None:
