@@ -17,6 +17,7 @@ picks one of two different answers.
 
 from __future__ import annotations
 
+import copy
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -24,6 +25,7 @@ from typing import Any
 
 import torch
 
+from ..checks import is_number
 from ..io import load
 from .result import SensitivityAtlas
 
@@ -34,6 +36,15 @@ __all__ = ["merge_atlases"]
 _SEPARATED = 1e-2
 # |cos| between two shards' vectors of a well separated singular value.
 _SAME_DIRECTION = 1 - 1e-3
+# The atlas's tensors indexed by source layer first: what a shard contributes.
+_PER_SOURCE = (
+    "singular_values",
+    "next_singular_value",
+    "right_vectors",
+    "iterations",
+    "converged",
+    "source_norms",
+)
 
 
 def merge_atlases(
@@ -51,7 +62,7 @@ def merge_atlases(
     but their sources are refused, naming the setting, as are unfinished shards and
     overlapping sources whose results disagree. The shards are not modified.
     """
-    if not isinstance(rtol, (int, float)) or isinstance(rtol, bool) or not 0 <= rtol < 1:
+    if not is_number(rtol) or not 0 <= rtol < 1:
         raise ValueError(f"rtol must be a number in [0, 1), got {rtol!r}")
     atlases = _load_shards(shards)
     first = atlases[0]
@@ -65,7 +76,7 @@ def merge_atlases(
                     f"({_short(mine[key])} vs {_short(value)}): shards of one atlas differ "
                     "only in their sources; recompute it with shard 0's arguments"
                 )
-    merged = _copy(first)
+    merged = copy.deepcopy(first)
     owner = dict.fromkeys(first.sources, 0)
     for i, atlas in enumerate(atlases[1:], start=1):
         for s in atlas.sources:
@@ -128,46 +139,10 @@ def _short(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
-def _copy(atlas: SensitivityAtlas) -> SensitivityAtlas:
-    tensors = {
-        name: getattr(atlas, name).clone()
-        for name in (
-            "singular_values",
-            "next_singular_value",
-            "right_vectors",
-            "iterations",
-            "converged",
-            "source_norms",
-        )
-    }
-    return SensitivityAtlas(
-        **tensors,
-        method=atlas.method,
-        sources=list(atlas.sources),
-        targets=list(atlas.targets),
-        source_site=atlas.source_site,
-        target_site=atlas.target_site,
-        target_positions=atlas.target_positions,
-        seed=atlas.seed,
-        model_name=atlas.model_name,
-        prompts=None if atlas.prompts is None else list(atlas.prompts),
-        tokens=None if atlas.tokens is None else atlas.tokens.clone(),
-        completed_sources=list(atlas.completed_sources),
-        sketch_rank=atlas.sketch_rank,
-        sketch_matmul_dtype=atlas.sketch_matmul_dtype,
-        weights_fingerprint=atlas.weights_fingerprint,
-        provenance=dict(atlas.provenance),
-    )
-
-
 def _copy_source(shard: SensitivityAtlas, merged: SensitivityAtlas, s: int) -> None:
     """Source layer ``s``'s pairs (and its norm) from ``shard`` into ``merged``."""
-    merged.singular_values[s] = shard.singular_values[s]
-    merged.next_singular_value[s] = shard.next_singular_value[s]
-    merged.right_vectors[s] = shard.right_vectors[s]
-    merged.iterations[s] = shard.iterations[s]
-    merged.converged[s] = shard.converged[s]
-    merged.source_norms[s] = shard.source_norms[s]
+    for name in _PER_SOURCE:
+        getattr(merged, name)[s] = getattr(shard, name)[s]
 
 
 def _check_agreement(

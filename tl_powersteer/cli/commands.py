@@ -19,7 +19,6 @@ from ..atlas import (
     token_effects,
     validate_atlas_arguments,
 )
-from ..atlas.effects import check_atlas_model
 from ..chat import chat_prompt
 from ..compare import check_method_options, find_vectors
 from ..doctor import doctor
@@ -92,7 +91,7 @@ def run_atlas(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     result = sensitivity_atlas(model, args.prompt, checkpoint=out / "atlas.safetensors", **options)
     seconds = time.perf_counter() - start
-    _write_atlas_page(model, result, out)
+    _write_atlas_page(result, out, token_effects(model, result))
     print(
         f"atlas of {len(result.pairs())} pairs ({result.method_label}) in {seconds:.1f} s; "
         f"open {(out / 'atlas.html').resolve()}"
@@ -100,11 +99,11 @@ def run_atlas(args: argparse.Namespace) -> int:
     return 0
 
 
-def _write_atlas_page(model: Any, result: SensitivityAtlas, out: Path) -> None:
+def _write_atlas_page(result: SensitivityAtlas, out: Path, effects: dict[str, Any]) -> None:
     """atlas.csv and atlas.html beside the atlas's file in ``out``."""
     with atomic_file(out / "atlas.csv") as tmp:
         result.to_pandas().to_csv(tmp, index=False)
-    atlas_html(result, out / "atlas.html", effects=token_effects(model, result))
+    atlas_html(result, out / "atlas.html", effects=effects)
 
 
 def run_merge(args: argparse.Namespace) -> int:
@@ -125,11 +124,11 @@ def run_merge(args: argparse.Namespace) -> int:
         paths.append(path)
     # Before the model loads: shards that do not belong together fail fast.
     result = merge_atlases(paths)
-    model = _load(args)
-    check_atlas_model(model, result)
+    # The page's effects refuse a model other than the shards' before anything is written.
+    effects = token_effects(_load(args), result)
     out.mkdir(exist_ok=True)
     result.save(out / ATLAS_FILES[0])
-    _write_atlas_page(model, result, out)
+    _write_atlas_page(result, out, effects)
     print(
         f"merged {len(paths)} shards into an atlas of {len(result.pairs())} pairs "
         f"({result.method_label}, sources {result.sources[0]}..{result.sources[-1]}); "
@@ -155,13 +154,8 @@ def _check_numbers(args: argparse.Namespace) -> None:
 def _load(args: argparse.Namespace) -> Any:
     """The model, with ``--chat`` prompts rendered through its template."""
     model = load_model(args.model, kind=args.kind, device=args.device, dtype=DTYPES[args.dtype])
-    system_text = getattr(args, "system", None)
-    if (
-        getattr(args, "chat", False)
-        or system_text is not None
-        or getattr(args, "assistant_prefix", "")
-    ):
-        system = [] if system_text is None else [{"role": "system", "content": system_text}]
+    if args.chat or args.system is not None or args.assistant_prefix:
+        system = [] if args.system is None else [{"role": "system", "content": args.system}]
 
         def render(text: str) -> str:
             messages = [*system, {"role": "user", "content": text}]

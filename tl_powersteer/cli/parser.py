@@ -115,7 +115,9 @@ def _model_options(parser: argparse.ArgumentParser, *, prompts: bool = True) -> 
         default="bridge",
         help="TransformerBridge or HookedTransformer (3.x only) (default: %(default)s)",
     )
-    if prompts:
+    if not prompts:  # nothing to render through a chat template
+        parser.set_defaults(chat=False, system=None, assistant_prefix="")
+    else:
         group.add_argument(
             "--chat",
             action="store_true",
