@@ -13,6 +13,7 @@ from .baselines import MelboResult, caa_layer_sweep, caa_vector, melbo, probe
 from .chat import chat_prompt
 from .compare import compare_methods, cosine_table
 from .control_vectors import export_control_vector, import_control_vector
+from .effect_map import AtlasEffects, atlas_effects
 from .effects import effect, rank_vectors
 from .io import load, save
 from .jacobian import LayerJacobian
@@ -26,11 +27,13 @@ from .vectors import SteeringVector, random_vectors
 from .version import __version__ as __version__
 
 __all__ = [
+    "AtlasEffects",
     "LayerJacobian",
     "MelboResult",
     "PowerSteeringResult",
     "SensitivityAtlas",
     "SteeringVector",
+    "atlas_effects",
     "atlas_html",
     "block_power_iteration",
     "caa_layer_sweep",

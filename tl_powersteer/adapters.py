@@ -48,10 +48,13 @@ __all__ = [
     "ModelKind",
     "Prompts",
     "TokenBatch",
+    "SteeredRun",
     "activations",
     "boot",
     "decode_token",
+    "hook_layer",
     "steered_logits",
+    "steered_runs",
     "tensor_attributes_kept",
 ]
 
@@ -741,24 +744,91 @@ def boot(
     ).eval()
 
 
-def steered_logits(
+@dataclass(frozen=True)
+class _BlockPrefix:
+    """What blocks ``0 .. layer - 1`` hand on to block ``layer`` for one token batch,
+    unsteered: passes steered at block ``layer`` or later replay it instead of running
+    those blocks again, since nothing before the steering hook depends on the delta."""
+
+    layer: int
+    output: Any  # the last skipped block's return value, as the model's block loop gets it
+    batch_size: int
+
+
+def _block_prefix(adapter: ModelAdapter, batch: TokenBatch, layer: int) -> _BlockPrefix | None:
+    """The prefix of ``batch`` up to block ``layer`` (None for block 0: nothing to skip).
+
+    ``start_at_layer`` is not the route: a ``TransformerBridge`` (TransformerLens 4.3)
+    still runs every block under it and only swaps block ``layer``'s input. Replaying the
+    blocks' return value works the same way on both model classes.
+    """
+    if layer == 0:
+        return None
+    model, captured = adapter.model, {}
+
+    def grab(module: nn.Module, args: Any, output: Any) -> None:
+        captured["output"] = output
+        raise _StopForward
+
+    handle = model.blocks[layer - 1].register_forward_hook(grab)
+    try:
+        model(batch.tokens)
+    except _StopForward:
+        pass
+    finally:
+        handle.remove()
+    return _BlockPrefix(layer, captured["output"], int(batch.tokens.shape[0]))
+
+
+def _repeated(output: Any, copies: int, batch_size: int) -> Any:
+    """``output`` with every tensor of the batch's leading size repeated ``copies`` times
+    along it, as the batch is in a pass over ``tokens.repeat(copies, 1)``."""
+    if isinstance(output, Tensor):
+        if output.ndim and output.shape[0] == batch_size:
+            return output.repeat(copies, *([1] * (output.ndim - 1)))
+        return output
+    if isinstance(output, (tuple, list)):
+        return type(output)(_repeated(item, copies, batch_size) for item in output)
+    return output
+
+
+@contextmanager
+def _replaying(model: Any, prefix: _BlockPrefix | None, copies: int) -> Iterator[None]:
+    """Blocks before ``prefix.layer`` return the prefix's output without computing: each
+    skipped block's input is ignored, so only the last one's output matters."""
+    if prefix is None:
+        yield
+        return
+    output = _repeated(prefix.output, copies, prefix.batch_size)
+    blocks = [model.blocks[i] for i in range(prefix.layer)]
+    # Past the modules' own __setattr__: a bridge component would hand the attribute on to
+    # the HuggingFace layer it wraps.
+    for block in blocks:
+        object.__setattr__(block, "forward", lambda *args, **kwargs: output)
+    try:
+        yield
+    finally:
+        for block in blocks:
+            object.__delattr__(block, "forward")
+
+
+def hook_layer(hook: str) -> int | None:
+    """The block a hook name sits in (``blocks.5.hook_mlp_out`` -> 5), else None."""
+    parts = hook.split(".")
+    return int(parts[1]) if len(parts) > 2 and parts[0] == "blocks" and parts[1].isdigit() else None
+
+
+def _steered_passes(
     adapter: ModelAdapter,
     batch: TokenBatch,
     hook: str,
-    deltas: Float[Tensor, "m d_model"],
-    *,
-    weights: Float[Tensor, "batch seq"] | None = None,
-    last_only: bool = True,
-    chunk: int = 8,
-) -> Float[Tensor, "m batch *rest"]:
-    """Full-model logits with ``deltas[i]`` added at ``hook``, for each i; a zero delta gives
-    the unsteered logits.
-
-    ``weights`` multiplies the delta at each position (default: 1 on real tokens, 0 on
-    pads). With ``last_only`` only each prompt's last real token is returned
-    (``[m, batch, vocab]``), else every position (``[m, batch, seq, vocab]``). Runs
-    ``chunk`` deltas per forward pass: logits over a large vocabulary dominate memory.
-    """
+    deltas: Tensor,
+    weights: Tensor | None,
+    last_only: bool,
+    chunk: int,
+    prefix: _BlockPrefix | None,
+) -> Tensor:
+    """``steered_logits``' passes, inside its no-grad and attribute guard."""
     model, tokens, hook_name = adapter.model, batch.tokens, hook
     if weights is None:
         weights = batch.mask.to(adapter.dtype)
@@ -787,15 +857,14 @@ def steered_logits(
         fwd: list[tuple[str, Callable[..., Any]]] = [(hook, add)]
         if unembed_in is not None:
             fwd.append((unembed_in, grab))
-        with torch.no_grad(), tensor_attributes_kept(model):
-            try:
-                with model.hooks(fwd_hooks=fwd):
-                    logits = model(tokens.repeat(m, 1))
-            except _StopForward:
-                x = seen["x"].view(m, tokens.shape[0], tokens.shape[1], -1)[:, rows, last]
-                logits = model.unembed(x.reshape(-1, 1, x.shape[-1]))
-            except _NotResidual as wrong:
-                raise adapter.not_residual(hook_name, wrong.shape, tokens) from None
+        try:
+            with _replaying(model, prefix, m), model.hooks(fwd_hooks=fwd):
+                logits = model(tokens.repeat(m, 1))
+        except _StopForward:
+            x = seen["x"].view(m, tokens.shape[0], tokens.shape[1], -1)[:, rows, last]
+            logits = model.unembed(x.reshape(-1, 1, x.shape[-1]))
+        except _NotResidual as wrong:
+            raise adapter.not_residual(hook_name, wrong.shape, tokens) from None
         if unembed_in is not None:
             picked = logits.view(m, tokens.shape[0], -1)
         else:
@@ -804,6 +873,57 @@ def steered_logits(
         # Half-precision logits are widened; float64 models keep their precision.
         out.append((picked if picked.dtype == torch.float64 else picked.float()).cpu())
     return torch.cat(out)
+
+
+def steered_logits(
+    adapter: ModelAdapter,
+    batch: TokenBatch,
+    hook: str,
+    deltas: Float[Tensor, "m d_model"],
+    *,
+    weights: Float[Tensor, "batch seq"] | None = None,
+    last_only: bool = True,
+    chunk: int = 8,
+) -> Float[Tensor, "m batch *rest"]:
+    """Full-model logits with ``deltas[i]`` added at ``hook``, for each i; a zero delta gives
+    the unsteered logits.
+
+    ``weights`` multiplies the delta at each position (default: 1 on real tokens, 0 on
+    pads). With ``last_only`` only each prompt's last real token is returned
+    (``[m, batch, vocab]``), else every position (``[m, batch, seq, vocab]``). Runs
+    ``chunk`` deltas per forward pass: logits over a large vocabulary dominate memory.
+    """
+    with torch.no_grad(), tensor_attributes_kept(adapter.model):
+        return _steered_passes(adapter, batch, hook, deltas, weights, last_only, chunk, None)
+
+
+SteeredRun = Callable[[Float[Tensor, "m d_model"]], Float[Tensor, "m batch vocab"]]
+
+
+@contextmanager
+def steered_runs(
+    adapter: ModelAdapter,
+    batch: TokenBatch,
+    hook: str,
+    *,
+    weights: Float[Tensor, "batch seq"] | None = None,
+    chunk: int = 32,
+) -> Iterator[SteeredRun]:
+    """``run(deltas)``: last-token logits with each delta added at ``hook``, as
+    ``steered_logits`` gives them, for many calls on one batch and hook.
+
+    The blocks before the hook's run once, on the batch alone, when the context opens;
+    each pass replays their output and computes only the blocks from the hook's on. The
+    model is guarded once for all the calls (the guard walks every module).
+    """
+    layer = hook_layer(hook)
+    with torch.no_grad(), tensor_attributes_kept(adapter.model):
+        prefix = None if layer is None else _block_prefix(adapter, batch, layer)
+
+        def run(deltas: Tensor) -> Tensor:
+            return _steered_passes(adapter, batch, hook, deltas, weights, True, chunk, prefix)
+
+        yield run
 
 
 def activations(

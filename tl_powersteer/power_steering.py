@@ -45,10 +45,15 @@ from .vectors import SteeringVector
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["PowerSteeringResult", "power_steer", "power_steering_vector"]
+__all__ = ["PowerSteeringResult", "power_steer", "power_steering_name", "power_steering_vector"]
 
 # Former option names that still work for one release.
 RENAMED = {"positions": "target_positions"}
+
+
+def power_steering_name(source: int, target: int, rank: int) -> str:
+    """The name of a pair's vector of this rank, as tables list it."""
+    return f"power_steering L{source}->L{target} #{rank}"
 
 
 def power_steering_vector(
@@ -70,7 +75,7 @@ def power_steering_vector(
         site=source_site,
         method="power_steering",
         metadata={
-            "name": f"power_steering L{source}->L{target} #{rank}",
+            "name": power_steering_name(source, target, rank),
             "target": target,
             "target_site": target_site,
             "target_positions": target_positions,

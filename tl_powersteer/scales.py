@@ -122,9 +122,13 @@ def kl_divergence(
     steered: Float[Tensor, "*batch vocab"], base: Float[Tensor, "*batch vocab"]
 ) -> Float[Tensor, "*batch"]:
     """KL(steered ‖ base) in nats between the next-token distributions of two logit sets."""
-    log_p = torch.log_softmax(steered.double(), dim=-1)
-    log_q = torch.log_softmax(base.double(), dim=-1)
-    return (log_p.exp() * (log_p - log_q)).sum(-1)
+    log_p = torch.log_softmax(steered, dim=-1, dtype=torch.float64)
+    log_q = torch.log_softmax(base, dim=-1, dtype=torch.float64)
+    p = log_p.exp()
+    # In place and as one dot product per row: over a large vocabulary each temporary
+    # costs as much as the softmax.
+    in_place = torch.broadcast_shapes(log_p.shape, log_q.shape) == log_p.shape
+    return torch.linalg.vecdot(p, log_p.sub_(log_q) if in_place else log_p - log_q)
 
 
 # The scales a KL search tries, in typical norms of the hook's activation.
@@ -152,8 +156,9 @@ def kl_search(
     ``probe`` is each row's first scale and ``bounds`` (low, high) the scales it may try,
     all positive. The first step assumes KL grows like the square of the scale, which
     holds near zero; later steps follow the slope measured between the last two points
-    (kept within [1, 4]) until the target is bracketed, then false position inside the
-    bracket, kept off its ends so that it always shrinks. A row stops within ``tol`` of
+    (kept within [1, 4]) until the target is bracketed, then inside the bracket the
+    secant step of the last two points, or false position where that step would leave
+    it, kept off its ends so that it always shrinks. A row stops within ``tol`` of
     log ``kl``, at a bound it cannot get past, or after ``rounds`` steps; ``settled`` is
     told after every step how many rows have stopped. Evaluations per row at each
     tolerance: ``docs/concepts/scales.md``.
@@ -197,12 +202,15 @@ def kl_search(
             break
         # Outside a bracket: extrapolate along the measured slope (2 at first).
         run = xa - last_x[active]
-        slope = torch.where(
+        measured = torch.where(
             run.abs() > 1e-12, (ya - last_y[active]) / torch.where(run == 0, 1.0, run), 2.0
         )
-        slope = torch.where(slope.isfinite(), slope, 2.0).clamp(1.0, 4.0)
-        guess = xa - ya / slope
-        # Inside one: false position, at least a tenth of the width from either end.
+        measured = torch.where(measured.isfinite(), measured, 2.0)
+        guess = xa - ya / measured.clamp(1.0, 4.0)
+        # Inside one: the secant step of the last two points, unclamped (KL can be steeper
+        # than scale^4 near a jump, and flatter than linear near saturation, where a clamped
+        # slope only creeps towards the root), where it falls inside the bracket and off its
+        # ends; else false position, a tenth of the width from either end.
         lo_x, hi_x = below[active], above[active]
         bracketed = lo_x.isfinite() & hi_x.isfinite()
         width = torch.where(bracketed, hi_x - lo_x, 0.0)
@@ -211,7 +219,10 @@ def kl_search(
             bracketed, lo_x - lo_y * width / torch.where(bracketed, hi_y - lo_y, 1.0), 0.0
         )
         falsi = torch.minimum(torch.maximum(falsi, lo_x + 0.1 * width), hi_x - 0.1 * width)
-        guess = torch.where(bracketed, falsi, guess)
+        secant = xa - ya / torch.where(measured > 0, measured, 1.0)
+        margin = torch.minimum(0.1 * width, tol / (2 * measured.abs().clamp_min(1e-3)))
+        inside = (measured > 0) & (secant > lo_x + margin) & (secant < hi_x - margin)
+        guess = torch.where(bracketed, torch.where(inside, secant, falsi), guess)
         last_x[active], last_y[active] = xa, ya
         x[active] = torch.minimum(torch.maximum(guess, x_min[active]), x_max[active])
         active = active[keep]

@@ -170,3 +170,22 @@ def test_tiny_model_leaves_no_folder_behind(
     model = bench_power.tiny_gpt2(16, 2)
     assert [p for p in tmp_path.iterdir() if p.name.startswith("bench_gpt2_")] == []
     assert model(torch.tensor([[1, 2, 3]])).shape == (1, 3, 1000)
+
+
+def test_bench_effects(gpt2_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    import bench_effects
+
+    argv = ["--model", gpt2_dir, "--prompt", "the cat sat on the mat", "--answers", "good",
+            "bad", "--kl", "1e-3", "--top", "2", "--controls", "2",
+            "--atlas", str(tmp_path / "atlas.safetensors")]  # fmt: skip
+    assert bench_effects.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "atlas (exact, k=2):" in out and (tmp_path / "atlas.safetensors").exists()
+    assert "6 pairs x top 2 + 2 random controls per source = 18 vectors" in out
+    assert "speed-up of the map:" in out and "same top-10 (vector and sign): True" in out
+    gap = float(out.split("largest effect difference: ")[1].split()[0])
+    assert gap < 1e-3
+    # A second run reads the atlas, and compares on some source layers only.
+    assert bench_effects.main([*argv, "--reference-sources", "1:3"]) == 0
+    out = capsys.readouterr().out
+    assert "atlas (exact" not in out and "source layers [1, 2]: 3 pairs" in out

@@ -295,6 +295,36 @@ def test_last_token_logits_equal_the_full_forward(model: Any, tokens: torch.Tens
     torch.testing.assert_close(fast[1], expected[[0, 1], [7, 4]], rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("site", ["hook_resid_pre", "hook_mlp_out", "hook_resid_post"])
+def test_replayed_prefix_runs_equal_the_full_forward(
+    model: Any, tokens: torch.Tensor, site: str
+) -> None:
+    """``steered_runs`` computes the blocks before the hook once and replays them; every
+    call still gives the full, cache-free forward pass's last-token logits, at each layer,
+    on a padded batch, call after call."""
+    from tl_powersteer.adapters import ModelAdapter, TokenBatch, steered_runs
+
+    adapter = ModelAdapter(model)
+    batch = TokenBatch(tokens, torch.tensor([8, 5]), None)
+    mask = batch.mask.double()[..., None]
+    before = model(tokens.flip(1))
+    for layer in range(model.cfg.n_layers):
+        hook = adapter.hook_name(layer, site)
+        deltas = torch.stack([s * vector(model, layer, seed=layer).direction for s in (0, 2, -3)])
+        with steered_runs(adapter, batch, hook, chunk=2) as run:
+            first, again = run(deltas), run(deltas[1:])
+        for i, delta in enumerate(deltas):
+            expected = logits_with(
+                model, tokens, [(hook, lambda act, hook, d=delta: act + mask * d)]
+            )
+            torch.testing.assert_close(
+                first[i], expected[[0, 1], [7, 4]].double(), rtol=0, atol=1e-10
+            )
+        torch.testing.assert_close(again, first[1:], rtol=0, atol=1e-12)
+    # The replay is undone: other tokens run as before.
+    torch.testing.assert_close(model(tokens.flip(1)), before, rtol=0, atol=0)
+
+
 def test_long_steering_work_shows_progress(
     text_model: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:

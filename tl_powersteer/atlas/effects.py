@@ -21,7 +21,7 @@ from ..checks import is_int, is_number, plain_ints
 from ..scales import KL_PROBE_FRACTION, KL_SCALE_RANGE, kl_divergence, kl_search
 from .result import SensitivityAtlas
 
-__all__ = ["TokenMoves", "kl_matched_effects", "token_effects"]
+__all__ = ["TokenMoves", "check_atlas_model", "kl_matched_effects", "token_effects"]
 
 
 def kl_matched_effects(
@@ -85,7 +85,7 @@ class TokenMoves:
         return cls(listed(True), listed(False))
 
 
-def _check_atlas_model(model: Model | ModelAdapter, atlas: SensitivityAtlas) -> None:
+def check_atlas_model(model: Model | ModelAdapter, atlas: SensitivityAtlas) -> None:
     """Refuse a model other than the one the atlas was computed on (its shape, and its
     weights where the atlas records their fingerprint)."""
     adapter = ModelAdapter.of(model)
@@ -127,7 +127,7 @@ def token_effects(
     [...]}, "-": {...}}]}}``.
     """
     adapter = ModelAdapter.of(model)
-    _check_atlas_model(adapter, atlas)
+    check_atlas_model(adapter, atlas)
     if not is_number(kl) or not 0 < kl < float("inf"):
         raise ValueError(f"kl must be a positive number of nats (e.g. 1.0), got {kl!r}")
     if not is_int(top) or top < 1:
