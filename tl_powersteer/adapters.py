@@ -571,7 +571,8 @@ class ModelAdapter:
                 max_new_tokens=max_new_tokens,
                 do_sample=not greedy,
                 use_past_kv_cache=use_cache,
-                stop_at_eos=stop_at_eos,
+                # A model without a tokenizer has no end-of-sequence token to stop at.
+                stop_at_eos=stop_at_eos and self.eos_token_id is not None,
                 verbose=False,
             )
         # HookedTransformer generates under inference mode; a clone made outside it is an
@@ -637,20 +638,46 @@ class ModelAdapter:
         continuation, generated id, greedy id)`` of the first departure, or None. Hooks
         active around the call (a ``steer`` block) apply to this pass as to generation.
         """
+        return self.greedy_mismatches(tokens, prompt_length)[0]
+
+    def greedy_mismatches(
+        self, tokens: Int[Tensor, "batch total"], prompt_length: int
+    ) -> list[tuple[int, int, int] | None]:
+        """``greedy_mismatch`` for each row of a batch generated together, in one pass.
+
+        A row that ended at the end-of-sequence token is checked up to it: generation pads
+        it with that token while the other rows go on, and the padding is no choice.
+        """
         tokens = tokens.to(self.device)
         if tokens.shape[1] <= prompt_length:
-            return None
+            return [None] * tokens.shape[0]
         with torch.no_grad(), tensor_attributes_kept(self.model):
-            logits = self.model(tokens[:, :-1])[0, prompt_length - 1 :].double()
-        chosen = tokens[0, prompt_length:]
+            logits = self.model(tokens[:, :-1])[:, prompt_length - 1 :].double()
+        chosen = tokens[:, prompt_length:]
         best = logits.max(dim=-1).values
-        picked = logits.gather(-1, chosen[:, None])[:, 0]
+        picked = logits.gather(-1, chosen[..., None])[..., 0]
         tolerance = torch.finfo(self.dtype).eps ** 0.5 * best.abs().clamp(min=1.0)
-        bad = torch.nonzero(picked < best - tolerance)
-        if len(bad) == 0:
-            return None
-        i = int(bad[0, 0])
-        return i, int(chosen[i]), int(logits[i].argmax())
+        bad = picked < best - tolerance
+        eos = self.eos_token_id
+        if eos is not None:
+            ended = (chosen == eos).long().cumsum(dim=1)
+            bad &= (ended == 0) | ((ended == 1) & (chosen == eos))
+        found: list[tuple[int, int, int] | None] = []
+        for row in range(tokens.shape[0]):
+            where = torch.nonzero(bad[row])
+            if len(where) == 0:
+                found.append(None)
+                continue
+            i = int(where[0, 0])
+            found.append((i, int(chosen[row, i]), int(logits[row, i].argmax())))
+        return found
+
+    @property
+    def eos_token_id(self) -> int | None:
+        """The tokenizer's end-of-sequence id, at which generation stops (None without one)."""
+        tokenizer = getattr(self.model, "tokenizer", None)
+        eos = getattr(tokenizer, "eos_token_id", None)
+        return None if eos is None else int(eos)
 
     def decode(self, tokens: Int[Tensor, " seq"]) -> str:
         """Text of a token sequence (``#id`` per token for a model without a tokenizer)."""

@@ -48,12 +48,13 @@ from .io import build_result, check_destination, read_fields, register, save
 from .positions import position_weights
 from .power_steering import power_steering_name
 from .scales import KL_PROBE_FRACTION, KL_SCALE_RANGE, kl_divergence, kl_search, typical_norms
+from .steering import batch_generations
 from .vectors import SteeringVector, random_vectors
 
 if TYPE_CHECKING:
     import pandas as pd
 
-__all__ = ["AtlasEffects", "atlas_effects"]
+__all__ = ["AtlasEffects", "atlas_effects", "generation_key"]
 
 SIGNS = (1, -1)
 # Sequences per forward pass: larger passes amortise the per-pass cost of the unembedding
@@ -123,6 +124,10 @@ class AtlasEffects:
     # only for an atlas with the same vectors.
     vector_digests: dict[str, str] = field(default_factory=dict)
     completed_sources: list[int] = field(default_factory=list)
+    # Greedy continuations of the first prompt at each row's scale (``generation_key``),
+    # and unsteered under "baseline"; ``generated_tokens`` 0 means none were made.
+    generated_tokens: int = 0
+    generations: dict[str, str] = field(default_factory=dict)
 
     @property
     def n_layers(self) -> int:
@@ -308,7 +313,14 @@ class AtlasEffects:
             "weights_fingerprint": self.weights_fingerprint,
             "prompts": self.prompts,
             "tokens": None if self.tokens is None else self.tokens.tolist(),
+            "generated_tokens": self.generated_tokens,
         }
+
+    def generation(self, source: int, target: int | None, rank: int, sign: int) -> str | None:
+        """The greedy continuation of the first prompt with vector ``rank`` of pair
+        (``source``, ``target``) (or, with ``target`` None, random control ``rank`` of the
+        source) added with ``sign`` at its matched scale; None where none was generated."""
+        return self.generations.get(generation_key(source, target, rank, sign))
 
     def __repr__(self) -> str:
         pairs = self.pairs()
@@ -331,6 +343,15 @@ _PAIR_COLUMNS = [
     "source", "target", "sigma", "best_effect", "rank", "sign", "scale", "relative_scale",
     "kl", "random_mean", "random_max", "ratio", "beats_random",
 ]  # fmt: skip
+
+
+def generation_key(source: int, target: int | None, rank: int, sign: int) -> str:
+    """The key of a row's text in ``AtlasEffects.generations``: ``"s,t,rank,+"`` for a
+    pair's vector, ``"s,random,c,-"`` for a control."""
+    if sign not in SIGNS:
+        raise ValueError(f"sign must be 1 or -1, got {sign!r}")
+    where = "random" if target is None else str(target)
+    return f"{source},{where},{rank},{'+' if sign == 1 else '-'}"
 
 
 def _vector_digest(atlas: SensitivityAtlas, s: int, top: int) -> str:
@@ -381,6 +402,7 @@ def atlas_effects(
     controls: int = 4,
     seed: int = 0,
     tol: float = 1e-3,
+    generate: int = 0,
     checkpoint: str | os.PathLike[str] | None = None,
     progress: bool = True,
 ) -> AtlasEffects:
@@ -406,6 +428,9 @@ def atlas_effects(
             (KL saturates below the budget, or exceeds it at the smallest scale) are
             kept with ``matched`` False and left out of the best effects and the random
             level.
+        generate: new tokens of greedy generation from the first prompt for every row
+            (each vector and sign, and each control) at its scale, and once unsteered,
+            for reading beside the numbers (``generation``); 0 generates nothing.
         checkpoint: a ``.safetensors`` path; the map is written there after each source
             layer (atomically), and a run with the same arguments resumes from it.
         progress: a tqdm bar of pairs measured.
@@ -434,6 +459,10 @@ def atlas_effects(
             f"controls must be a positive int (random directions per source), got {controls!r}"
         )
     check_seed(seed)
+    if not is_int(generate) or generate < 0:
+        raise ValueError(
+            f"generate must be a number of new tokens (0 for no generations), got {generate!r}"
+        )
     if not is_number(tol) or not 0 < tol < 1:
         raise ValueError(f"tol must be a number between 0 and 1 (in log KL), got {tol!r}")
     if not atlas.completed_sources:
@@ -467,6 +496,7 @@ def atlas_effects(
         prompts=list(prompts) if batch.texts is not None else None,
         tokens=None if batch.texts is not None else batch.tokens.clone(),
         vector_digests={str(s): _vector_digest(atlas, s, top) for s in sources},
+        generated_tokens=generate,
     )  # fmt: skip
     if path is not None and path.exists():
         result = _resumed(result, path)
@@ -477,6 +507,13 @@ def atlas_effects(
     result.baseline = float((base[:, a] - base[:, b]).double().mean())
     units = typical_norms(adapter, batch, hooks)
     todo = [s for s in sources if s not in result.completed_sources]
+    # Generations continue the first prompt alone: one text per row, read beside its numbers.
+    first = batch.tokens[:1, : int(batch.lengths[0])]
+    if generate and "baseline" not in result.generations:
+        zero_delta = torch.zeros(1, adapter.d_model, dtype=torch.float64)
+        (result.generations["baseline"],) = batch_generations(
+            adapter, first, hooks[0], zero_delta, max_new_tokens=generate
+        )
     later = {s: [t for t in atlas.targets if t > s] for s in sources}
     from tqdm.auto import tqdm
 
@@ -490,7 +527,20 @@ def atlas_effects(
             unit = float(units[sources.index(s)])
             vectors = atlas.steering_vectors([(s, t) for t in later[s]], top=top)
             vectors += random_vectors(adapter.d_model, s, atlas.source_site, controls, seed=seed)
-            _measure_source(adapter, batch, weights, result, s, unit, vectors, base, later[s])
+            deltas = _measure_source(
+                adapter, batch, weights, result, s, unit, vectors, base, later[s]
+            )
+            if generate:
+                bar.set_postfix_str(f"source L{s}, generating")
+                texts = batch_generations(
+                    adapter, first, adapter.hook_name(s, atlas.source_site), deltas,
+                    max_new_tokens=generate,
+                )  # fmt: skip
+                keys = [generation_key(s, t, r, sign) for t in later[s] for r in range(top)
+                        for sign in SIGNS]  # fmt: skip
+                keys += [generation_key(s, None, c, sign) for c in range(controls)
+                         for sign in SIGNS]  # fmt: skip
+                result.generations.update(zip(keys, texts, strict=True))
             result.completed_sources.append(s)
             if path is not None:
                 result.save(path)
@@ -508,9 +558,10 @@ def _measure_source(
     vectors: list[SteeringVector],
     base: Tensor,
     targets: list[int],
-) -> None:
+) -> Tensor:
     """Search and measure every row of source ``s``: each vector with each sign, in
-    order (pairs' vectors, then controls), and store them in ``result``."""
+    order (pairs' vectors, then controls), and store them in ``result``. Returns each
+    row's delta (its signed direction times its scale)."""
     top, controls = result.top, result.controls
     result.source_norms[s] = unit
     if unit == 0:
@@ -550,6 +601,7 @@ def _measure_source(
     result.control_scales[s] = scales[2 * n_vec :].view(controls, 2)
     result.control_kls[s] = kls[2 * n_vec :].view(controls, 2)
     result.control_matched[s] = matched[2 * n_vec :].view(controls, 2)
+    return scales[:, None] * directions
 
 
 # As kl_scales: a row that has not met the tolerance by then sits at a bound.

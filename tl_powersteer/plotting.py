@@ -8,10 +8,15 @@ the spectral gap σ_k/σ_{k+1}; pairs whose gap is under ``GAP_WARNING`` are fla
 their k-th vector is not separated from the next and should not be trusted on its own.
 
 ``atlas_html`` writes one self-contained page (plotly.js inlined, works offline): the
-heatmap, and a side panel that shows the clicked pair's spectrum as a bar chart and, when
-token effects are given, each vector's most promoted and suppressed next tokens for both
-signs at a scale of about equal next-token KL. Prompt, model and token text is HTML-escaped
-or set as plain text, never as markup.
+heatmap, and a side panel that shows the clicked pair's spectrum as bars coloured by gap
+group (neighbours within ``GAP_WARNING`` of each other are one group: a subspace, not
+vectors to read one by one) and a table per vector and sign: the scale at a fixed
+next-token KL, the most promoted and suppressed next tokens (``token_effects``) and, with
+an effect map (``atlas_effects``), the effect at matched KL. An effect map also adds two
+heatmap views, the best effect and its ratio to random directions, with pairs at random
+level in grey, and a click on a row shows the row's precomputed generation beside the
+unsteered one. Prompt, model, token and generated text is HTML-escaped or set as plain
+text, never as markup.
 
 >>> import torch
 >>> from tl_powersteer.plotting import plot_atlas
@@ -34,7 +39,9 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import os
+from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -42,9 +49,10 @@ import torch
 
 from .atlas import SensitivityAtlas
 from .checks import is_int, plain_ints
+from .effect_map import SIGNS, AtlasEffects
 from .io import atomic_file, check_destination
 
-__all__ = ["GAP_WARNING", "atlas_html", "plot_atlas"]
+__all__ = ["GAP_WARNING", "atlas_html", "atlas_page", "check_effect_map", "plot_atlas"]
 
 GAP_WARNING = 1.05
 
@@ -63,14 +71,57 @@ def _hover(atlas: SensitivityAtlas, s: int, t: int) -> str:
     return f"{_label(s, t)}<br>{values}<br>gap σ{atlas.k}/σ{atlas.k + 1} = {gap:.3f}{flag}"
 
 
+def _effect_hover(row: Any) -> str:
+    """Hover lines of one pair of an effect map's table."""
+    if row["rank"] < 0:
+        return "<br>no vector reached the KL budget"
+    sign = "+" if row["sign"] > 0 else "-"
+    verdict = "beats random" if row["beats_random"] else "random level"
+    return (
+        f"<br>best effect {row['best_effect']:+.3g} (v{row['rank'] + 1}, {sign}v, "
+        f"KL {row['kl']:.3g})<br>random: mean {row['random_mean']:.3g}, max "
+        f"{row['random_max']:.3g}; ratio {row['ratio']:.3g} ({verdict})"
+    )
+
+
+def check_effect_map(atlas: SensitivityAtlas, effect_map: AtlasEffects) -> None:
+    """Refuse an effect map that was not measured on this atlas's model and site."""
+    if not isinstance(effect_map, AtlasEffects):
+        raise TypeError(
+            f"effect_map must be an AtlasEffects (from atlas_effects), got "
+            f"{type(effect_map).__name__}"
+        )
+    mine = (
+        atlas.n_layers,
+        atlas.source_site,
+        atlas.weights_fingerprint or effect_map.weights_fingerprint,
+    )
+    theirs = (effect_map.n_layers, effect_map.source_site, effect_map.weights_fingerprint)
+    if mine != theirs:
+        raise ValueError(
+            "the effect map was measured on another atlas (layers, source site or model "
+            f"weights differ: {theirs[:2]} there, {mine[:2]} here); measure it with "
+            "atlas_effects(model, atlas, ...) on this atlas"
+        )
+
+
 @plain_ints
-def plot_atlas(atlas: SensitivityAtlas, rank: int = 0, *, log: bool = True) -> Any:
+def plot_atlas(
+    atlas: SensitivityAtlas,
+    rank: int = 0,
+    *,
+    log: bool = True,
+    effect_map: AtlasEffects | None = None,
+) -> Any:
     """Heatmap of σ (one rank at a time) over (source, target) pairs; see the module docstring.
 
     Args:
         atlas: a ``SensitivityAtlas``.
         rank: the rank shown first (0 is σ1); the dropdown switches among all ranks.
         log: colour by log10 σ.
+        effect_map: an ``AtlasEffects`` of this atlas (``atlas_effects``); adds two views,
+            each pair's best effect at matched KL and its ratio to the random controls'
+            mean, in which pairs that do not beat the random controls are grey.
     """
     import plotly.graph_objects as go
 
@@ -78,11 +129,31 @@ def plot_atlas(atlas: SensitivityAtlas, rank: int = 0, *, log: bool = True) -> A
         raise TypeError(f"plot_atlas needs a SensitivityAtlas, got {type(atlas).__name__}")
     if not is_int(rank) or not 0 <= rank < atlas.k:
         raise ValueError(f"rank must be an int in 0..{atlas.k - 1}, got {rank!r}")
+    if effect_map is not None:
+        check_effect_map(atlas, effect_map)
     sources, targets = atlas.sources, atlas.targets
+    table = None if effect_map is None else effect_map.to_pandas().set_index(["source", "target"])
+
+    def hover(s: int, t: int) -> str:
+        text = _hover(atlas, s, t)
+        if text and table is not None and (s, t) in table.index:
+            text += _effect_hover(table.loc[(s, t)])
+        return text
+
     # Rows are targets, columns sources: z[row][col] is the pair sources[col] -> targets[row].
-    hover = [[_hover(atlas, s, t) for s in sources] for t in targets]
+    texts = [[hover(s, t) for s in sources] for t in targets]
+    cells = [[[s, t] for s in sources] for t in targets]
     norms = atlas.source_norms.double()
-    views = []
+    fig = go.Figure()
+    # One dropdown entry per view: its label and the traces it shows.
+    views: list[tuple[str, list[int]]] = []
+
+    def add(z: list[list[float | None]], what: str, **style: Any) -> int:
+        fig.add_trace(go.Heatmap(z=z, x=[f"L{s}" for s in sources], y=[f"L{t}" for t in targets],
+                                 text=texts, hovertemplate="%{text}<extra></extra>", name=what,
+                                 customdata=cells, visible=False, **style))  # fmt: skip
+        return len(fig.data) - 1
+
     for view in ("raw", "normalised"):
         for r in range(atlas.k):
             z = atlas.singular_values[:, :, r].double()
@@ -91,31 +162,42 @@ def plot_atlas(atlas: SensitivityAtlas, rank: int = 0, *, log: bool = True) -> A
             z = z[sources][:, targets].T
             if log:
                 z = torch.log10(z)
-            views.append(
-                (view, r, [[None if v != v else float(v) for v in row] for row in z.tolist()])
-            )
+            what = f"σ{r + 1}" + (" / ‖source‖" if view == "normalised" else "")
+            i = add([[None if v != v else float(v) for v in row] for row in z.tolist()], what,
+                    colorscale="Viridis",
+                    colorbar={"title": {"text": f"log10 {what}" if log else what}})  # fmt: skip
+            views.append((f"σ{r + 1}" + (" ÷ source norm" if view == "normalised" else ""), [i]))
+    if table is not None and effect_map is not None:
+        for column, label, style in (
+            ("best_effect", f"best effect at KL {effect_map.kl:g}",
+             {"colorscale": "RdBu", "zmid": 0.0}),
+            ("ratio", "best effect ÷ random mean", {"colorscale": "Viridis"}),
+        ):  # fmt: skip
 
-    fig = go.Figure()
-    for view, r, cells in views:
-        what = f"σ{r + 1}" + (" / ‖source‖" if view == "normalised" else "")
-        fig.add_trace(
-            go.Heatmap(
-                z=cells,
-                x=[f"L{s}" for s in sources],
-                y=[f"L{t}" for t in targets],
-                text=hover,
-                hovertemplate="%{text}<extra></extra>",
-                colorscale="Viridis",
-                colorbar={"title": {"text": f"log10 {what}" if log else what}},
-                visible=(view == "raw" and r == rank),
-                name=what,
-                customdata=[[[s, t] for s in sources] for t in targets],
-            )
-        )
+            def grid(active: bool, column: str = column) -> list[list[float | None]]:
+                rows = []
+                for t in targets:
+                    row: list[float | None] = []
+                    for s in sources:
+                        found = (s, t) in table.index
+                        entry = table.loc[(s, t)] if found else None
+                        value = None if entry is None else float(entry[column])
+                        keep = entry is not None and bool(entry["beats_random"]) == active
+                        row.append(value if keep and value == value else None)
+                    rows.append(row)
+                return rows
+
+            shown = add(grid(True), label, colorbar={"title": {"text": label}}, **style)
+            # Pairs at random level, in one flat grey: inactive for this fork.
+            grey = [[None if v is None else 0.0 for v in row] for row in grid(False)]
+            muted = add(grey, "random level", colorscale=[[0, "#d0d0d0"], [1, "#d0d0d0"]],
+                        showscale=False)  # fmt: skip
+            views.append((label, [shown, muted]))
+    for i in views[rank][1]:
+        fig.data[i].visible = True
     buttons = []
-    for i, (view, r, _) in enumerate(views):
-        label = f"σ{r + 1}" + (" ÷ source norm" if view == "normalised" else "")
-        visible = [j == i for j in range(len(views))]
+    for label, traces in views:
+        visible = [j in traces for j in range(len(fig.data))]
         buttons.append({"label": label, "method": "update", "args": [{"visible": visible}]})
     prompt = (atlas.prompts or ["(token ids)"])[0]
     more = f" (+{len(atlas.prompts) - 1} more)" if atlas.prompts and len(atlas.prompts) > 1 else ""
@@ -134,69 +216,134 @@ def plot_atlas(atlas: SensitivityAtlas, rank: int = 0, *, log: bool = True) -> A
 
 _PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8"><title>{title}</title>
+<link rel="icon" href="data:,">
 <style>
 body {{ font-family: sans-serif; margin: 1em; display: flex; gap: 1em; }}
-#heatmap {{ width: 64%; }}
-#panel {{ width: 34%; border-left: 1px solid #ccc; padding-left: 1em; }}
-table.effect {{ font-size: 0.85em; margin-bottom: 0.8em; border-collapse: collapse; }}
-table.effect td {{ padding: 1px 6px; vertical-align: top; }}
-table.effect caption {{ text-align: left; font-weight: bold; }}
+#heatmap {{ width: 58%; }}
+#panel {{ width: 40%; border-left: 1px solid #ccc; padding-left: 1em; }}
+table {{ font-size: 0.85em; border-collapse: collapse; margin-bottom: 0.8em; }}
+td, th {{ padding: 2px 6px; vertical-align: top; text-align: left; }}
+table.vectors tr.vector-row {{ cursor: pointer; }}
+table.vectors tr.vector-row:hover {{ background: #eef; }}
+table.vectors tr.selected {{ background: #dde; }}
+table.vectors tr.group td {{ font-style: italic; color: #555; border-top: 1px solid #ccc; }}
+table.generations td:first-child {{ white-space: nowrap; font-weight: bold; }}
+table.generations td {{ white-space: pre-wrap; }}
+#live label {{ display: block; margin: 0.3em 0; }}
+#live textarea {{ width: 100%; }}
+#live-error {{ color: #b00; }}
+#live-runs {{ display: flex; gap: 0.5em; }}
+#live-runs .run {{ flex: 1; border: 1px solid #ccc; padding: 0.3em; font-size: 0.85em; white-space: pre-wrap; }}
 </style></head>
 <body>
 <div id="heatmap">{figure}</div>
 <div id="panel"><h2 id="panel-title">Click a cell</h2>
-<p id="panel-text">Click a pair to see its spectrum.</p><div id="spectrum"></div>
-<div id="effects"></div></div>
+<p id="panel-text">Click a pair to see its spectrum and its vectors.</p><div id="spectrum"></div>
+<div id="live"></div><div id="vectors"></div><div id="generations"></div></div>
 <script id="atlas-data" type="application/json">{data}</script>
-<script>
-(function () {{
-  const data = JSON.parse(document.getElementById("atlas-data").textContent);
-  const plot = document.querySelector("#heatmap .plotly-graph-div");
-  plot.on("plotly_click", function (event) {{
-    const [s, t] = event.points[0].customdata;
-    const pair = data.pairs[s + "," + t];
-    const title = document.getElementById("panel-title");
-    const text = document.getElementById("panel-text");
-    title.textContent = "L" + s + " -> L" + t;
-    if (!pair) {{ text.textContent = "Not computed."; return; }}
-    text.textContent = "gap σ" + data.k + "/σ" + (data.k + 1) + " = " + pair.gap.toFixed(3);
-    Plotly.newPlot("spectrum", [{{type: "bar", x: pair.sigma.map((_, i) => "σ" + (i + 1)),
-      y: pair.sigma}}], {{title: {{text: "singular values"}}, height: 320}});
-    const box = document.getElementById("effects");
-    box.replaceChildren();
-    const vectors = data.effects && data.effects.pairs[s + "," + t];
-    if (!vectors) {{ return; }}
-    const note = document.createElement("p");
-    note.textContent = "Next tokens whose probability at the last token rose and fell " +
-      "most (change of probability, then of logit), each vector added " +
-      "with each sign at the scale where the next-token KL is " + data.effects.kl +
-      (data.effects.kl === 1 ? " nat" : " nats") +
-      " (searched to within 10%; scale in typical norms of the source activation):";
-    box.appendChild(note);
-    vectors.forEach(function (effect, i) {{
-      const table = document.createElement("table");
-      table.className = "effect";
-      const caption = table.createCaption();
-      caption.textContent = "v" + (i + 1) + ": +v at " + effect["+"].relative.toPrecision(2) +
-        " (KL " + effect["+"].kl.toPrecision(2) + "), -v at " +
-        effect["-"].relative.toPrecision(2) + " (KL " + effect["-"].kl.toPrecision(2) + ")";
-      ["+", "-"].forEach(function (sign) {{
-        ["promoted", "suppressed"].forEach(function (kind) {{
-          const row = table.insertRow();
-          row.insertCell().textContent = sign + "v " + kind;
-          row.insertCell().textContent = effect[sign][kind]
-            .map(([text, dp, dl]) => JSON.stringify(text) + " " + (dp >= 0 ? "+" : "") +
-              dp.toPrecision(2) + " (" + (dl >= 0 ? "+" : "") + dl.toPrecision(3) + ")")
-            .join(", ");
-        }});
-      }});
-      box.appendChild(table);
-    }});
-  }});
-}})();
-</script>
+<script>{script}</script>
 </body></html>
 """
+
+
+def _finite(x: float) -> float | None:
+    """JSON has no NaN: what was not measured is null."""
+    return x if math.isfinite(x) else None
+
+
+def _gap_groups(sigma: list[float]) -> list[list[int]]:
+    """Ranks in runs whose neighbours are within ``GAP_WARNING`` of each other."""
+    groups = [[0]]
+    for r in range(1, len(sigma)):
+        if sigma[r] > 0 and sigma[r - 1] / sigma[r] < GAP_WARNING:
+            groups[-1].append(r)
+        else:
+            groups.append([r])
+    return groups
+
+
+def _map_payload(effect_map: AtlasEffects) -> dict[str, Any]:
+    """What the page shows of an effect map: per pair its best vector against random,
+    per vector and sign its numbers, and the generations."""
+    pairs: dict[str, Any] = {}
+    table = effect_map.to_pandas()
+    for row in table.to_dict("records"):
+        s, t = int(row["source"]), int(row["target"])
+        norm = float(effect_map.source_norms[s])
+        rows = {}
+        for r in range(effect_map.top):
+            for j, sign in enumerate(SIGNS):
+                scale = float(effect_map.scales[s, t, r, j])
+                rows[f"{r},{'+' if sign == 1 else '-'}"] = {
+                    "relative": _finite(scale / norm) if norm > 0 else None,
+                    "kl": _finite(float(effect_map.kls[s, t, r, j])),
+                    "matched": bool(effect_map.matched[s, t, r, j]),
+                    "effect": _finite(float(effect_map.effects[s, t, r, j])),
+                }
+        pairs[f"{s},{t}"] = {
+            "best": _finite(row["best_effect"]),
+            "rank": int(row["rank"]),
+            "sign": int(row["sign"]),
+            "ratio": _finite(row["ratio"]),
+            "randomMean": _finite(row["random_mean"]),
+            "randomMax": _finite(row["random_max"]),
+            "beats": bool(row["beats_random"]),
+            "rows": rows,
+        }
+    return {
+        "kl": effect_map.kl,
+        "answers": effect_map.answers,
+        "tokens": effect_map.generated_tokens,
+        "baseline": effect_map.generations.get("baseline"),
+        "texts": {k: v for k, v in effect_map.generations.items() if k != "baseline"},
+        "pairs": pairs,
+    }
+
+
+def atlas_page(
+    atlas: SensitivityAtlas,
+    *,
+    effects: dict[str, Any] | None = None,
+    effect_map: AtlasEffects | None = None,
+    live: bool = False,
+) -> str:
+    """The atlas page's HTML (``atlas_html`` writes it). ``live`` adds the controls of
+    ``tl-powersteer browse``, whose server answers the page's generation requests."""
+    import plotly.io as pio
+
+    fig = plot_atlas(atlas, effect_map=effect_map)
+    figure = pio.to_html(fig, include_plotlyjs=True, full_html=False, div_id="atlas-heatmap")
+    gaps = atlas.spectral_gap()
+    pairs = {}
+    for s, t in atlas.pairs():
+        sig = atlas.singular_values[s, t]
+        if not sig.isnan().any():
+            sigma = [float(v) for v in sig]
+            pairs[f"{s},{t}"] = {
+                "sigma": sigma,
+                "next": _finite(float(atlas.next_singular_value[s, t])),
+                "gap": float(gaps[s, t]),
+                "groups": _gap_groups(sigma),
+            }
+    payload = {
+        "k": atlas.k,
+        "gapWarning": GAP_WARNING,
+        "pairs": pairs,
+        "tokens": effects,
+        "map": None if effect_map is None else _map_payload(effect_map),
+        "live": None
+        if not live
+        else {
+            "prompt": (atlas.prompts or [""])[0],
+            "kl": effect_map.kl if effect_map is not None else 0.5,
+            "tokens": (effect_map.generated_tokens if effect_map is not None else 0) or 20,
+        },
+    }
+    # "</" would end the <script> element early; JSON allows the escaped form.
+    data = json.dumps(payload, allow_nan=False).replace("</", "<\\/")
+    script = (resources.files(__package__) / "atlas_page.js").read_text(encoding="utf-8")
+    title = html.escape(f"Sensitivity atlas: {atlas.model_name}")
+    return _PAGE.format(title=title, figure=figure, data=data, script=script)
 
 
 @plain_ints
@@ -205,28 +352,17 @@ def atlas_html(
     path: str | os.PathLike[str],
     *,
     effects: dict[str, Any] | None = None,
+    effect_map: AtlasEffects | None = None,
 ) -> Path:
     """Write the atlas browser (see the module docstring) to ``path``, atomically.
 
-    ``effects`` (from ``token_effects``) adds each vector's most
-    promoted and suppressed next tokens, both signs, to the panel.
+    ``effects`` (from ``token_effects``) adds each vector's most promoted and suppressed
+    next tokens, both signs, to the panel. ``effect_map`` (from ``atlas_effects``) adds
+    the heatmap views of the best effect and its ratio to random directions, each
+    vector's effect at matched KL, and, where it holds them, generations on a click.
     """
-    import plotly.io as pio
-
     path = check_destination(path, ".html", "the atlas page path")
-    fig = plot_atlas(atlas)
-    figure = pio.to_html(fig, include_plotlyjs=True, full_html=False, div_id="atlas-heatmap")
-    gaps = atlas.spectral_gap()
-    pairs = {}
-    for s, t in atlas.pairs():
-        sig = atlas.singular_values[s, t]
-        if not sig.isnan().any():
-            pairs[f"{s},{t}"] = {"sigma": [float(v) for v in sig], "gap": float(gaps[s, t])}
-    # "</" would end the <script> element early; JSON allows the escaped form.
-    payload = {"k": atlas.k, "pairs": pairs, "effects": effects}
-    data = json.dumps(payload).replace("</", "<\\/")
-    title = html.escape(f"Sensitivity atlas: {atlas.model_name}")
-    page = _PAGE.format(title=title, figure=figure, data=data)
+    page = atlas_page(atlas, effects=effects, effect_map=effect_map)
     with atomic_file(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return path

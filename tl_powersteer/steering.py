@@ -30,6 +30,7 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
+from jaxtyping import Float, Int
 from torch import Tensor
 
 from . import positions as positions_module
@@ -47,6 +48,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "Steering",
+    "batch_generations",
     "check_greedy_continuation",
     "check_new_tokens",
     "generate_steered",
@@ -197,31 +199,86 @@ def generate_steered(
 
 
 def check_greedy_continuation(
-    adapter: ModelAdapter, out: Tensor, prompt_length: int, *, use_cache: bool = True
+    adapter: ModelAdapter,
+    out: Tensor,
+    prompt_length: int,
+    *,
+    use_cache: bool = True,
+    rows: Sequence[int] | None = None,
 ) -> None:
     """Refuse a greedy generation that is not the model's own cache-free continuation.
 
     A faulty KV cache (as in transformers 5.24.0 under TransformerLens 4.3) gives wrong
     text with no error; one teacher-forced pass finds it (see
-    ``ModelAdapter.greedy_mismatch``).
+    ``ModelAdapter.greedy_mismatches``). ``out`` may hold several rows generated together,
+    named in the message as ``rows`` numbers them.
     """
-    found = adapter.greedy_mismatch(out, prompt_length)
-    if found is None:
-        return
-    i, got, best = found
-    versions = versions_line(("transformers", "transformer-lens"))
-    cause = (
-        f"The KV cache of this environment is broken ({versions}): {KV_CACHE_FIX}."
-        if use_cache
-        else f"Generation without the cache disagrees with the forward pass ({versions}): "
-        "please report it with the output of `tl-powersteer doctor`."
-    )
-    raise RuntimeError(
-        f"generation went wrong at token {i} of the continuation: it produced "
-        f"{adapter.decode(out.new_tensor([got]))!r} where the model's own forward pass picks "
-        f"{adapter.decode(out.new_tensor([best]))!r}. {cause} "
-        "`tl-powersteer doctor` checks the environment."
-    )
+    for row, found in enumerate(adapter.greedy_mismatches(out, prompt_length)):
+        if found is None:
+            continue
+        i, got, best = found
+        versions = versions_line(("transformers", "transformer-lens"))
+        cause = (
+            f"The KV cache of this environment is broken ({versions}): {KV_CACHE_FIX}."
+            if use_cache
+            else f"Generation without the cache disagrees with the forward pass ({versions}): "
+            "please report it with the output of `tl-powersteer doctor`."
+        )
+        where = f" of row {row if rows is None else rows[row]}" if out.shape[0] > 1 else ""
+        raise RuntimeError(
+            f"generation went wrong at token {i} of the continuation{where}: it produced "
+            f"{adapter.decode(out.new_tensor([got]))!r} where the model's own forward pass picks "
+            f"{adapter.decode(out.new_tensor([best]))!r}. {cause} "
+            "`tl-powersteer doctor` checks the environment."
+        )
+
+
+def batch_generations(
+    model: Model | ModelAdapter,
+    tokens: Int[Tensor, "1 seq"],
+    hook: str,
+    deltas: Float[Tensor, "m d_model"],
+    *,
+    max_new_tokens: int,
+    chunk: int = 64,
+) -> list[str]:
+    """Greedy continuations of one prompt, one per delta added at ``hook`` on every token
+    (the prompt's and each generated one), ``chunk`` rows generated together.
+
+    Row i is the text ``generate_steered`` gives for a vector along ``deltas[i]`` at scale
+    ‖deltas[i]‖ with ``positions="all"``, and ends at the end-of-sequence token, as a
+    generation of its own would. The first and last row of each chunk are checked against
+    the model's own cache-free choice, as ``generate_steered`` checks its rows.
+    """
+    adapter = ModelAdapter.of(model)
+    check_new_tokens(max_new_tokens)
+    n = tokens.shape[1]
+    tokens = tokens.to(adapter.device)
+    active = [deltas[:0]]
+
+    def add(act: Tensor, hook: Any) -> Tensor:
+        return act + active[0].to(act.device, act.dtype)[:, None, :]
+
+    texts: list[str] = []
+    eos = adapter.eos_token_id
+    with adapter.hooks([(hook, add)]):
+        for start in range(0, deltas.shape[0], chunk):
+            rows = deltas[start : start + chunk]
+            active[0] = rows
+            out = adapter.generate(
+                tokens.expand(rows.shape[0], -1), max_new_tokens=max_new_tokens, greedy=True
+            )
+            # The rows of a chunk share one code path (one prompt, no padding), so a broken
+            # cache shows in any of them: checking the first and last costs a pass of two
+            # rows instead of a pass as large as the generation itself.
+            ends = [0, rows.shape[0] - 1] if rows.shape[0] > 1 else [0]
+            active[0] = rows[ends]
+            check_greedy_continuation(adapter, out[ends], n, rows=[start + i for i in ends])
+            for row in out[:, n:]:
+                if eos is not None and bool((row == eos).any()):
+                    row = row[: int((row == eos).nonzero()[0, 0]) + 1]
+                texts.append(adapter.decode(row))
+    return texts
 
 
 def generations(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -36,8 +37,21 @@ def page_file(models: dict[str, Any], tmp_path_factory: pytest.TempPathFactory) 
     atlas = tps.sensitivity_atlas(model, prompt, k=3, progress=False)
     atlas.model_name = '<script>document.title="pwned"</script>'
     folder = tmp_path_factory.mktemp("page")
-    effects = tps.token_effects(model, atlas, progress=False)
-    return tps.atlas_html(atlas, folder / "atlas.html", effects=effects)
+    effects = tps.token_effects(model, atlas, kl=1e-3, progress=False)
+    # The tiny random model saturates well below 0.05 nats of next-token KL.
+    found = tps.atlas_effects(
+        model,
+        atlas,
+        answers=("good", "bad"),
+        kl=1e-3,
+        top=2,
+        controls=2,
+        generate=4,
+        progress=False,
+    )
+    # Generated text is shown as text: markup in it must never run.
+    found.generations["1,3,1,-"] = "<img src=x onerror=\"document.title='pwned'\">"
+    return tps.atlas_html(atlas, folder / "atlas.html", effects=effects, effect_map=found)
 
 
 def cell_centre(page: Any, source: int, target: int) -> tuple[float, float]:
@@ -56,6 +70,7 @@ def cell_centre(page: Any, source: int, target: int) -> tuple[float, float]:
 
 
 def test_page_renders_hovers_and_clicks(page_file: Path, tmp_path: Path) -> None:
+    """Map -> pair -> vector row -> generations, the effect views, and escaping."""
     sync_api = pytest.importorskip("playwright.sync_api")
     errors: list[str] = []
     with sync_api.sync_playwright() as play:
@@ -82,19 +97,63 @@ def test_page_renders_hovers_and_clicks(page_file: Path, tmp_path: Path) -> None
         page.wait_for_selector("#spectrum .plotly .bars path")
         assert page.inner_text("#panel-title") == "L1 -> L3"
         assert "gap" in page.inner_text("#panel-text")
-        assert page.locator("#spectrum .bars path").count() == 3
-        tables = page.locator("#effects table.effect")
-        assert tables.count() == 3
-        first = tables.first.inner_text()
-        assert "+v promoted" in first and "-v suppressed" in first
-        assert re.search(r"v1: \+v at [0-9.e+-]+ \(KL [0-9.e+-]+\), -v at [0-9.e+-]+ \(KL ", first)
-        assert "where the next-token KL is 1 nat (searched" in page.inner_text("#effects p")
-        assert '"' in first  # token texts are listed, quoted
-        # each with its change of probability (by which it is ranked), then of logit
+        # k bars and the next singular value's
+        assert page.locator("#spectrum .bars path").count() == 4
+        panel = page.inner_text("#panel-text")
+        assert re.search(r"best effect [+-][0-9.e+-]+ \(v[12], [+-]v\) against random", panel)
+        assert "beats random" in panel or "random level, inactive" in panel
+        notes = page.inner_text("#vectors p")
+        assert 'logit("good") − logit("bad")' in notes and "0.001 nats of next-token KL" in notes
+        assert "rose and fell most (change of probability, then of logit)" in notes
+        rows = page.locator("#vectors tr.vector-row")
+        assert rows.count() == 3 * 2  # k vectors, both signs; the effect map covers top 2
+        first = rows.first.inner_text()
+        assert re.search(r"v1\s+\+v\s+[0-9.e+-]+\s+[0-9.e+-]+\s+[+-][0-9.e+-]+\s+\"", first)
+        # each token with its change of probability (by which it is ranked), then of logit
         assert re.search(r'"[^"]*" [+-][0-9.e+-]+ \([+-][0-9.e+-]+\)', first), first
-        assert "rose and fell most (change of probability, then of logit)" in page.inner_text(
-            "#effects p"
+        assert page.locator("#generations td").count() == 0
+        rows.nth(1).click()
+        page.wait_for_selector("#gen-steered")
+        data = json.loads(page.text_content("#atlas-data") or "")
+        texts = data["map"]["texts"]
+        assert page.inner_text("#gen-base") == data["map"]["baseline"]
+        assert page.text_content("#gen-steered") == texts["1,3,0,-"]
+        assert page.text_content("#gen-random") == texts["1,random,0,-"]
+        assert "L1 -> L3 v1, -v" in page.inner_text("#generations h3")
+        # Markup in generated text is shown, not run.
+        rows.nth(3).click()
+        page.wait_for_function(
+            "document.querySelector('#generations h3').textContent.includes('v2, -v')"
         )
+        assert page.text_content("#gen-steered") == texts["1,3,1,-"]
+        assert page.locator("#generations img").count() == 0
+        # The third vector was not measured by the effect map: tokens only, no generation.
+        assert rows.nth(4).inner_text().split("\t")[4] == ""
+        rows.nth(4).click()
+        page.wait_for_function(
+            "document.querySelector('#generations h3').textContent.includes('v3, +v')"
+        )
+        assert page.text_content("#gen-steered") == "(not generated)"
+
+        # The effect views: the dropdown shows them, with random-level pairs in grey.
+        page.click(".updatemenu-header-group")
+        buttons = page.locator(".updatemenu-dropdown-button")
+        labels = [buttons.nth(i).text_content() for i in range(buttons.count())]
+        assert labels[-2:] == ["best effect at KL 0.001", "best effect ÷ random mean"]
+        buttons.nth(len(labels) - 2).click()
+        visible = page.evaluate(
+            """() => document.querySelector('#heatmap .plotly-graph-div').data
+                .filter((t) => t.visible === true).map((t) => t.name)"""
+        )
+        assert visible == ["best effect at KL 0.001", "random level"]
+        x, y = cell_centre(page, 0, 2)
+        page.mouse.move(x, y)
+        page.wait_for_selector(".hoverlayer .hovertext")
+        hover = page.text_content(".hoverlayer .hovertext") or ""
+        assert "L0 -> L2" in hover and "best effect" in hover and "ratio" in hover
+        page.mouse.click(x, y)
+        page.wait_for_function("document.querySelector('#panel-title').textContent === 'L0 -> L2'")
+        assert page.title().startswith("Sensitivity atlas: <script>")
         page.screenshot(path=str(tmp_path / "atlas.png"))
         browser.close()
     assert errors == []

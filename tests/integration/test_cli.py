@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import shutil
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pandas as pd
 import pytest
 import torch
 
 import tl_powersteer as tps
+from tl_powersteer.browse import AtlasServer
 from tl_powersteer.cli import build_parser, main
 
 
@@ -142,7 +145,7 @@ def test_demo_refuses_a_foreign_folder(tmp_path: Path, capsys: pytest.CaptureFix
 def test_every_option_is_explained() -> None:
     parser = build_parser()
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
-    assert set(sub.choices) == {"vectors", "atlas", "merge", "steer", "demo", "doctor"}
+    assert set(sub.choices) == {"vectors", "atlas", "merge", "browse", "steer", "demo", "doctor"}
     for name, subparser in sub.choices.items():
         for action in subparser._actions:
             if action.dest != "help":
@@ -178,6 +181,105 @@ def test_atlas(gpt2_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
     assert main(args) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "atlas.safetensors" in err and "Traceback" not in err, err
+
+
+def test_atlas_with_answers_maps_effects_onto_the_page(
+    gpt2_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "atlas"
+    # The tiny random model saturates well below 0.05 nats of next-token KL.
+    plain = ["atlas", "--prompt", "i watched the movie last night", "--sources", "0:2", "--k",
+             "2", "--model", gpt2_dir, "--dtype", "float64", "--kl", "1e-3", "--out", str(out)]  # fmt: skip
+    args = [*plain, "--answers", "good", "bad", "--controls", "2", "--generate-tokens", "3"]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"atlas of 5 pairs \(exact\) in [0-9.]+ s; [0-9] of 5 pairs beat random "
+                     r"directions at 0.001 nats; open ", printed), printed  # fmt: skip
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["atlas.csv", "atlas.html", "atlas.safetensors", "effects.csv",
+                     "effects.safetensors"]  # fmt: skip
+    found = tps.load(out / "effects.safetensors")
+    model = tps.load_model(gpt2_dir, device="cpu", dtype=torch.float64)
+    again = tps.atlas_effects(model, tps.load(out / "atlas.safetensors"), answers=("good", "bad"),
+                              kl=1e-3, top=2, controls=2, generate=3, progress=False)  # fmt: skip
+    pd.testing.assert_frame_equal(found.to_pandas(), again.to_pandas())
+    assert found.generations == again.generations and len(found.generations) == 1 + 5 * 4 + 2 * 4
+    table = pd.read_csv(out / "effects.csv")
+    assert list(table.source) == [0, 0, 0, 1, 1] and "beats_random" in table.columns
+    html = (out / "atlas.html").read_text()
+    data = json.loads(html.split('<script id="atlas-data" type="application/json">')[1]
+                      .split("</script>")[0].replace("<\\/", "</"))  # fmt: skip
+    assert data["map"]["texts"] == {k: v for k, v in found.generations.items() if k != "baseline"}
+    assert data["tokens"]["kl"] == 1e-3 and data["map"]["kl"] == 1e-3
+    # Without --answers the same folder gets a page without the map, and no stale map.
+    assert main(plain) == 0
+    assert not (out / "effects.safetensors").exists() and not (out / "effects.csv").exists()
+    assert '"map": null' in (out / "atlas.html").read_text()
+
+
+def test_browse_serves_the_atlas_and_its_effect_map(
+    gpt2_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:  # fmt: skip
+    out = tmp_path / "atlas"
+    assert main(["atlas", "--prompt", "the cat sat on the mat", "--sources", "0:2", "--k", "2",
+                 "--model", gpt2_dir, "--dtype", "float64", "--answers", "good", "bad", "--kl",
+                 "1e-3", "--generate-tokens", "2", "--out", str(out)]) == 0  # fmt: skip
+    capsys.readouterr()
+    seen: dict[str, Any] = {}
+
+    def serve_until_ctrl_c(self: AtlasServer) -> None:
+        self.start()  # serves in a thread, so that this one can ask it for the page
+        status, page = _get(self.url)
+        seen.update(status=status, page=page, server=self)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(AtlasServer, "serve_forever", serve_until_ctrl_c)
+    opened: list[str] = []
+    monkeypatch.setattr("webbrowser.open", opened.append)
+    assert main(["browse", str(out), "--model", gpt2_dir, "--dtype", "float64"]) == 0
+    printed = capsys.readouterr().out
+    server = seen["server"]
+    assert f"serving the atlas of 5 pairs at {server.url} (Ctrl-C stops)" in printed
+    assert printed.rstrip().endswith("stopped") and opened == [server.url]
+    assert seen["status"] == 200 and '"live": {' in seen["page"]
+    assert '"map": {' in seen["page"]  # the effect map beside the atlas is on the page
+    assert server.url.startswith("http://127.0.0.1:") and len(server.token) >= 32
+    with pytest.raises(OSError):
+        _get(server.url)  # shut down
+
+
+def _get(url: str) -> tuple[int, str]:
+    import urllib.request
+
+    with urllib.request.urlopen(url, timeout=30) as answer:
+        return answer.status, answer.read().decode()
+
+
+@pytest.mark.parametrize(
+    ("change", "message"),
+    [
+        (["nowhere"], "'nowhere' is neither an atlas file nor a folder holding atlas.safetensors"),
+        (["ATLAS", "--port", "70000"], "--port must be 0 (a free port) to 65535"),
+        (["ATLAS", "--effects", "missing.safetensors"], "is no file"),
+        (["EFFECTS"], "is no atlas (it holds AtlasEffects)"),
+        (["ATLAS", "--effects", "ATLAS"], "is no effect map (it holds SensitivityAtlas)"),
+    ],
+)
+def test_browse_refuses_bad_arguments_before_serving(
+    gpt2_dir: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], change: list[str],
+    message: str,
+) -> None:  # fmt: skip
+    out = tmp_path / "atlas"
+    assert main(["atlas", "--prompt", "the cat sat", "--sources", "2:", "--k", "1", "--model",
+                 gpt2_dir, "--answers", "good", "bad", "--kl", "1e-3", "--generate-tokens",
+                 "0", "--out", str(out)]) == 0  # fmt: skip
+    paths = {"ATLAS": str(out / "atlas.safetensors"), "EFFECTS": str(out / "effects.safetensors")}
+    capsys.readouterr()
+    args = ["browse", *[paths.get(a, a) for a in change], "--model", gpt2_dir, "--no-browser"]
+    assert main(args) == 2
+    line = capsys.readouterr().err.splitlines()[-1]
+    assert line.startswith("tl-powersteer: error: ") and message in line, line
 
 
 def _atlas_shard(gpt2_dir: str, out: Path, *extra: str) -> list[str]:
@@ -273,6 +375,12 @@ def test_atlas_sketch_options(
         (["--target-site", "nope"], "unknown site 'nope'"),
         (["--k", "0"], "--k must be at least 1"),
         (["--method", "fastest"], "invalid choice"),
+        (["--top", "2"], "--top apply to the effect map, which --answers A B asks for"),
+        (["--answers", "good", "bad", "--k", "2", "--top", "3"], "--top must be between 1 and"),
+        (["--answers", "good", "bad", "--controls", "0"], "--controls must be at least 1"),
+        (["--answers", "good", "bad", "--generate-tokens", "-1"], "must be 0 or more"),
+        (["--kl", "0"], "--kl must be a positive number of nats"),
+        (["--answers", "good", "cat sat"], "is 2 tokens"),
     ],
 )
 def test_atlas_bad_arguments_leave_nothing(

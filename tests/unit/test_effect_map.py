@@ -114,15 +114,37 @@ def test_pair_table_takes_the_best_matched_sign_against_the_controls(text_model:
     assert "6 pairs measured" in repr(found) and "beat the random controls" in repr(found)
 
 
+def test_generations_are_those_of_generate_steered_at_each_rows_scale(text_model: Any) -> None:
+    atlas = atlas_of(text_model, PROMPTS)
+    found = tps.atlas_effects(text_model, atlas, answers=ANSWERS, kl=KL, top=2, controls=1,
+                              generate=6, progress=False)  # fmt: skip
+    assert len(found.generations) == 1 + 6 * 2 * 2 + 3 * 2
+    vectors = {v.name: v for v in atlas.steering_vectors(top=2)}
+    vectors |= {v.name: v for s in range(3) for v in tps.random_vectors(16, s, "hook_mlp_out", 1)}
+    for row in found.ranking().itertuples():
+        table = tps.generate_steered(text_model, PROMPTS[0], vectors[row.vector],
+                                     [row.absolute_scale], signs=[row.sign], max_new_tokens=6,
+                                     progress=False)  # fmt: skip
+        target = None if row.target == -1 else row.target
+        rank = int(row.vector.split("#")[1].split()[0]) if target is None else row.rank
+        assert found.generation(row.layer, target, rank, row.sign) == table.text[1]
+        assert found.generations["baseline"] == table.text[0]
+    assert found.generation(0, 1, 0, 1) != found.generation(0, 1, 0, -1)
+    assert found.generation(0, 1, 5, 1) is None
+    with pytest.raises(ValueError, match="sign must be 1 or -1"):
+        found.generation(0, 1, 0, 0)
+
+
 def test_saved_map_loads_equal(text_model: Any, tmp_path: Path) -> None:
     found = tps.atlas_effects(text_model, atlas_of(text_model, PROMPTS), answers=ANSWERS, kl=KL,
-                              top=1, controls=1, progress=False)  # fmt: skip
+                              top=1, controls=1, generate=3, progress=False)  # fmt: skip
     found.save(tmp_path / "effects.safetensors")
     loaded = tps.load(tmp_path / "effects.safetensors")
     assert isinstance(loaded, tps.AtlasEffects) and loaded.settings() == found.settings()
     pd.testing.assert_frame_equal(loaded.to_pandas(), found.to_pandas())
     pd.testing.assert_frame_equal(loaded.vectors(), found.vectors())
     assert loaded.answers == ["good", "bad"] and loaded.vector_digests == found.vector_digests
+    assert loaded.generations == found.generations and len(found.generations) == 1 + 6 * 2 + 3 * 2
 
 
 def test_checkpoint_resumes_after_an_interruption(

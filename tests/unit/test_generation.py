@@ -18,6 +18,7 @@ import tl_powersteer as tps
 from tests.helpers import break_kv_cache
 from tests.reference import RELATIVE_SCALE, assert_generation_is_greedy, greedy_loop
 from tl_powersteer.adapters import ModelAdapter
+from tl_powersteer.steering import batch_generations
 
 pytestmark = pytest.mark.usefixtures("no_grad")
 
@@ -106,3 +107,37 @@ def test_generate_hides_the_cache_deprecation_but_not_other_warnings(
     messages = [str(w.message) for w in seen]
     assert "the pad token is not set" in messages
     assert not any("past_key_values" in m for m in messages)
+
+
+def test_batch_generations_are_each_rows_own_greedy_continuation(
+    generation_model: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Rows generated together, each with its own delta, equal the argmax loop of full
+    passes with that delta alone, and ``generate_steered`` at the same scale."""
+    adapter = ModelAdapter(generation_model)
+    v = random_vector(generation_model)
+    gen = torch.Generator().manual_seed(5)
+    deltas = torch.cat(
+        [
+            torch.zeros(1, adapter.d_model, dtype=torch.float64),
+            torch.tensor([[3.0], [-3.0], [8.0]], dtype=torch.float64) * v.direction,
+            4.0 * torch.randn(6, adapter.d_model, generator=gen, dtype=torch.float64),
+        ]
+    )
+    texts = batch_generations(
+        generation_model, PROMPT, v.hook_name, deltas, max_new_tokens=N_NEW, chunk=4
+    )
+    n, eos = PROMPT.shape[1], adapter.eos_token_id
+    for text, delta in zip(texts, deltas, strict=True):
+        row = greedy_loop(generation_model, PROMPT, N_NEW, v.hook_name, delta, torch.ones)[0, n:]
+        if eos is not None and bool((row == eos).any()):
+            row = row[: int((row == eos).nonzero()[0, 0]) + 1]
+        assert text == adapter.decode(row)
+    assert len(set(texts)) > 3  # the deltas change the text, so rows are not mixed up
+    table = tps.generate_steered(
+        generation_model, PROMPT[0], v, [3.0], max_new_tokens=N_NEW, progress=False
+    )
+    assert table.text.tolist() == texts[:3]
+    break_kv_cache(monkeypatch)
+    with pytest.raises(RuntimeError, match=r"token 1 of the continuation of row 0: .*KV cache"):
+        batch_generations(generation_model, PROMPT, v.hook_name, deltas, max_new_tokens=N_NEW)

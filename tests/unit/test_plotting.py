@@ -103,3 +103,81 @@ def test_html_is_self_contained_and_escaped(atlas: tps.SensitivityAtlas, tmp_pat
         float(atlas.singular_values[0, 3, 0])
     )
     assert sorted(p.name for p in tmp_path.iterdir()) == ["a.html"]
+
+
+@pytest.fixture(scope="module")
+def effect_map(models: dict[str, Any], atlas: tps.SensitivityAtlas) -> tps.AtlasEffects:
+    # The tiny random model saturates well below 0.05 nats of next-token KL.
+    return tps.atlas_effects(models["native_bridge"], atlas, answers=(5, 6), kl=1e-3,
+                             controls=2, generate=2, progress=False)  # fmt: skip
+
+
+def test_effect_views_grey_the_pairs_at_random_level(
+    atlas: tps.SensitivityAtlas, effect_map: tps.AtlasEffects
+) -> None:
+    fx = tps.AtlasEffects(**{**effect_map.__dict__})
+    fx.effects = effect_map.effects.clone()
+    fx.effects[0, 2] = 1e3  # far above any control: active
+    fx.effects[1, 3] = 0.0  # no effect at all: random level
+    fig = tps.plot_atlas(atlas, effect_map=fx)
+    assert len(fig.data) == 2 * 2 + 2 * 2
+    labels = [b.label for b in fig.layout.updatemenus[0].buttons]
+    assert labels[-2:] == ["best effect at KL 0.001", "best effect ÷ random mean"]
+    best, grey, ratio, grey_ratio = fig.data[4:]
+    assert (best.name, grey.name) == ("best effect at KL 0.001", "random level")
+    assert fig.layout.updatemenus[0].buttons[4].args[0]["visible"] == [False] * 4 + [
+        True, True, False, False
+    ]  # fmt: skip
+    # Row = target, column = source: L0 -> L2 is z[1][0], L1 -> L3 is z[2][1].
+    table = fx.to_pandas().set_index(["source", "target"])
+    assert best.z[1][0] == pytest.approx(1e3) and grey.z[1][0] is None
+    assert ratio.z[1][0] == pytest.approx(float(table.loc[(0, 2), "ratio"]))
+    assert best.z[2][1] is None and grey.z[2][1] == 0.0 and grey_ratio.z[2][1] == 0.0
+    for row, col in [(1, 0), (2, 1)]:
+        active = (best.z[row][col] is None) != (grey.z[row][col] is None)
+        assert active  # every measured pair is in exactly one of the two
+    assert best.zmid == 0 and grey.showscale is False
+    hover = best.text[1][0]
+    assert "best effect +1e+03 (v1, +v, KL" in hover or "best effect +1e+03 (v" in hover
+    assert "(beats random)" in hover and "(random level)" in best.text[2][1]
+
+
+def test_page_holds_the_map_groups_and_generations(
+    atlas: tps.SensitivityAtlas, effect_map: tps.AtlasEffects, tmp_path: Path
+) -> None:
+    flat = tps.SensitivityAtlas(**{**atlas.__dict__})
+    flat.singular_values = atlas.singular_values.clone()
+    flat.singular_values[0, 3, 1] = flat.singular_values[0, 3, 0] / 1.01  # one group
+    page = atlas_html(flat, tmp_path / "a.html", effect_map=effect_map).read_text()
+    data = json.loads(
+        re.search(
+            r'<script id="atlas-data" type="application/json">(.*?)</script>', page, re.S
+        ).group(1)
+    )
+    assert data["pairs"]["0,3"]["groups"] == [[0, 1]] and data["pairs"]["0,2"]["groups"] in (
+        [[0], [1]], [[0, 1]]
+    )  # fmt: skip
+    assert data["pairs"]["0,3"]["next"] == pytest.approx(float(atlas.next_singular_value[0, 3]))
+    mine = data["map"]
+    table = effect_map.to_pandas().set_index(["source", "target"])
+    assert mine["pairs"]["1,2"]["best"] == pytest.approx(float(table.loc[(1, 2), "best_effect"]))
+    assert mine["pairs"]["1,2"]["beats"] == bool(table.loc[(1, 2), "beats_random"])
+    row = mine["pairs"]["1,2"]["rows"]["1,-"]
+    assert row["effect"] == pytest.approx(float(effect_map.effects[1, 2, 1, 1]))
+    assert row["kl"] == pytest.approx(float(effect_map.kls[1, 2, 1, 1]))
+    assert mine["baseline"] == effect_map.generations["baseline"]
+    assert mine["texts"]["1,2,1,-"] == effect_map.generation(1, 2, 1, -1)
+    assert mine["texts"]["2,random,1,+"] == effect_map.generation(2, None, 1, 1)
+    assert mine["answers"] == effect_map.answers and mine["tokens"] == 2
+
+
+def test_an_effect_map_of_another_atlas_is_refused(
+    atlas: tps.SensitivityAtlas, effect_map: tps.AtlasEffects, tmp_path: Path
+) -> None:
+    other = tps.SensitivityAtlas(**{**atlas.__dict__})
+    other.source_site = "hook_resid_post"
+    with pytest.raises(ValueError, match="measured on another atlas"):
+        atlas_html(other, tmp_path / "a.html", effect_map=effect_map)
+    with pytest.raises(TypeError, match="effect_map must be an AtlasEffects"):
+        tps.plot_atlas(atlas, effect_map={"pairs": {}})  # type: ignore[arg-type]
+    assert list(tmp_path.iterdir()) == []

@@ -6,6 +6,7 @@ Subcommands:
 * ``vectors``: Power Steering vectors for one (source, target) pair; prints a table and
   saves them to a ``.safetensors`` file.
 * ``atlas``: the sensitivity atlas of every layer pair, with its HTML browser.
+* ``browse``: the atlas page served live, generating from any vector on a click.
 * ``merge``: one atlas from shards of it (``atlas --sources a:b``) computed as separate
   jobs.
 * ``steer``: vectors from Power Steering, MELBO and (given contrast pairs) CAA for one

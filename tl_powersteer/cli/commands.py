@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import time
+import webbrowser
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,13 @@ from ..atlas import (
     token_effects,
     validate_atlas_arguments,
 )
+from ..browse import AtlasServer
 from ..chat import chat_prompt
 from ..compare import check_method_options, find_vectors
 from ..doctor import doctor
+from ..effect_map import AtlasEffects, atlas_effects
 from ..effects import check_metric, effects_and_generations
-from ..io import atomic_file, atomic_folder, check_destination, check_output_folder
+from ..io import atomic_file, atomic_folder, check_destination, check_output_folder, load
 from ..models import EMBEDDED_MODEL, load_model
 from ..plotting import atlas_html
 from ..power_steering import PowerSteeringResult
@@ -35,6 +38,7 @@ __all__ = [
     "COMMANDS",
     "demo_settings",
     "run_atlas",
+    "run_browse",
     "run_demo",
     "run_doctor",
     "run_merge",
@@ -45,7 +49,7 @@ __all__ = [
 # A folder holding this file is an earlier output of ``steer`` or ``demo``: it may be replaced.
 _MARKER = "summary.md"
 # What each command writes into its --out folder (a previous output holds only these).
-ATLAS_FILES = ("atlas.safetensors", "atlas.csv", "atlas.html")
+ATLAS_FILES = ("atlas.safetensors", "atlas.csv", "atlas.html", "effects.safetensors", "effects.csv")
 OUTPUT_FILES = (
     _MARKER,
     "vectors",
@@ -69,8 +73,11 @@ def run_atlas(args: argparse.Namespace) -> int:
             f"--sketch-rank and --sketch-matmuls apply to --method sketch (or auto), not "
             f"{args.method}; drop them or choose --method sketch"
         )
+    _check_effect_map_options(args)
     out = check_output_folder(args.out, ATLAS_FILES, "--out", marker=ATLAS_FILES[0])
     model = _load(args)
+    if args.answers is not None:
+        check_metric(ModelAdapter(model), "logit_diff", args.answers, None, 1)
     options = {
         "sources": args.sources,
         "targets": args.targets,
@@ -91,19 +98,77 @@ def run_atlas(args: argparse.Namespace) -> int:
     start = time.perf_counter()
     result = sensitivity_atlas(model, args.prompt, checkpoint=out / "atlas.safetensors", **options)
     seconds = time.perf_counter() - start
-    _write_atlas_page(result, out, token_effects(model, result))
+    effect_map = _effect_map(args, model, result, out)
+    _write_atlas_page(result, out, token_effects(model, result, kl=args.kl), effect_map)
     print(
-        f"atlas of {len(result.pairs())} pairs ({result.method_label}) in {seconds:.1f} s; "
-        f"open {(out / 'atlas.html').resolve()}"
+        f"atlas of {len(result.pairs())} pairs ({result.method_label}) in {seconds:.1f} s"
+        + _effect_map_line(effect_map)
+        + f"; open {(out / 'atlas.html').resolve()}"
     )
     return 0
 
 
-def _write_atlas_page(result: SensitivityAtlas, out: Path, effects: dict[str, Any]) -> None:
+def _check_effect_map_options(args: argparse.Namespace) -> None:
+    """The page's options, checked before the model loads."""
+    if not args.kl > 0 or args.kl == float("inf"):
+        raise UsageError(f"--kl must be a positive number of nats, got {args.kl}")
+    if args.answers is None:
+        given = [f"--{name}" for name, default in
+                 (("top", None), ("controls", 4), ("generate-tokens", 20))
+                 if getattr(args, name.replace("-", "_")) != default]  # fmt: skip
+        if given:
+            raise UsageError(
+                f"{', '.join(given)} apply to the effect map, which --answers A B asks for; "
+                "add --answers or drop them"
+            )
+        return
+    k = getattr(args, "k", None)
+    if args.top is not None and (args.top < 1 or (k is not None and args.top > k)):
+        raise UsageError(f"--top must be between 1 and --k ({k}), got {args.top}")
+    if args.controls < 1:
+        raise UsageError(f"--controls must be at least 1, got {args.controls}")
+    if args.generate_tokens < 0:
+        raise UsageError(f"--generate-tokens must be 0 or more, got {args.generate_tokens}")
+
+
+def _effect_map(
+    args: argparse.Namespace, model: Any, result: SensitivityAtlas, out: Path
+) -> AtlasEffects | None:
+    """The effect map of ``--answers``, kept in ``out`` as it goes (a rerun resumes)."""
+    if args.answers is None:
+        # A previous output's map belongs to another page: it would contradict this one.
+        for name in ("effects.safetensors", "effects.csv"):
+            (out / name).unlink(missing_ok=True)
+        return None
+    found = atlas_effects(
+        model, result, answers=args.answers, kl=args.kl, top=args.top, controls=args.controls,
+        generate=args.generate_tokens, checkpoint=out / "effects.safetensors",
+    )  # fmt: skip
+    with atomic_file(out / "effects.csv") as tmp:
+        found.to_pandas().to_csv(tmp, index=False)
+    return found
+
+
+def _effect_map_line(found: AtlasEffects | None) -> str:
+    if found is None:
+        return ""
+    table = found.to_pandas()
+    return (
+        f"; {int(table['beats_random'].sum())} of {len(table)} pairs beat random directions "
+        f"at {found.kl:g} nats"
+    )
+
+
+def _write_atlas_page(
+    result: SensitivityAtlas,
+    out: Path,
+    effects: dict[str, Any],
+    effect_map: AtlasEffects | None = None,
+) -> None:
     """atlas.csv and atlas.html beside the atlas's file in ``out``."""
     with atomic_file(out / "atlas.csv") as tmp:
         result.to_pandas().to_csv(tmp, index=False)
-    atlas_html(result, out / "atlas.html", effects=effects)
+    atlas_html(result, out / "atlas.html", effects=effects, effect_map=effect_map)
 
 
 def run_merge(args: argparse.Namespace) -> int:
@@ -122,17 +187,23 @@ def run_merge(args: argparse.Namespace) -> int:
                 "choose another folder"
             )
         paths.append(path)
+    _check_effect_map_options(args)
     # Before the model loads: shards that do not belong together fail fast.
     result = merge_atlases(paths)
+    model = _load(args)
+    if args.answers is not None:
+        check_metric(ModelAdapter(model), "logit_diff", args.answers, None, 1)
     # The page's effects refuse a model other than the shards' before anything is written.
-    effects = token_effects(_load(args), result)
+    effects = token_effects(model, result, kl=args.kl)
     out.mkdir(exist_ok=True)
     result.save(out / ATLAS_FILES[0])
-    _write_atlas_page(result, out, effects)
+    effect_map = _effect_map(args, model, result, out)
+    _write_atlas_page(result, out, effects, effect_map)
     print(
         f"merged {len(paths)} shards into an atlas of {len(result.pairs())} pairs "
-        f"({result.method_label}, sources {result.sources[0]}..{result.sources[-1]}); "
-        f"open {(out / 'atlas.html').resolve()}"
+        f"({result.method_label}, sources {result.sources[0]}..{result.sources[-1]})"
+        + _effect_map_line(effect_map)
+        + f"; open {(out / 'atlas.html').resolve()}"
     )
     return 0
 
@@ -404,6 +475,40 @@ def run_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_browse(args: argparse.Namespace) -> int:
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be 0 (a free port) to 65535, got {args.port}")
+    path = Path(args.atlas)
+    if path.is_dir():
+        path = path / ATLAS_FILES[0]
+    if not path.is_file():
+        raise UsageError(f"{args.atlas!r} is neither an atlas file nor a folder holding "
+                         f"{ATLAS_FILES[0]}")  # fmt: skip
+    atlas = load(path)
+    if not isinstance(atlas, SensitivityAtlas):
+        raise UsageError(f"{str(path)!r} is no atlas (it holds {type(atlas).__name__})")
+    effects_path = Path(args.effects) if args.effects else path.parent / "effects.safetensors"
+    if args.effects and not effects_path.is_file():
+        raise UsageError(f"--effects {args.effects!r} is no file")
+    effect_map = load(effects_path) if effects_path.is_file() else None
+    if effect_map is not None and not isinstance(effect_map, AtlasEffects):
+        raise UsageError(f"{str(effects_path)!r} is no effect map (it holds "
+                         f"{type(effect_map).__name__})")  # fmt: skip
+    model = _load(args)
+    server = AtlasServer(model, atlas, effect_map=effect_map, host=args.host, port=args.port)
+    print(f"serving the atlas of {len(atlas.pairs())} pairs at {server.url} (Ctrl-C stops)",
+          flush=True)  # fmt: skip
+    if not args.no_browser:
+        webbrowser.open(server.url)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        print("stopped")
+    finally:
+        server.shutdown()
+    return 0
+
+
 def run_doctor(args: argparse.Namespace) -> int:
     report = doctor(model=args.model, kind=args.kind)
     print(report.to_text())
@@ -414,6 +519,7 @@ COMMANDS = {
     "vectors": run_vectors,
     "atlas": run_atlas,
     "merge": run_merge,
+    "browse": run_browse,
     "steer": run_steer,
     "demo": run_demo,
     "doctor": run_doctor,

@@ -237,6 +237,48 @@ def _steering_options(
     )
 
 
+def _effect_map_options(parser: argparse.ArgumentParser) -> None:
+    """Options of the page's effects (``atlas`` and ``merge``)."""
+    group = parser.add_argument_group(
+        "effects on the page (with --answers: the effect map against random directions)"
+    )
+    group.add_argument(
+        "--answers",
+        nargs=2,
+        default=None,
+        metavar=("A", "B"),
+        help="two single-token answers of a decision fork: every pair's top vectors, both "
+        "signs, and random directions at each source are scaled to --kl nats and their "
+        "change of logit(A) - logit(B) is mapped (effects.safetensors, effects.csv)",
+    )
+    group.add_argument(
+        "--kl",
+        type=float,
+        default=0.5,
+        help="the next-token KL budget, in nats, every vector is scaled to on the page "
+        "(default: %(default)s)",
+    )
+    group.add_argument(
+        "--top",
+        type=int,
+        default=None,
+        help="vectors per pair in the effect map (default: 4, or --k if smaller)",
+    )
+    group.add_argument(
+        "--controls",
+        type=int,
+        default=4,
+        help="random directions per source layer in the effect map (default: %(default)s)",
+    )
+    group.add_argument(
+        "--generate-tokens",
+        type=int,
+        default=20,
+        help="tokens of greedy generation per vector, sign and control, shown on a click; "
+        "0 for none (default: %(default)s)",
+    )
+
+
 def _prompts_option(parser: argparse.ArgumentParser) -> None:
     parser.add_argument(
         "--prompt",
@@ -274,8 +316,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="map every (source, target) layer pair into a sensitivity atlas",
         description="Compute the top-k singular values and vectors of every layer pair and "
         "write atlas.safetensors, atlas.csv and atlas.html (an offline heatmap browser) to "
-        "--out. Finished source layers are kept in --out/atlas.safetensors as they complete; "
-        "rerunning the same command resumes.",
+        "--out; with --answers, also the effect map of every pair against random directions "
+        "(effects.safetensors, effects.csv), shown on the page with generations. Finished "
+        "source layers are kept in --out as they complete; rerunning the same command "
+        "resumes.",
     )
     _prompts_option(atlas)
     atlas.add_argument(
@@ -316,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
         "a CPU, else full (default: %(default)s)",
     )
     atlas.add_argument("--out", required=True, help="output folder (created if missing)")
+    _effect_map_options(atlas)
     _model_options(atlas)
 
     merge = sub.add_parser(
@@ -339,7 +384,43 @@ def build_parser() -> argparse.ArgumentParser:
         default="atlas",
         help="output folder; must be new, empty, or a previous atlas output (default: %(default)s)",
     )
+    _effect_map_options(merge)
     _model_options(merge, prompts=False)
+
+    browse = sub.add_parser(
+        "browse",
+        help="serve the atlas page live: generate from any vector and sign on a click",
+        description="Serve the atlas page on this machine and open it in a browser. On it, "
+        "a click on a pair and then on a vector's row generates from the prompt, KL budget "
+        "and number of tokens set on the page, beside the unsteered text, up to three runs "
+        "side by side. The server binds to 127.0.0.1, needs the token in the URL it prints, "
+        "refuses requests to other host names, and runs one computation at a time. Ctrl-C "
+        "stops it.",
+    )
+    browse.add_argument(
+        "atlas",
+        metavar="ATLAS",
+        help="an atlas .safetensors file, or an `atlas --out` folder holding one",
+    )
+    browse.add_argument(
+        "--effects",
+        default=None,
+        help="an effect map (.safetensors, from `atlas --answers`) for the page's effect views "
+        "(default: effects.safetensors beside the atlas, if it is there)",
+    )
+    browse.add_argument(
+        "--host",
+        default="127.0.0.1",
+        help="address to listen on; another than loopback lets the network reach the model, "
+        "guarded by the token only (default: %(default)s)",
+    )
+    browse.add_argument(
+        "--port", type=int, default=0, help="port to listen on (default: a free one)"
+    )
+    browse.add_argument(
+        "--no-browser", action="store_true", help="print the URL without opening a browser"
+    )
+    _model_options(browse, prompts=False)
 
     steer = sub.add_parser(
         "steer",
