@@ -19,7 +19,7 @@ from .io import load, save
 from .jacobian import LayerJacobian
 from .linalg import block_power_iteration
 from .models import load_model
-from .plotting import atlas_html, plot_atlas
+from .plotting import atlas_frame, atlas_html, plot_atlas
 from .power_steering import PowerSteeringResult, power_steer
 from .scales import typical_norm
 from .steering import generate_steered, steer
@@ -34,6 +34,7 @@ __all__ = [
     "SensitivityAtlas",
     "SteeringVector",
     "atlas_effects",
+    "atlas_frame",
     "atlas_html",
     "block_power_iteration",
     "caa_layer_sweep",

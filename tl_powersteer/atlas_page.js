@@ -96,15 +96,16 @@
     box.appendChild(el("p", notes.join(" ")));
     const table = el("table", undefined, "vectors");
     const head = table.createTHead().insertRow();
-    ["vector", "sign", "scale", "KL", "effect", "promoted", "suppressed"].forEach((h) =>
-      head.appendChild(el("th", h)));
+    const columns = ["vector", "sign", "scale", "KL", "effect"];
+    if (tokens) columns.push("promoted", "suppressed");
+    columns.forEach((h) => head.appendChild(el("th", h)));
     const body = table.createTBody();
     pair.groups.forEach((group) => {
       if (group.length > 1) {
         const row = body.insertRow();
         row.className = "group";
         const cell = row.insertCell();
-        cell.colSpan = 7;
+        cell.colSpan = columns.length;
         cell.textContent = groupLabel(pair, group);
       }
       group.forEach((r) => {
@@ -122,8 +123,10 @@
           row.insertCell().textContent = num(where.relative, 2);
           row.insertCell().textContent = num(where.kl, 2) + (fromMap && !fromMap.matched ? " (not reached)" : "");
           row.insertCell().textContent = fromMap ? signed(fromMap.effect, 3) : "";
-          row.insertCell().textContent = fromTokens ? listed(fromTokens.promoted) : "";
-          row.insertCell().textContent = fromTokens ? listed(fromTokens.suppressed) : "";
+          if (tokens) {
+            row.insertCell().textContent = fromTokens ? listed(fromTokens.promoted) : "";
+            row.insertCell().textContent = fromTokens ? listed(fromTokens.suppressed) : "";
+          }
           row.addEventListener("click", () => {
             body.querySelectorAll("tr.selected").forEach((other) => other.classList.remove("selected"));
             row.classList.add("selected");
@@ -189,7 +192,7 @@
     runs.forEach((run) => {
       const card = el("div", undefined, "run");
       card.appendChild(el("b", run.caption));
-      card.appendChild(el("div", "KL " + nats(run.kl) + ", scale " + num(run.scale, 3) +
+      card.appendChild(el("div", "KL " + nats(run.kl) + ", absolute scale " + num(run.scale, 3) +
         "; prompt " + JSON.stringify(run.prompt)));
       card.appendChild(el("div", "unsteered: " + run.baseline, "run-base"));
       card.appendChild(el("div", "steered: " + run.text, "run-text"));

@@ -26,6 +26,7 @@ import json
 import math
 import queue
 import secrets
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -89,7 +90,7 @@ class AtlasServer:
         self.log: list[tuple[float, float]] = []
         self._jobs: queue.Queue[_Job | None] = queue.Queue()
         self._busy = False
-        self._httpd = ThreadingHTTPServer((host, port), _handler(self))
+        self._httpd = _Server((host, port), _handler(self))
         self._httpd.daemon_threads = True
         self.host, self.port = host, int(self._httpd.server_address[1])
         self._worker = threading.Thread(target=self._work, name="atlas-model", daemon=True)
@@ -220,6 +221,13 @@ class AtlasServer:
             "scale": scale if math.isfinite(scale) else None,
             "vector": vector.name,
         }
+
+
+class _Server(ThreadingHTTPServer):
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        # A browser that closes a tab mid-answer is no error; anything else is shown.
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
 
 
 def _handler(server: AtlasServer) -> Callable[..., BaseHTTPRequestHandler]:

@@ -41,6 +41,7 @@ import html
 import json
 import math
 import os
+from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -52,7 +53,15 @@ from .checks import is_int, plain_ints
 from .effect_map import SIGNS, AtlasEffects
 from .io import atomic_file, check_destination
 
-__all__ = ["GAP_WARNING", "atlas_html", "atlas_page", "check_effect_map", "plot_atlas"]
+__all__ = [
+    "GAP_WARNING",
+    "AtlasFrame",
+    "atlas_frame",
+    "atlas_html",
+    "atlas_page",
+    "check_effect_map",
+    "plot_atlas",
+]
 
 GAP_WARNING = 1.05
 
@@ -366,3 +375,37 @@ def atlas_html(
     with atomic_file(path) as tmp:
         tmp.write_text(page, encoding="utf-8")
     return path
+
+
+@dataclass(frozen=True)
+class AtlasFrame:
+    """A written atlas page shown in a notebook cell (``atlas_frame``)."""
+
+    path: Path
+    height: int
+
+    def _repr_html_(self) -> str:
+        # srcdoc, not src: the page file need not lie where the notebook server serves
+        # files, and the page keeps its own document (its ids and scripts stay apart from
+        # the notebook's).
+        page = html.escape(self.path.read_text(encoding="utf-8"), quote=True)
+        return (
+            f'<iframe srcdoc="{page}" style="width: 100%; height: {self.height}px; '
+            'border: 0" sandbox="allow-scripts"></iframe>'
+        )
+
+
+@plain_ints
+def atlas_frame(path: str | os.PathLike[str], *, height: int = 900) -> AtlasFrame:
+    """The atlas page written at ``path`` (``atlas_html``) as the value of a notebook cell:
+    the whole page, heatmap and panel, in a frame ``height`` pixels high.
+
+    >>> frame = atlas_frame(page_path)  # doctest: +SKIP
+    >>> frame  # the cell shows the page  # doctest: +SKIP
+    """
+    path = Path(path)
+    if path.suffix != ".html" or not path.is_file():
+        raise ValueError(f"{str(path)!r} is no atlas page: write one with atlas_html first")
+    if not is_int(height) or height < 100:
+        raise ValueError(f"height must be an int of at least 100 pixels, got {height!r}")
+    return AtlasFrame(path, height)

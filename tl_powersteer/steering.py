@@ -240,10 +240,12 @@ def batch_generations(
     deltas: Float[Tensor, "m d_model"],
     *,
     max_new_tokens: int,
-    chunk: int = 64,
+    chunk: int = 256,
 ) -> list[str]:
     """Greedy continuations of one prompt, one per delta added at ``hook`` on every token
-    (the prompt's and each generated one), ``chunk`` rows generated together.
+    (the prompt's and each generated one), ``chunk`` rows generated together: each step
+    reads the whole unembedding, which a large vocabulary makes the largest weight, so
+    more rows per step cost less each.
 
     Row i is the text ``generate_steered`` gives for a vector along ``deltas[i]`` at scale
     ‖deltas[i]‖ with ``positions="all"``, and ends at the end-of-sequence token, as a

@@ -6,12 +6,15 @@ import json
 import os
 import re
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 import tl_powersteer as tps
+from tl_powersteer.cli import main
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
 FLAGS = [
@@ -28,6 +31,20 @@ FLAGS = [
 pytestmark = pytest.mark.skipif(
     CHROMIUM is None and not os.environ.get("CI"), reason="needs Debian's chromium"
 )
+
+
+@contextmanager
+def chromium_page(width: int, height: int) -> Iterator[tuple[Any, list[str]]]:
+    """A page in headless Chromium, and the script errors and console errors it logs."""
+    sync_api = pytest.importorskip("playwright.sync_api")
+    errors: list[str] = []
+    with sync_api.sync_playwright() as play:
+        browser = play.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        page = browser.new_page(viewport={"width": width, "height": height})
+        page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
+        page.on("pageerror", lambda exc: errors.append(str(exc)))
+        yield page, errors
+        browser.close()
 
 
 @pytest.fixture(scope="module")
@@ -71,13 +88,7 @@ def cell_centre(page: Any, source: int, target: int) -> tuple[float, float]:
 
 def test_page_renders_hovers_and_clicks(page_file: Path, tmp_path: Path) -> None:
     """Map -> pair -> vector row -> generations, the effect views, and escaping."""
-    sync_api = pytest.importorskip("playwright.sync_api")
-    errors: list[str] = []
-    with sync_api.sync_playwright() as play:
-        browser = play.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-        page = browser.new_page(viewport={"width": 1300, "height": 700})
-        page.on("console", lambda msg: errors.append(msg.text) if msg.type == "error" else None)
-        page.on("pageerror", lambda exc: errors.append(str(exc)))
+    with chromium_page(1300, 700) as (page, errors):
         page.goto(page_file.as_uri())
         page.wait_for_selector("#heatmap .heatmaplayer image, #heatmap .hm image", state="attached")
         # The model name's script is shown as text and never runs.
@@ -155,6 +166,53 @@ def test_page_renders_hovers_and_clicks(page_file: Path, tmp_path: Path) -> None
         page.wait_for_function("document.querySelector('#panel-title').textContent === 'L0 -> L2'")
         assert page.title().startswith("Sensitivity atlas: <script>")
         page.screenshot(path=str(tmp_path / "atlas.png"))
-        browser.close()
     assert errors == []
     assert (tmp_path / "atlas.png").stat().st_size > 10_000
+
+
+def test_page_works_in_a_notebook_cell_frame(page_file: Path, tmp_path: Path) -> None:
+    """What a notebook shows for ``atlas_frame``: the page in a sandboxed frame, working."""
+    host = tmp_path / "notebook.html"
+    host.write_text(
+        f"<html><body><h1>cell</h1>{tps.atlas_frame(page_file)._repr_html_()}</body></html>"
+    )
+    with chromium_page(1300, 1100) as (page, errors):
+        page.goto(host.as_uri())
+        frame = page.frame_locator("iframe")
+        frame.locator("#heatmap .heatmaplayer image, #heatmap .hm image").first.wait_for(
+            state="attached"
+        )
+        inner = page.frames[1]
+        x, y = cell_centre(inner, 1, 3)
+        box = page.locator("iframe").bounding_box()
+        assert box is not None
+        page.mouse.click(box["x"] + x, box["y"] + y)
+        frame.locator("#vectors tr.vector-row").first.wait_for()
+        assert frame.locator("#panel-title").inner_text() == "L1 -> L3"
+        frame.locator("#vectors tr.vector-row").nth(1).click()
+        frame.locator("#gen-steered").wait_for()
+    assert errors == []
+
+
+def test_cli_page_goes_from_the_map_to_generations_in_two_clicks(
+    gpt2_dir: str, tmp_path: Path
+) -> None:
+    """What `tl-powersteer atlas --answers` writes: a click on a cell, a click on a row,
+    and the row's generation is there beside the unsteered text, offline."""
+    out = tmp_path / "atlas"
+    # The tiny random model saturates well below 0.05 nats of next-token KL.
+    assert main(["atlas", "--prompt", "i watched the movie last night", "--k", "2", "--model",
+                 gpt2_dir, "--answers", "good", "bad", "--kl", "1e-3", "--generate-tokens", "3",
+                 "--out", str(out)]) == 0  # fmt: skip
+    found = tps.load(out / "effects.safetensors")
+    with chromium_page(1300, 900) as (page, errors):
+        page.route("**/*", lambda route: route.abort() if not route.request.url.startswith(
+            "file:") else route.continue_())  # offline: nothing but the file  # fmt: skip
+        page.goto((out / "atlas.html").as_uri())
+        page.wait_for_selector("#heatmap .heatmaplayer image, #heatmap .hm image", state="attached")
+        page.mouse.click(*cell_centre(page, 2, 3))
+        page.locator("#vectors tr.vector-row").nth(1).click()
+        page.wait_for_selector("#gen-steered")
+        assert page.text_content("#gen-steered") == found.generation(2, 3, 0, -1)
+        assert page.text_content("#gen-base") == found.generations["baseline"]
+    assert errors == []

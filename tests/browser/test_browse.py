@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 import tl_powersteer as tps
-from tests.browser.test_atlas_page import CHROMIUM, FLAGS, cell_centre
+from tests.browser.test_atlas_page import CHROMIUM, cell_centre, chromium_page
 from tl_powersteer.browse import AtlasServer
 
 pytestmark = pytest.mark.skipif(
@@ -117,16 +117,10 @@ def test_bad_requests_are_answered_with_what_is_wrong(
 def test_live_page_generates_on_click_queues_and_shuts_down(
     models: dict[str, Any], atlas: tps.SensitivityAtlas
 ) -> None:
-    sync_api = pytest.importorskip("playwright.sync_api")
     model = models["hf_bridge"]
     server = AtlasServer(model, atlas).start()
-    errors: list[str] = []
     try:
-        with sync_api.sync_playwright() as play:
-            browser = play.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
-            page.on("pageerror", lambda exc: errors.append(str(exc)))
+        with chromium_page(1400, 900) as (page, errors):
             page.goto(server.url)
             page.wait_for_selector("#heatmap .heatmaplayer image, #heatmap .hm image",
                                    state="attached")  # fmt: skip
@@ -177,7 +171,6 @@ def test_live_page_generates_on_click_queues_and_shuts_down(
                 "document.getElementById('live-error').textContent.includes('KL budget')"
             )
             assert server.log == []
-            browser.close()
     finally:
         server.shutdown()
     # The browser logs the two refused requests; nothing else went wrong.

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -232,7 +235,8 @@ def test_browse_serves_the_atlas_and_its_effect_map(
         self.start()  # serves in a thread, so that this one can ask it for the page
         status, page = _get(self.url)
         seen.update(status=status, page=page, server=self)
-        raise KeyboardInterrupt
+        os.kill(os.getpid(), signal.SIGTERM)  # stops it as Ctrl-C would
+        time.sleep(10)  # the handler interrupts this
 
     monkeypatch.setattr(AtlasServer, "serve_forever", serve_until_ctrl_c)
     opened: list[str] = []
@@ -313,6 +317,13 @@ def test_merge_shards_into_the_whole_atlas(
     html = (out / "atlas.html").read_text()
     assert "L0 -> L3" in html or "0,3" in html
     assert main(["merge", *shards, *model, "--out", str(out)]) == 0  # a previous output is replaced
+    # With --answers the merged page gets the effect map of the whole atlas.
+    answers = ["--answers", "good", "bad", "--kl", "1e-3", "--generate-tokens", "2"]
+    assert main(["merge", *shards, *model, *answers, "--out", str(out)]) == 0
+    assert "pairs beat random directions at 0.001 nats" in capsys.readouterr().out
+    found = tps.load(out / "effects.safetensors")
+    assert found.pairs() == tps.load(out / "atlas.safetensors").pairs()
+    assert '"map": {' in (out / "atlas.html").read_text()
 
 
 def test_merge_refuses_before_writing(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html as html_lib
 import json
 import re
 from pathlib import Path
@@ -181,3 +182,22 @@ def test_an_effect_map_of_another_atlas_is_refused(
     with pytest.raises(TypeError, match="effect_map must be an AtlasEffects"):
         tps.plot_atlas(atlas, effect_map={"pairs": {}})  # type: ignore[arg-type]
     assert list(tmp_path.iterdir()) == []
+
+
+def test_atlas_frame_shows_the_whole_page_in_a_notebook_cell(
+    atlas: tps.SensitivityAtlas, tmp_path: Path
+) -> None:
+    hostile = tps.SensitivityAtlas(**{**atlas.__dict__})
+    hostile.model_name = 'a"b<script>'
+    path = atlas_html(hostile, tmp_path / "a.html")
+    shown = tps.atlas_frame(path, height=700)._repr_html_()
+    assert shown.startswith('<iframe srcdoc="') and "height: 700px" in shown
+    assert 'sandbox="allow-scripts"' in shown
+    # The page travels whole and escaped inside the attribute: no quote ends it early.
+    inner = shown[len('<iframe srcdoc="') : shown.index('" style=')]
+    assert '"' not in inner and "<" not in inner
+    assert html_lib.unescape(inner) == path.read_text()
+    with pytest.raises(ValueError, match="no atlas page: write one with atlas_html first"):
+        tps.atlas_frame(tmp_path / "missing.html")
+    with pytest.raises(ValueError, match="height must be an int of at least 100"):
+        tps.atlas_frame(path, height=10)

@@ -5,6 +5,7 @@ outputs, written atomically."""
 from __future__ import annotations
 
 import argparse
+import signal
 import time
 import webbrowser
 from pathlib import Path
@@ -500,11 +501,17 @@ def run_browse(args: argparse.Namespace) -> int:
           flush=True)  # fmt: skip
     if not args.no_browser:
         webbrowser.open(server.url)
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt  # a scheduler's or kill's SIGTERM stops it as Ctrl-C does
+
+    previous = signal.signal(signal.SIGTERM, stop)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
         print("stopped")
     finally:
+        signal.signal(signal.SIGTERM, previous)
         server.shutdown()
     return 0
 
