@@ -77,8 +77,7 @@ def run_atlas(args: argparse.Namespace) -> int:
     _check_effect_map_options(args)
     out = check_output_folder(args.out, ATLAS_FILES, "--out", marker=ATLAS_FILES[0])
     model = _load(args)
-    if args.answers is not None:
-        check_metric(ModelAdapter(model), "logit_diff", args.answers, None, 1)
+    _check_answers(model, args)
     options = {
         "sources": args.sources,
         "targets": args.targets,
@@ -172,16 +171,22 @@ def _write_atlas_page(
     atlas_html(result, out / "atlas.html", effects=effects, effect_map=effect_map)
 
 
+def _atlas_file(given: str, what: str = "") -> Path:
+    """An atlas file, given as itself or as the ``atlas --out`` folder that holds it."""
+    path = Path(given)
+    if path.is_dir():
+        path = path / ATLAS_FILES[0]
+    if not path.is_file():
+        raise UsageError(f"{what}{given!r} is neither an atlas file nor a folder holding "
+                         f"{ATLAS_FILES[0]}")  # fmt: skip
+    return path
+
+
 def run_merge(args: argparse.Namespace) -> int:
     out = check_output_folder(args.out, ATLAS_FILES, "--out", marker=ATLAS_FILES[0])
     paths = []
     for shard in args.shards:
-        path = Path(shard)
-        if path.is_dir():
-            path = path / ATLAS_FILES[0]
-        if not path.is_file():
-            raise UsageError(f"shard {shard!r} is neither an atlas file nor a folder holding "
-                             f"{ATLAS_FILES[0]}")  # fmt: skip
+        path = _atlas_file(shard, "shard ")
         if path.resolve().parent == out.resolve():
             raise UsageError(
                 f"--out {args.out!r} holds the shard {shard!r}, which the merge would replace; "
@@ -192,8 +197,7 @@ def run_merge(args: argparse.Namespace) -> int:
     # Before the model loads: shards that do not belong together fail fast.
     result = merge_atlases(paths)
     model = _load(args)
-    if args.answers is not None:
-        check_metric(ModelAdapter(model), "logit_diff", args.answers, None, 1)
+    _check_answers(model, args)
     # The page's effects refuse a model other than the shards' before anything is written.
     effects = token_effects(model, result, kl=args.kl)
     out.mkdir(exist_ok=True)
@@ -342,7 +346,9 @@ def _check_answers(model: Any, args: argparse.Namespace) -> None:
     for answer in args.answers or []:
         ModelAdapter(model).single_token(answer, "--answers")
     if args.answers:
-        check_metric(ModelAdapter(model), "logit_diff", args.answers, None, args.max_new_tokens)
+        # atlas and merge generate no continuation the metric would read
+        new_tokens = getattr(args, "max_new_tokens", 1)
+        check_metric(ModelAdapter(model), "logit_diff", args.answers, None, new_tokens)
 
 
 def _steering_stage(
@@ -479,12 +485,7 @@ def run_demo(args: argparse.Namespace) -> int:
 def run_browse(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise UsageError(f"--port must be 0 (a free port) to 65535, got {args.port}")
-    path = Path(args.atlas)
-    if path.is_dir():
-        path = path / ATLAS_FILES[0]
-    if not path.is_file():
-        raise UsageError(f"{args.atlas!r} is neither an atlas file nor a folder holding "
-                         f"{ATLAS_FILES[0]}")  # fmt: skip
+    path = _atlas_file(args.atlas)
     atlas = load(path)
     if not isinstance(atlas, SensitivityAtlas):
         raise UsageError(f"{str(path)!r} is no atlas (it holds {type(atlas).__name__})")
