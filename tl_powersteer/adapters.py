@@ -927,6 +927,56 @@ def steered_logits(
 SteeredRun = Callable[[Float[Tensor, "m d_model"]], Float[Tensor, "m batch vocab"]]
 
 
+def _next_block_input(
+    adapter: ModelAdapter, batch: TokenBatch, hook: str, weights: Tensor | None
+) -> str:
+    """The next block's ``hook_resid_pre`` where a delta added at ``hook`` reaches it
+    unchanged (a block's last addition to the residual stream, ``hook_mlp_out`` or
+    ``hook_resid_post`` in the usual layouts), else ``hook`` itself.
+
+    Steering there lets the replayed prefix take in the hook's own block, which every
+    pass would otherwise recompute unsteered up to the hook. Whether the delta passes
+    unchanged depends on the architecture (a norm after the MLP would change it), so it
+    is measured: one delta of the activation's own size, added at ``hook``, must reach
+    the next block's input to within the rounding of one more addition.
+    """
+    layer = hook_layer(hook)
+    model = adapter.model
+    later = None if layer is None else f"blocks.{layer + 1}.hook_resid_pre"
+    if later is None or later not in model.hook_dict or hook == later:
+        return hook
+    weights = batch.mask.to(adapter.dtype) if weights is None else weights
+    weights = weights.to(adapter.device, adapter.dtype)
+    seen: dict[str, Tensor] = {}
+
+    def keep(act: Tensor, hook: Any) -> None:
+        seen["at hook"] = act
+
+    def stop(act: Tensor, hook: Any) -> None:
+        seen["later"] = act
+        raise _StopForward
+
+    def forward(first: Callable[..., Any]) -> Tensor:
+        try:
+            with model.hooks(fwd_hooks=[(hook, first), (later, stop)]):
+                model(batch.tokens)
+        except _StopForward:
+            pass
+        return seen["later"]
+
+    base = forward(keep)
+    act = seen["at hook"]
+    if act.shape != (*batch.tokens.shape, adapter.d_model):
+        return hook
+    generator = torch.Generator().manual_seed(0)
+    direction = torch.randn(adapter.d_model, generator=generator, dtype=torch.float64)
+    size = act.double().norm(dim=-1).mean() / direction.norm()
+    shift = (direction * size).to(adapter.device, adapter.dtype) * weights[..., None]
+    moved = forward(lambda act, hook: act + shift)
+    bound = 16 * torch.finfo(adapter.dtype).eps * (base.abs().amax() + shift.abs().amax())
+    return later if bool((moved - base - shift).abs().amax() <= bound) else hook
+
+
 @contextmanager
 def steered_runs(
     adapter: ModelAdapter,
@@ -940,15 +990,18 @@ def steered_runs(
     ``steered_logits`` gives them, for many calls on one batch and hook.
 
     The blocks before the hook's run once, on the batch alone, when the context opens;
-    each pass replays their output and computes only the blocks from the hook's on. The
-    model is guarded once for all the calls (the guard walks every module).
+    each pass replays their output and computes only the blocks from the hook's on, or
+    from the next one where the delta reaches its input unchanged
+    (``_next_block_input``). The model is guarded once for all the calls (the guard
+    walks every module).
     """
-    layer = hook_layer(hook)
     with torch.no_grad(), tensor_attributes_kept(adapter.model):
+        steered = _next_block_input(adapter, batch, hook, weights)
+        layer = hook_layer(steered)
         prefix = None if layer is None else _block_prefix(adapter, batch, layer)
 
         def run(deltas: Tensor) -> Tensor:
-            return _steered_passes(adapter, batch, hook, deltas, weights, True, chunk, prefix)
+            return _steered_passes(adapter, batch, steered, deltas, weights, True, chunk, prefix)
 
         yield run
 

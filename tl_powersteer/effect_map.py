@@ -15,7 +15,9 @@ same vectors and controls, computed in a fraction of its passes:
 * every row of one source layer (its pairs' vectors, both signs, and its controls) is
   searched together by ``kl_search``, batched into shared passes;
 * the blocks before the source run once per source layer (``steered_runs``): each pass
-  computes only the blocks from the source on, and only the last tokens' logits;
+  computes only the blocks after the source's (the default ``hook_mlp_out`` is a block's
+  last addition to the residual stream, so the delta is added at the next block's
+  input), and only the last tokens' logits;
 * the logit difference is read from the same pass as the KL that fixes the scale, so
   nothing is run twice.
 

@@ -189,3 +189,16 @@ def test_bench_effects(gpt2_dir: str, tmp_path: Path, capsys: pytest.CaptureFixt
     assert bench_effects.main([*argv, "--reference-sources", "1:3"]) == 0
     out = capsys.readouterr().out
     assert "atlas (exact" not in out and "source layers [1, 2]: 3 pairs" in out
+
+
+def test_bench_generation(gpt2_dir: str, capsys: pytest.CaptureFixture[str]) -> None:
+    import bench_generation
+
+    argv = ["--model", gpt2_dir, "--prompt", "the cat sat on the mat", "--source", "1",
+            "--rows", "6", "--tokens", "4", "--reference-rows", "3", "--relative", "2"]  # fmt: skip
+    assert bench_generation.main(argv) == 0
+    out = capsys.readouterr().out
+    assert "6 rows at blocks.1.hook_mlp_out, 4 new tokens" in out
+    assert "batch_generations, up to 256 rows a batch:" in out
+    assert "generate_steered, one row at a time:" in out and "speed-up per row" in out
+    assert "same texts (reference rows, and both batch sizes): True" in out

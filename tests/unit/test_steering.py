@@ -325,6 +325,33 @@ def test_replayed_prefix_runs_equal_the_full_forward(
     torch.testing.assert_close(model(tokens.flip(1)), before, rtol=0, atol=0)
 
 
+def test_replayed_passes_skip_the_block_a_delta_leaves_unchanged(
+    model: Any, tokens: torch.Tensor
+) -> None:
+    """A delta at a block's last addition to the residual stream reaches the next block's
+    input unchanged, so ``steered_runs`` steers there and replays the hook's own block
+    too; a delta that the block still transforms (at its input or its attention output),
+    or one in the last block, leaves the block running on every pass."""
+    from tl_powersteer.adapters import ModelAdapter, TokenBatch, steered_runs
+
+    adapter = ModelAdapter(model)
+    batch = TokenBatch(tokens, torch.tensor([8, 5]), None)
+    last = model.cfg.n_layers - 1
+    deltas = torch.ones(3, model.cfg.d_model, dtype=torch.float64)
+    for layer in range(model.cfg.n_layers):
+        inside = model.hook_dict[f"blocks.{layer}.hook_resid_mid"]
+        for site in ("hook_mlp_out", "hook_resid_post", "hook_attn_out", "hook_resid_pre"):
+            with steered_runs(adapter, batch, adapter.hook_name(layer, site)) as run:
+                calls: list[int] = []
+                handle = inside.register_forward_hook(lambda *args, calls=calls: calls.append(1))
+                try:
+                    run(deltas)
+                finally:
+                    handle.remove()
+            skipped = layer < last and site in ("hook_mlp_out", "hook_resid_post")
+            assert (len(calls) == 0) == skipped, (layer, site, len(calls))
+
+
 def test_long_steering_work_shows_progress(
     text_model: Any, capsys: pytest.CaptureFixture[str]
 ) -> None:
