@@ -927,9 +927,7 @@ def steered_logits(
 SteeredRun = Callable[[Float[Tensor, "m d_model"]], Float[Tensor, "m batch vocab"]]
 
 
-def _next_block_input(
-    adapter: ModelAdapter, batch: TokenBatch, hook: str, weights: Tensor | None
-) -> str:
+def _next_block_input(adapter: ModelAdapter, batch: TokenBatch, hook: str) -> str:
     """The next block's ``hook_resid_pre`` where a delta added at ``hook`` reaches it
     unchanged (a block's last addition to the residual stream, ``hook_mlp_out`` or
     ``hook_resid_post`` in the usual layouts), else ``hook`` itself.
@@ -938,41 +936,24 @@ def _next_block_input(
     pass would otherwise recompute unsteered up to the hook. Whether the delta passes
     unchanged depends on the architecture (a norm after the MLP would change it), so it
     is measured: one delta of the activation's own size, added at ``hook``, must reach
-    the next block's input to within the rounding of one more addition.
+    the next block's input to within the rounding of a few more additions.
     """
     layer = hook_layer(hook)
-    model = adapter.model
     later = None if layer is None else f"blocks.{layer + 1}.hook_resid_pre"
-    if later is None or later not in model.hook_dict or hook == later:
+    if later is None or later not in adapter.model.hook_dict or hook == later:
         return hook
-    weights = batch.mask.to(adapter.dtype) if weights is None else weights
-    weights = weights.to(adapter.device, adapter.dtype)
-    seen: dict[str, Tensor] = {}
-
-    def keep(act: Tensor, hook: Any) -> None:
-        seen["at hook"] = act
-
-    def stop(act: Tensor, hook: Any) -> None:
-        seen["later"] = act
-        raise _StopForward
-
-    def forward(first: Callable[..., Any]) -> Tensor:
-        try:
-            with model.hooks(fwd_hooks=[(hook, first), (later, stop)]):
-                model(batch.tokens)
-        except _StopForward:
-            pass
-        return seen["later"]
-
-    base = forward(keep)
-    act = seen["at hook"]
-    if act.shape != (*batch.tokens.shape, adapter.d_model):
+    run = adapter.segment(batch, [hook], [hook, later])
+    zero = torch.zeros(1, adapter.d_model, dtype=adapter.dtype, device=adapter.device)
+    try:
+        act, base = run(zero, False)
+    except _NotResidual:
         return hook
     generator = torch.Generator().manual_seed(0)
     direction = torch.randn(adapter.d_model, generator=generator, dtype=torch.float64)
     size = act.double().norm(dim=-1).mean() / direction.norm()
-    shift = (direction * size).to(adapter.device, adapter.dtype) * weights[..., None]
-    moved = forward(lambda act, hook: act + shift)
+    delta = (direction * size).to(adapter.device, adapter.dtype)
+    moved = run(delta[None], False)[1]
+    shift = batch.mask.to(adapter.dtype)[..., None] * delta
     bound = 16 * torch.finfo(adapter.dtype).eps * (base.abs().amax() + shift.abs().amax())
     return later if bool((moved - base - shift).abs().amax() <= bound) else hook
 
@@ -996,7 +977,7 @@ def steered_runs(
     walks every module).
     """
     with torch.no_grad(), tensor_attributes_kept(adapter.model):
-        steered = _next_block_input(adapter, batch, hook, weights)
+        steered = _next_block_input(adapter, batch, hook)
         layer = hook_layer(steered)
         prefix = None if layer is None else _block_prefix(adapter, batch, layer)
 
