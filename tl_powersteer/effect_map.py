@@ -18,6 +18,8 @@ same vectors and controls, computed in a fraction of its passes:
   computes only the blocks after the source's (the default ``hook_mlp_out`` is a block's
   last addition to the residual stream, so the delta is added at the next block's
   input), and only the last tokens' logits;
+* the KL is reduced one slice of the vocabulary at a time as the unembedding makes it
+  (``SteeredRun.kl``), so the logits of all 262k tokens are never written out;
 * the logit difference is read from the same pass as the KL that fixes the scale, so
   nothing is run twice.
 
@@ -49,7 +51,7 @@ from .effects import check_metric
 from .io import build_result, check_destination, read_fields, register, save
 from .positions import position_weights
 from .power_steering import power_steering_name
-from .scales import KL_PROBE_FRACTION, KL_SCALE_RANGE, kl_divergence, kl_search, typical_norms
+from .scales import KL_PROBE_FRACTION, KL_SCALE_RANGE, kl_search, typical_norms
 from .steering import batch_generations
 from .vectors import SteeringVector, random_vectors
 
@@ -576,14 +578,12 @@ def _measure_source(
     a, b = result.answer_ids
     hook = adapter.hook_name(s, result.source_site)
     chunk = max(1, _SEQUENCES_PER_PASS // batch.tokens.shape[0])
-    base = base[None]
     with steered_runs(adapter, batch, hook, weights=weights, chunk=chunk) as run:
 
         def kl_at(which: Tensor, scales: Tensor) -> tuple[Tensor, list[Any]]:
-            logits = run(scales[:, None] * directions[which])
-            kls = kl_divergence(logits, base).mean(dim=1).cpu()
-            values = (logits[..., a] - logits[..., b]).double().mean(dim=1).cpu()
-            return kls, values.tolist()
+            kls, answers = run.kl(scales[:, None] * directions[which], base, [a, b])
+            values = (answers[..., 0] - answers[..., 1]).double().mean(dim=1)
+            return kls.mean(dim=1), values.tolist()
 
         full = functools.partial(torch.full, (rows,), dtype=torch.float64)
         low, high = KL_SCALE_RANGE

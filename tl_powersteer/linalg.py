@@ -37,7 +37,7 @@ Example, on a plain matrix:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
 
@@ -56,6 +56,7 @@ __all__ = [
     "check_iteration_args",
     "spectrum_problem",
     "shared_basis",
+    "streamed_kl",
     "top_directions",
     "top_k_in_basis",
     "top_k_of_rows",
@@ -334,3 +335,46 @@ def top_k_svd(J: Tensor, k: int) -> tuple[Tensor, Tensor, Tensor]:
     _, S, Vh = torch.linalg.svd(J.double() @ Q, full_matrices=False)
     V = Vh[:k] @ Q.T  # k < d_model, so S holds σ_{k+1} too
     return S[:k], S[k], V * canonical_signs(V)[:, None]
+
+
+def streamed_kl(
+    slices: Iterable[tuple[Float[Tensor, "*rows part"], Float[Tensor, "*rows part"]]],
+    base_lse: Float[Tensor, "*rows"],
+) -> Float[Tensor, "*rows"]:
+    """KL(softmax(z) ‖ softmax(b)) per row, in nats and float64, from the logits (z, b)
+    handed over one slice of the vocabulary at a time; ``base_lse`` is logsumexp(b) over
+    the whole vocabulary, in float64.
+
+    The logits of a whole vocabulary need not exist at once: an unembedding can be
+    applied one slice of its rows at a time, each slice's logits still in cache when they
+    are reduced (``steered_runs``' KL passes). Each slice adds, in its own precision
+    (float64 if z or b is, else float32), the sum of e^(z − max) · ((z − b) − c) with c
+    the running estimate of logsumexp(z) − logsumexp(b); the slices are combined in
+    float64 with the estimate each used corrected to the final one, so log p − log q
+    stays small where the mass is, as in ``scales.kl_divergence``, and the two agree to
+    the logits' rounding.
+    """
+    tops, sums, moved, shifts = [], [], [], []
+    lse = None
+    for z, b in slices:
+        dtype = torch.float64 if torch.float64 in (z.dtype, b.dtype) else torch.float32
+        z, b = z.to(dtype), b.to(dtype)
+        top = z.amax(dim=-1)
+        weights = (z - top[..., None]).exp_()
+        total = weights.sum(dim=-1).double()
+        part = top.double() + total.log()
+        lse = part if lse is None else torch.logaddexp(lse, part)
+        shift = lse - base_lse
+        moved.append((z - b).sub_(shift.to(dtype)[..., None]).mul_(weights).sum(dim=-1).double())
+        tops.append(top.double())
+        sums.append(total)
+        shifts.append(shift)
+    if lse is None:
+        raise ValueError("streamed_kl needs at least one slice of the vocabulary")
+    top_all = torch.stack(tops).amax(dim=0)
+    scale = torch.stack([(t - top_all).exp() for t in tops])
+    total = (torch.stack(sums) * scale).sum(dim=0)
+    final = lse - base_lse
+    # Each slice's sum used its own estimate of the shift: Σ w (c_k − c) puts back the rest.
+    correction = (torch.stack(sums) * scale * (torch.stack(shifts) - final)).sum(dim=0)
+    return ((torch.stack(moved) * scale).sum(dim=0) + correction) / total

@@ -223,3 +223,29 @@ def test_shared_basis_weighs_every_target_equally() -> None:
     basis = linalg.shared_basis([torch.zeros(2, 30, dtype=torch.float64)], 6)
     assert basis.shape == (30, 6) and bool(torch.isfinite(basis).all())
     torch.testing.assert_close(basis.T @ basis, torch.eye(6, dtype=torch.float64))
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_streamed_kl_equals_the_whole_vocabularys_kl(dtype: torch.dtype) -> None:
+    """Slices of uneven sizes, one slice or many, a base shared across rows: the KL of
+    float64 softmaxes over the whole vocabulary, to the logits' rounding. The first
+    slices' estimate of the normalising shift is far off (they hold little of the mass),
+    which the final correction must undo."""
+    gen = torch.Generator().manual_seed(0)
+    vocab = 5000
+    base = torch.randn(3, vocab, generator=gen, dtype=torch.float64) * 4
+    steered = base[None] + torch.randn(4, 3, vocab, generator=gen, dtype=torch.float64)
+    steered[..., -7:] += 9.0  # most of the mass in the last slice
+    z, b = steered.to(dtype), base.to(dtype)
+    logp, logq = z.double().log_softmax(-1), b.double().log_softmax(-1)
+    exact = (logp.exp() * (logp - logq)).sum(-1)
+    base_lse = b.double().logsumexp(-1)
+    for size in (vocab, 1024, 333):
+        slices = ((z[..., i : i + size], b[:, i : i + size]) for i in range(0, vocab, size))
+        found = linalg.streamed_kl(slices, base_lse)
+        assert found.dtype == torch.float64 and found.shape == (4, 3)
+        # float32: the rounding of float32 logits themselves, as in scales.kl_divergence.
+        tolerance = 1e-12 if dtype == torch.float64 else 1e-6
+        torch.testing.assert_close(found, exact, rtol=tolerance, atol=tolerance)
+    with pytest.raises(ValueError, match="at least one slice"):
+        linalg.streamed_kl(iter([]), base_lse)

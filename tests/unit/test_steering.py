@@ -366,3 +366,75 @@ def test_long_steering_work_shows_progress(
     tps.generate_steered(text_model, prompt, v, [target], scale_mode="kl", max_new_tokens=2,
                          progress=False)  # fmt: skip
     assert capsys.readouterr().err == ""
+
+
+def test_streamed_kl_passes_equal_the_kl_of_the_logits(model: Any, tokens: torch.Tensor) -> None:
+    """``run.kl`` gives ``kl_divergence`` of ``run``'s logits and their columns, for every
+    model class; past its one check of the unembedding it never forms whole-vocabulary
+    logits (the unembedding module is not called again)."""
+    from tl_powersteer.adapters import ModelAdapter, TokenBatch, steered_runs
+    from tl_powersteer.scales import kl_divergence
+
+    adapter = ModelAdapter(model)
+    batch = TokenBatch(tokens, torch.tensor([8, 5]), None)
+    v = vector(model, 1)
+    deltas = torch.stack([s * v.direction for s in (0.0, 1.0, -3.0)])
+    calls: list[int] = []
+    handle = model.unembed.register_forward_hook(lambda *args: calls.append(1))
+    try:
+        with steered_runs(adapter, batch, v.hook_name, chunk=2) as run:
+            base = run(torch.zeros(1, model.cfg.d_model, dtype=torch.float64))[0]
+            logits = run(deltas)
+            before = len(calls)
+            kls, columns = run.kl(deltas, base, [3, 5])
+            again, _ = run.kl(deltas, base, [3, 5])
+    finally:
+        handle.remove()
+    assert kls.shape == (3, 2) and columns.shape == (3, 2, 2)
+    torch.testing.assert_close(kls, kl_divergence(logits, base[None]), rtol=0, atol=1e-12)
+    torch.testing.assert_close(columns, logits[..., [3, 5]], rtol=0, atol=1e-12)
+    assert float(kls[0].abs().max()) < 1e-12 and bool((kls[1:] > 0).all())
+    torch.testing.assert_close(again, kls, rtol=0, atol=0)
+    assert len(calls) - before <= 1
+
+
+def capped_model(kind: str) -> Any:
+    from tests.helpers import TINY_CONFIG
+
+    if kind == "hooked":
+        try:
+            from transformer_lens import HookedTransformer, HookedTransformerConfig
+        except ImportError:
+            pytest.skip("HookedTransformer is not in this TransformerLens version")
+        cfg = HookedTransformerConfig(
+            **TINY_CONFIG, dtype=torch.float64, output_logits_soft_cap=0.5
+        )
+        return HookedTransformer(cfg)
+    from transformer_lens.config import TransformerBridgeConfig
+    from transformer_lens.model_bridge import TransformerBridge
+
+    bridge_cfg = TransformerBridgeConfig(**TINY_CONFIG, output_logits_soft_cap=0.5)
+    return TransformerBridge.boot_native(bridge_cfg, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("kind", ["hooked", "native_bridge"])
+def test_capped_logits_are_those_of_the_full_forward(kind: str) -> None:
+    """A model that caps its logits after the unembedding (Gemma 2) gets no last-token
+    shortcut past the cap: steered logits and their KL are the full pass's."""
+    from tl_powersteer.adapters import ModelAdapter, TokenBatch, steered_logits, steered_runs
+    from tl_powersteer.scales import kl_divergence
+
+    model = capped_model(kind)
+    tokens = torch.tensor([[1, 4, 6, 8, 9, 4, 10, 5]])
+    batch = TokenBatch(tokens, torch.tensor([8]), None)
+    v = vector(model, 1)
+    deltas = torch.stack([0.0 * v.direction, 2.0 * v.direction])
+    with model.hooks(fwd_hooks=[(v.hook_name, add_at(2.0 * v.direction))]):
+        expected = model(tokens)[:, -1]
+    base = model(tokens)[:, -1]
+    assert float(expected.abs().max()) <= 0.5
+    found = steered_logits(ModelAdapter(model), batch, v.hook_name, deltas)
+    torch.testing.assert_close(found[1], expected, rtol=0, atol=1e-12)
+    with steered_runs(ModelAdapter(model), batch, v.hook_name) as run:
+        kls, _ = run.kl(deltas, base, [3])
+    torch.testing.assert_close(kls[1], kl_divergence(expected, base), rtol=0, atol=1e-12)
