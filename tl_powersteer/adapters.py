@@ -918,6 +918,11 @@ def _unembedded(model: Any, x: Tensor) -> Tensor:
     return model.unembed(x.reshape(-1, 1, x.shape[-1])).view(*x.shape[:-1], -1)
 
 
+def _logits_of(model: Any, passes: Iterator[tuple[Tensor, bool]]) -> Tensor:
+    """The logits of ``_steered_passes``, unembedding the passes that stopped before it."""
+    return torch.cat([_widened(_unembedded(model, x) if hidden else x) for x, hidden in passes])
+
+
 def steered_logits(
     adapter: ModelAdapter,
     batch: TokenBatch,
@@ -938,8 +943,7 @@ def steered_logits(
     """
     with torch.no_grad(), tensor_attributes_kept(adapter.model):
         passes = _steered_passes(adapter, batch, hook, deltas, weights, last_only, chunk, None)
-        model = adapter.model
-        return torch.cat([_widened(_unembedded(model, x) if hidden else x) for x, hidden in passes])
+        return _logits_of(adapter.model, passes)
 
 
 def _next_block_input(adapter: ModelAdapter, batch: TokenBatch, hook: str) -> str:
@@ -998,10 +1002,7 @@ class SteeredRun:
 
     def __call__(self, deltas: Float[Tensor, "m d_model"]) -> Float[Tensor, "m batch vocab"]:
         """Last-token logits with each delta added at the hook, as ``steered_logits``."""
-        model = self._adapter.model
-        return torch.cat(
-            [_widened(_unembedded(model, x) if hidden else x) for x, hidden in self._passes(deltas)]
-        )
+        return _logits_of(self._adapter.model, self._passes(deltas))
 
     def kl(
         self,

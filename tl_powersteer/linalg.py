@@ -373,8 +373,7 @@ def streamed_kl(
         raise ValueError("streamed_kl needs at least one slice of the vocabulary")
     top_all = torch.stack(tops).amax(dim=0)
     scale = torch.stack([(t - top_all).exp() for t in tops])
-    total = (torch.stack(sums) * scale).sum(dim=0)
-    final = lse - base_lse
+    mass = torch.stack(sums) * scale
     # Each slice's sum used its own estimate of the shift: Σ w (c_k − c) puts back the rest.
-    correction = (torch.stack(sums) * scale * (torch.stack(shifts) - final)).sum(dim=0)
-    return ((torch.stack(moved) * scale).sum(dim=0) + correction) / total
+    correction = (mass * (torch.stack(shifts) - (lse - base_lse))).sum(dim=0)
+    return ((torch.stack(moved) * scale).sum(dim=0) + correction) / mass.sum(dim=0)
