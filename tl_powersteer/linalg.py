@@ -37,6 +37,7 @@ Example, on a plain matrix:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -116,6 +117,11 @@ class PowerIterationResult:
 
     ``residuals[i]`` is ``max(‖J vᵢ − σᵢ uᵢ‖, ‖Jᵀ uᵢ − σᵢ vᵢ‖) / σᵢ``; the first term is
     rounding-level by construction, so this is the adjoint-side residual.
+    ``error_bounds[i]`` bounds the relative error of ``singular_values[i]`` and
+    ``angle_bound`` the largest principal angle (radians) between span(``vectors``) and
+    the exact top-k right singular subspace (π/2 while no spectral gap is seen);
+    ``stop_rule`` is the rule that ended the run: ``"tol"``, ``"angle_tol"`` (the one met
+    last, or ``"tol and angle_tol"`` when both were met at once) or ``"max_iters"``.
     """
 
     vectors: Float[Tensor, "k d"]
@@ -127,6 +133,9 @@ class PowerIterationResult:
     n_matvec: int
     n_rmatvec: int
     history: Float[Tensor, "iterations k"]
+    error_bounds: Float[Tensor, " k"]
+    angle_bound: float
+    stop_rule: str
 
 
 def canonical_signs(vectors: Float[Tensor, "k d"]) -> Float[Tensor, " k"]:
@@ -153,7 +162,13 @@ def spectrum_problem(singular_values: Tensor, vectors: Tensor) -> str | None:
 
 
 def check_iteration_args(
-    k: int, max_k: int, *, block_size: int | None, tol: float, max_iters: int
+    k: int,
+    max_k: int,
+    *,
+    block_size: int | None,
+    tol: float,
+    max_iters: int,
+    angle_tol: float | None = None,
 ) -> int:
     """Validate the iteration options before any work; return the block size to use."""
     for name, value in (("k", k), ("max_iters", max_iters)):
@@ -169,8 +184,16 @@ def check_iteration_args(
         raise ValueError(f"block_size must be an int between k={k} and {max_k}, got {b!r}")
     if max_iters < 1:
         raise ValueError(f"max_iters must be at least 1, got {max_iters}")
-    if not is_number(tol) or not tol > 0:
-        raise ValueError(f"tol must be a positive number, got {tol!r}")
+    if not is_number(tol) or not 0 < tol < 1:
+        raise ValueError(
+            f"tol must be a positive number below 1 (the relative accuracy of the singular "
+            f"values, e.g. 1e-4), got {tol!r}"
+        )
+    if angle_tol is not None and (not is_number(angle_tol) or not 0 < angle_tol < math.pi / 2):
+        raise ValueError(
+            "angle_tol must be None or a number of radians between 0 and pi/2 (the largest "
+            f"angle to the exact top-k subspace, e.g. 1e-2), got {angle_tol!r}"
+        )
     return b
 
 
@@ -192,75 +215,197 @@ def block_power_iteration(
     *,
     block_size: int | None = None,
     tol: float = 1e-4,
+    angle_tol: float | None = None,
     max_iters: int = 50,
     seed: int = 0,
 ) -> PowerIterationResult:
     """Top-``k`` singular triplets of ``operator`` by oversampled block power iteration.
 
+    Every step takes the Rayleigh-Ritz approximations from the span of the last two
+    iterates (free: their products are at hand) and bounds their error from the
+    residuals; it stops as soon as the bounds meet what was asked for. How the bounds
+    are made, and what they assume: ``docs/concepts/power-iteration.md``.
+
     Args:
         operator: a ``LinearOperator`` or a plain 2-D tensor.
         k: number of singular triplets to return.
         block_size: columns iterated together; default ``k + 4`` (capped at ``d``).
-        tol: stop once every top-k Ritz value changes by less than ``tol`` (relative)
-            between two iterations.
+        tol: the relative accuracy of every returned singular value: stop once the error
+            bound of each is below ``tol``.
+        angle_tol: if given, also stop only once the top-k subspace is within this many
+            radians of the exact one (its largest principal angle).
         max_iters: stop after this many iterations even if not converged.
         seed: seeds the random start block; equal seeds give equal results.
     """
     op = _as_operator(operator)
     n, d = op.shape
-    b = check_iteration_args(k, min(n, d), block_size=block_size, tol=tol, max_iters=max_iters)
+    b = check_iteration_args(
+        k, min(n, d), block_size=block_size, tol=tol, max_iters=max_iters, angle_tol=angle_tol
+    )
 
     check_seed(seed)
     gen = torch.Generator().manual_seed(seed)
     start = torch.randn(d, b, generator=gen, dtype=torch.float64)
-    # Half-precision operators still get float32 linear algebra (CPU QR/SVD need it).
-    work = torch.promote_types(op.dtype, torch.float32)
-    Q = torch.linalg.qr(start.to(device=op.device, dtype=work)).Q
+    # The small linear algebra runs in float64 whatever the operator's precision: it costs
+    # little next to the products, and the bounds need residuals far below rounding of J.
+    Q = torch.linalg.qr(start.to(op.device)).Q
+    rounding = _rounding(op.dtype)
 
     n_matvec = n_rmatvec = 0
-    previous: Tensor | None = None
+    earlier: tuple[Tensor, Tensor, Tensor] | None = None
     history: list[Tensor] = []
-    converged = False
+    met_at: dict[str, int] = {}
     iterations = 0
     while True:
         iterations += 1
-        Y = op.matvec(Q.to(op.dtype)).to(work)
-        Z = op.rmatvec(Y.to(op.dtype)).to(work)
+        Y = op.matvec(Q.to(op.dtype)).double()
+        Z = op.rmatvec(Y.to(op.dtype)).double()
         n_matvec += b
         n_rmatvec += b
-        Uy, s, Wt = torch.linalg.svd(Y, full_matrices=False)
-        top = s[:k]
-        history.append(top.detach().to("cpu", torch.float64))
-        if previous is not None:
-            floor = torch.finfo(s.dtype).eps * max(float(s[0]), 1.0)
-            change = (top - previous).abs() / top.clamp_min(floor)
-            converged = bool((change < tol).all())
+        basis, JB, AB = _two_iterate_space(earlier, (Q, Y, Z), rounding)
+        Uy, s, Wt = torch.linalg.svd(JB, full_matrices=False)
+        W = Wt.T
+        # Residuals of the Gram problem, JᵀJ x − σ² x, one column per Ritz vector.
+        R = AB @ W - (basis @ W) * s.square()
+        complete = basis.shape[1] >= d
+        bounds, angle, zero = _accuracy_bounds(s, R, k, complete=complete, rounding=rounding)
+        if earlier is None and not complete:
+            # One iterate from a random start tells too little of the rest of the
+            # spectrum for the gap estimate: its further Ritz values are far from converged.
+            bounds, angle = torch.full_like(bounds, math.inf), math.pi / 2
+        history.append(s[:k].to("cpu"))
+        for rule, met in (("tol", bool(((bounds <= tol) | zero).all())),
+                          ("angle_tol", angle_tol is not None and angle <= angle_tol)):  # fmt: skip
+            if met:
+                met_at.setdefault(rule, iterations)
+            else:
+                met_at.pop(rule, None)
+        wanted = ("tol",) if angle_tol is None else ("tol", "angle_tol")
+        converged = all(rule in met_at for rule in wanted)
         if converged or iterations >= max_iters:
             break
-        previous = top
+        earlier = (Q, Y, Z)
         Q = torch.linalg.qr(Z).Q
 
-    W = Wt[:k].T  # b x k
-    V = (Q @ W).T  # k x d
-    U = Uy[:, :k].T  # k x n
+    top = s[:k]
+    V = (basis @ W[:, :k]).T
+    U = Uy[:, :k].T
     safe = top.clamp_min(torch.finfo(top.dtype).tiny)
-    JtU = (Z @ W).T / safe[:, None]
-    left_res = (Y @ W).T - top[:, None] * U
-    right_res = JtU - top[:, None] * V
+    left_res = (JB @ W[:, :k]).T - top[:, None] * U
+    right_res = R[:, :k].T / safe[:, None]
     residuals = torch.maximum(left_res.norm(dim=1), right_res.norm(dim=1)) / safe
+    if converged:
+        last = max(met_at[rule] for rule in wanted)
+        stop_rule = " and ".join(rule for rule in wanted if met_at[rule] == last)
+    else:
+        stop_rule = "max_iters"
 
+    work = torch.promote_types(op.dtype, torch.float32)
     signs = canonical_signs(V)
     return PowerIterationResult(
-        vectors=V * signs[:, None],
-        singular_values=top.clone(),
-        left_vectors=U * signs[:, None],
-        residuals=residuals,
+        vectors=(V * signs[:, None]).to(work),
+        singular_values=top.to(work),
+        left_vectors=(U * signs[:, None]).to(work),
+        residuals=residuals.to(work),
         iterations=iterations,
         converged=converged,
         n_matvec=n_matvec,
         n_rmatvec=n_rmatvec,
         history=torch.stack(history),
+        error_bounds=bounds.to("cpu"),
+        angle_bound=angle,
+        stop_rule=stop_rule,
     )
+
+
+def _rounding(dtype: torch.dtype) -> float:
+    """Unit round-off of the operator's products: those of a half-precision operator come
+    back rounded to it."""
+    return float(torch.finfo(dtype).eps)
+
+
+def _two_iterate_space(
+    earlier: tuple[Tensor, Tensor, Tensor] | None,
+    latest: tuple[Tensor, Tensor, Tensor],
+    rounding: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """An orthonormal basis B of span(Q_prev, Q) with J B and JᵀJ B, from the products
+    already made, (Q, J Q, JᵀJ Q) of each iterate.
+
+    span(Q_prev, Q) = span(Q_prev, JᵀJ Q_prev) is a block Krylov space: its Ritz vectors
+    converge faster than those of Q alone, at no product. A direction the two iterates
+    barely add (singular value of [Q_prev, Q] below √rounding) is dropped: its products
+    would be the difference of nearly equal ones, rounding error amplified.
+    """
+    if earlier is None:
+        return latest
+    M, JM, AM = (torch.cat([a, b], dim=1) for a, b in zip(earlier, latest, strict=True))
+    _, sv, Vh = torch.linalg.svd(M, full_matrices=False)
+    keep = sv > math.sqrt(rounding) * sv[0]
+    C = Vh[keep].T / sv[keep]
+    return M @ C, JM @ C, AM @ C
+
+
+def _accuracy_bounds(
+    s: Float[Tensor, " m"],
+    R: Float[Tensor, "d m"],
+    k: int,
+    *,
+    complete: bool,
+    rounding: float,
+) -> tuple[Tensor, float, Tensor]:
+    """Bounds on the relative errors of the top-k Ritz values ``s`` and on the angle of
+    the top-k Ritz subspace, from the Gram residuals ``R`` of every Ritz vector of the
+    space (``complete``: the space is the whole domain). Also returns which of the k are
+    zero to working precision.
+
+    For the top i Ritz vectors X_i, JᵀJ in the basis [X_i, X_i⊥] is [[Θ_i, Eᵀ], [E, N]]
+    with ‖E‖ = ‖R_i‖. If the largest eigenvalue of N is at most μ_i < θ_i (θ = s²), the
+    top-i eigenvalues λ_j of JᵀJ satisfy θ_j ≤ λ_j ≤ θ_j + 2‖E‖² / (η + √(η² + 4‖E‖²)),
+    η = θ_i − μ_i (C.-K. Li and R.-C. Li, 2005), and the top-i subspace is within
+    arcsin(‖E‖ / η) (Davis-Kahan); without a gap, Weyl still gives
+    λ_j ≤ max(θ_j, μ_i) + ‖E‖. μ_i is estimated as the largest θ_j + 2‖r_j‖ over the
+    space's further Ritz values: every one has an eigenvalue within ‖r_j‖ of it, so the
+    estimate is safe unless the space has missed a direction larger than that, which no
+    residual can reveal. Each σ_j takes the best bound over i ≥ j.
+    """
+    m = s.shape[0]
+    G = R.T @ R
+    theta = s.square()
+    sigma1 = float(s[0])
+    # The products' own rounding, about rounding * σ₁ each, is a floor no bound can beat.
+    floor = 64 * rounding * sigma1
+    theta_err = torch.full((k,), math.inf, dtype=s.dtype, device=s.device)
+    angle = math.pi / 2
+    reach = theta + 2 * G.diagonal().clamp_min(0).sqrt()
+    ceiling = reach.flip(0).cummax(0).values.flip(0)  # ceiling[i] = max of reach[i:]
+    for i in range(1, m + 1):
+        if i < m:
+            mu = float(ceiling[i])
+        elif complete:
+            mu = 0.0
+        else:
+            break  # nothing is known of the rest of the spectrum
+        E = float(torch.linalg.eigvalsh(G[:i, :i])[-1].clamp_min(0).sqrt())
+        j = min(i, k)
+        eta = float(theta[i - 1]) - mu
+        if eta > 0:
+            err = 2 * E**2 / (eta + math.sqrt(eta**2 + 4 * E**2))
+            candidate = torch.full((j,), err, dtype=s.dtype, device=s.device)
+            if i == k:
+                angle = math.asin(min(1.0, (E + floor * sigma1) / eta))
+        else:
+            candidate = (mu - theta[:j]).clamp_min(0) + E
+        theta_err[:j] = torch.minimum(theta_err[:j], candidate)
+    top = s[:k]
+    # σ_j lies in [s_j, √(θ_j + err)]. Below √rounding·σ₁ a Gram residual resolves
+    # nothing, so such a value's error is taken relative to that, and a value whose whole
+    # interval lies below a few times it is zero to working precision.
+    upper = torch.sqrt(theta[:k] + theta_err)
+    sigma_err = theta_err / (upper + top)
+    resolution = math.sqrt(rounding) * sigma1
+    zero = upper <= 8 * resolution
+    return ((sigma_err + floor) / top.clamp_min(resolution)).to("cpu"), angle, zero.to("cpu")
 
 
 # Directions beyond the k + 1 wanted that the exact method's Rayleigh-Ritz step keeps, so

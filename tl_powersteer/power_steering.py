@@ -25,6 +25,7 @@ True
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -100,6 +101,11 @@ class PowerSteeringResult:
     ``residuals[i]`` is the relative residual of the singular triplet,
     ``max(‖J vᵢ − σᵢ uᵢ‖, ‖Jᵀ uᵢ − σᵢ vᵢ‖) / σᵢ``; ``history`` holds the top-k Ritz
     values after every iteration. ``n_jvp`` / ``n_vjp`` count single-vector products.
+    ``error_bounds[i]`` bounds the relative error of ``singular_values[i]``, ``angle_bound``
+    the largest principal angle (radians) between span(``vectors``) and the exact top-k
+    subspace, and ``stop_rule`` names what ended the run (``"tol"``, ``"angle_tol"``,
+    ``"tol and angle_tol"`` or ``"max_iters"``); see ``block_power_iteration``. Files of
+    earlier releases load with no bounds, ``angle_bound`` π/2 and ``stop_rule`` "".
     Its tensors are on the CPU whatever the model's device, like every result here.
     """
 
@@ -123,6 +129,9 @@ class PowerSteeringResult:
     history: Float[Tensor, "iterations k"] = field(default_factory=lambda: torch.empty(0, 0))
     # ``model_provenance`` of the model ({} in files of earlier releases).
     provenance: dict[str, Any] = field(default_factory=dict)
+    error_bounds: Float[Tensor, " k"] = field(default_factory=lambda: torch.empty(0))
+    angle_bound: float = math.pi / 2
+    stop_rule: str = ""
 
     @property
     def k(self) -> int:
@@ -159,15 +168,19 @@ class PowerSteeringResult:
         return [self.steering_vector(i) for i in range(self.k)]
 
     def to_pandas(self) -> pd.DataFrame:
-        """One row per vector: rank, singular value, residual."""
+        """One row per vector: rank, singular value, its relative error bound, residual."""
         import pandas as pd
 
+        known = self.error_bounds.numel() == self.k
         return pd.DataFrame(
             {
                 "source": self.source,
                 "target": self.target,
                 "rank": range(self.k),
                 "singular_value": self.singular_values.double().cpu().numpy(),
+                "error_bound": (
+                    self.error_bounds.double().cpu().numpy() if known else [math.nan] * self.k
+                ),
                 "residual": self.residuals.double().cpu().numpy(),
             }
         )
@@ -187,6 +200,7 @@ def power_steer(
     jvp_method: str = "reverse",
     block_size: int | None = None,
     tol: float = 1e-4,
+    angle_tol: float | None = None,
     max_iters: int = 50,
     seed: int = 0,
     **renamed: Any,
@@ -205,7 +219,10 @@ def power_steer(
         jvp_method: how J V is computed, ``"reverse"`` or ``"forward"`` (see
             ``LayerJacobian``); both are exact.
         block_size: power-iteration block, default ``k + 4``.
-        tol: relative change of the top-k singular values that counts as converged.
+        tol: relative accuracy of every returned singular value: the run stops once an
+            error bound computed from the residuals says it is met.
+        angle_tol: if given, the run also goes on until the top-k subspace is within this
+            many radians of the exact one.
         max_iters: iteration cap.
         seed: seeds the random start; equal seeds give equal vectors.
         **renamed: ``positions``, the former name of ``target_positions``.
@@ -217,7 +234,9 @@ def power_steer(
     adapter = ModelAdapter.of(model)
     adapter.resolve_pair(source, target)
     check_seed(seed)
-    check_iteration_args(k, adapter.d_model, block_size=block_size, tol=tol, max_iters=max_iters)
+    check_iteration_args(
+        k, adapter.d_model, block_size=block_size, tol=tol, max_iters=max_iters, angle_tol=angle_tol
+    )
     op = LayerJacobian(
         adapter,
         prompts,
@@ -229,7 +248,7 @@ def power_steer(
         jvp_method=jvp_method,
     )
     found = block_power_iteration(
-        op, k, block_size=block_size, tol=tol, max_iters=max_iters, seed=seed
+        op, k, block_size=block_size, tol=tol, angle_tol=angle_tol, max_iters=max_iters, seed=seed
     )
     batch = op.batch
     return PowerSteeringResult(
@@ -251,4 +270,7 @@ def power_steer(
         seed=seed,
         history=found.history.cpu(),
         provenance=model_provenance(op.adapter),
+        error_bounds=found.error_bounds.cpu(),
+        angle_bound=found.angle_bound,
+        stop_rule=found.stop_rule,
     )

@@ -22,8 +22,9 @@ def test_bench_power(capsys: pytest.CaptureFixture[str]) -> None:
         bench_power.main(["--d-model", "32", "--layers", "3", "--seq", "6", "--pairs", "0:2"]) == 0
     )
     out = capsys.readouterr().out
-    assert "L0 -> L2" in out and "median speed-up over the reference" in out
-    assert "met the accuracy targets on every pair: True" in out
+    assert "L0 -> L2" in out and "speed-up over the reference: median" in out
+    assert "power_steer met the accuracy targets on every pair: True" in out
+    assert "the bound covered power_steer's σ error on every pair: True" in out
 
 
 def test_bench_products(capsys: pytest.CaptureFixture[str]) -> None:

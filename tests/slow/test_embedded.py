@@ -110,8 +110,8 @@ def test_hooked_transformer_matches_bridge(gemma: Any) -> None:
         pytest.skip("HookedTransformer is gone in this TransformerLens version")
     hooked = tps.load_model(kind="hooked", device="cpu")
     assert isinstance(hooked, HookedTransformer) and not hooked.training
-    a = tps.power_steer(hooked, DEMO_PROMPT, source=8, target=16, k=4, tol=1e-6)
-    b = tps.power_steer(gemma, DEMO_PROMPT, source=8, target=16, k=4, tol=1e-6)
+    a = tps.power_steer(hooked, DEMO_PROMPT, source=8, target=16, k=4, tol=2e-5)
+    b = tps.power_steer(gemma, DEMO_PROMPT, source=8, target=16, k=4, tol=2e-5)
     torch.testing.assert_close(a.singular_values, b.singular_values, rtol=1e-4, atol=0)
     assert principal_angles(a.vectors, b.vectors).max() < 1e-2
 

@@ -96,3 +96,19 @@ def test_files_with_former_field_names_load(
     torch.testing.assert_close(loaded.singular_values, atlas.singular_values, equal_nan=True)
     _, state = load_checkpoint(path)
     assert state.settings() == widths and state.completed_targets == [1, 2, 3]
+
+
+def test_power_steering_files_without_error_bounds_still_load(
+    models: dict[str, Any], tokens: torch.Tensor, tmp_path: Path
+) -> None:
+    res = tps.power_steer(models["native_bridge"], tokens, 0, 2, k=2)
+    tensors, fields = split_fields(res)
+    tensors.pop("error_bounds")
+    for name in ("angle_bound", "stop_rule"):
+        fields.pop(name)
+    path = tmp_path / "old.safetensors"
+    write_fields(path, "PowerSteeringResult", tensors, fields)
+    again = tps.load(path)
+    assert torch.equal(again.vectors, res.vectors)
+    assert again.error_bounds.numel() == 0 and again.stop_rule == ""
+    assert again.to_pandas()["error_bound"].isna().all()

@@ -3,6 +3,8 @@ iteration and the atlas's top-k helpers."""
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -25,10 +27,10 @@ def decaying() -> torch.Tensor:
 
 
 def test_matches_exact_svd(decaying: torch.Tensor) -> None:
-    res = block_power_iteration(decaying, k=5, tol=1e-10, max_iters=200)
+    res = block_power_iteration(decaying, k=5, tol=1e-10, angle_tol=1e-8, max_iters=200)
     U, S, Vh = torch.linalg.svd(decaying, full_matrices=False)
-    torch.testing.assert_close(res.singular_values, S[:5], rtol=1e-9, atol=0)
-    assert principal_angles(res.vectors, Vh[:5]).max() < 1e-5
+    torch.testing.assert_close(res.singular_values, S[:5], rtol=1e-10, atol=0)
+    assert principal_angles(res.vectors, Vh[:5]).max() < 1e-8
     for i in range(5):
         assert torch.allclose(res.vectors[i].abs(), Vh[i].abs(), atol=1e-6)
         assert torch.allclose(res.left_vectors[i].abs(), U[:, i].abs(), atol=1e-6)
@@ -81,16 +83,18 @@ def test_oversampling_speeds_up_flat_spectrum() -> None:
 
 def test_stops_at_max_iters_and_counts_products(decaying: torch.Tensor) -> None:
     res = block_power_iteration(decaying, k=3, block_size=5, tol=1e-15, max_iters=4)
-    assert res.iterations == 4 and not res.converged
+    assert res.iterations == 4 and not res.converged and res.stop_rule == "max_iters"
     assert res.n_matvec == res.n_rmatvec == 4 * 5
     assert res.history.shape == (4, 3)
 
 
 def test_converges_and_reports_iterations(decaying: torch.Tensor) -> None:
     res = block_power_iteration(decaying, k=3, tol=1e-6, max_iters=100)
-    assert res.converged and 2 <= res.iterations < 100
-    last, before = res.history[-1], res.history[-2]
-    assert ((last - before).abs() / last).max() < 1e-6
+    assert res.converged and 2 <= res.iterations < 100 and res.stop_rule == "tol"
+    assert bool((res.error_bounds <= 1e-6).all())
+    # history[i] holds the Ritz values of iteration i + 1: the last ones are returned.
+    assert res.history.shape == (res.iterations, 3)
+    assert torch.equal(res.history[-1], res.singular_values)
 
 
 def test_rank_deficient_operator() -> None:
@@ -112,6 +116,11 @@ def test_accepts_operator_objects(decaying: torch.Tensor) -> None:
         ({"k": 41}, "k must be between 1 and"),
         ({"k": 3, "block_size": 2}, "block_size must be"),
         ({"k": 3, "tol": 0.0}, "tol must be a positive"),
+        ({"k": 3, "tol": 1.0}, "tol must be a positive number below 1"),
+        ({"k": 3, "tol": "1e-4"}, "tol must be a positive"),
+        ({"k": 3, "angle_tol": 0.0}, "angle_tol must be None or a number of radians"),
+        ({"k": 3, "angle_tol": math.pi / 2}, "angle_tol must be None or a number"),
+        ({"k": 3, "angle_tol": float("nan")}, "angle_tol must be None or a number"),
         ({"k": 3, "max_iters": 0}, "max_iters must be at least 1"),
     ],
 )
@@ -125,6 +134,108 @@ def test_bad_operator_type() -> None:
         block_power_iteration([[1.0, 2.0]], k=1)  # type: ignore[arg-type]
     with pytest.raises(TypeError, match="k must be an int"):
         block_power_iteration(torch.eye(3), k=1.5)  # type: ignore[arg-type]
+
+
+SPECTRA = {
+    "flat": 1 + 0.1 * torch.linspace(1, 0, 48),
+    "decaying": torch.logspace(1, -2, 48),
+    "slowly decaying": (1 + torch.arange(48.0)) ** -0.5,
+    "clustered": torch.cat(
+        [torch.full((3,), 5.0), torch.full((4,), 3.0), torch.linspace(2, 0.1, 41)]
+    ),
+    # k = 6 falls inside a ten-fold singular value: no top-6 subspace is defined.
+    "degenerate across k": torch.cat([torch.full((10,), 2.0), torch.linspace(1, 0.1, 38)]),
+}
+K = 6
+
+
+def true_errors(res: linalg.PowerIterationResult, J: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """Relative σ errors and the largest top-k angle, against a float64 SVD of ``J``."""
+    S, Vh = torch.linalg.svd(J.double(), full_matrices=False)[1:]
+    k = res.singular_values.numel()
+    errors = (res.singular_values.double() - S[:k]).abs() / S[:k]
+    return errors, float(principal_angles(res.vectors.double(), Vh[:k]).max())
+
+
+@pytest.mark.parametrize("name", list(SPECTRA))
+@pytest.mark.parametrize("tol", [1e-3, 1e-6, 1e-9])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_singular_values_meet_tol_on_known_spectra(name: str, tol: float, seed: int) -> None:
+    J = matrix_with_spectrum(SPECTRA[name], n=60, seed=seed)
+    res = block_power_iteration(J, K, tol=tol, max_iters=1000, seed=seed)
+    assert res.converged and res.stop_rule == "tol"
+    assert bool((res.error_bounds <= tol).all())
+    errors, angle = true_errors(res, J)
+    assert bool((errors <= tol).all()), errors
+    assert bool((errors <= res.error_bounds).all())
+    assert angle <= res.angle_bound
+    if name == "degenerate across k":
+        assert res.angle_bound == math.pi / 2
+
+
+@pytest.mark.parametrize("name", list(SPECTRA))
+def test_bounds_never_fall_below_the_true_errors(name: str) -> None:
+    J = matrix_with_spectrum(SPECTRA[name], n=60, seed=2)
+    for iterations in range(1, 31):
+        res = block_power_iteration(J, K, tol=1e-15, max_iters=iterations, seed=2)
+        errors, angle = true_errors(res, J)
+        assert bool((errors <= res.error_bounds).all()), (iterations, errors, res.error_bounds)
+        assert angle <= res.angle_bound, (iterations, angle, res.angle_bound)
+    # One iterate from a random start is no evidence of convergence: nothing is claimed.
+    first = block_power_iteration(J, K, max_iters=1, seed=2)
+    assert bool(torch.isinf(first.error_bounds).all()) and first.angle_bound == math.pi / 2
+
+
+@pytest.mark.parametrize("name", list(SPECTRA))
+@pytest.mark.parametrize("tol", [1e-3, 1e-6])
+def test_stops_soon_after_the_accuracy_is_reached(name: str, tol: float) -> None:
+    J = matrix_with_spectrum(SPECTRA[name], n=60, seed=0)
+    exact = torch.linalg.svdvals(J)[:K]
+    res = block_power_iteration(J, K, tol=tol, max_iters=1000)
+    # The run's own history is what each shorter run would have returned.
+    full = block_power_iteration(J, K, tol=1e-15, max_iters=res.iterations)
+    met = ((full.history - exact).abs() / exact <= tol).all(dim=1)
+    oracle = int(met.int().argmax()) + 1
+    assert bool(met[oracle - 1 :].all())
+    # Never before the accuracy is there; soon after it, except on a flat spectrum, where
+    # no gap is seen until late and the bound falls behind the error (by about 2x).
+    slack = oracle * 1.5 if name == "flat" else 2
+    assert oracle <= res.iterations <= oracle + slack
+
+
+def test_angle_tol_asks_for_the_subspace(decaying: torch.Tensor) -> None:
+    loose = block_power_iteration(decaying, K, tol=1e-2)
+    both = block_power_iteration(decaying, K, tol=1e-2, angle_tol=1e-9)
+    assert loose.stop_rule == "tol" and both.stop_rule == "angle_tol"
+    assert both.iterations > loose.iterations and both.angle_bound <= 1e-9
+    assert true_errors(both, decaying)[1] <= 1e-9 < true_errors(loose, decaying)[1]
+    # A tight tol met at the same iteration as a loose angle_tol names both.
+    tight = block_power_iteration(decaying, K, tol=1e-12, angle_tol=1.5)
+    assert tight.stop_rule in ("tol", "tol and angle_tol")
+
+
+def test_float32_operators_meet_tol_down_to_their_rounding() -> None:
+    J = matrix_with_spectrum(SPECTRA["slowly decaying"], n=60).float()
+    res = block_power_iteration(J, K, tol=1e-4, max_iters=200)
+    assert res.converged and res.singular_values.dtype == torch.float32
+    errors, _ = true_errors(res, J)
+    assert bool((errors <= 1e-4).all()) and bool((errors <= res.error_bounds).all())
+    # Below 64 times float32's rounding (relative to σ₁) no bound goes: the run says so.
+    capped = block_power_iteration(J, K, tol=1e-6, max_iters=40)
+    assert not capped.converged and float(capped.error_bounds.min()) > 64 * 1.19e-7
+
+
+def test_more_vectors_than_the_rank_stop_on_zeros() -> None:
+    J = matrix_with_spectrum(torch.tensor([3.0, 2.0, 1.0, 0, 0, 0, 0, 0, 0, 0]), n=12)
+    res = block_power_iteration(J, k=5, block_size=6, tol=1e-10, max_iters=50)
+    assert res.converged and res.stop_rule == "tol" and res.iterations <= 3
+    torch.testing.assert_close(
+        res.singular_values[:3], torch.tensor([3.0, 2.0, 1.0], dtype=torch.float64),
+        rtol=1e-10, atol=0,
+    )  # fmt: skip
+    # The zeros are zero to working precision; their vectors are any of the null space.
+    assert float(res.singular_values[3:].max()) <= 8 * math.sqrt(2.3e-16) * 3
+    assert res.angle_bound == math.pi / 2
 
 
 def test_principal_angles_reference() -> None:

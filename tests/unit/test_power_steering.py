@@ -89,7 +89,8 @@ def test_save_load_roundtrip(text_model: Any, tmp_path: Path) -> None:
     res.save(str(path))
     again = tps.load(path)
     assert isinstance(again, tps.PowerSteeringResult)
-    for name in ("vectors", "singular_values", "left_vectors", "residuals", "history"):
+    names = ("vectors", "singular_values", "left_vectors", "residuals", "history", "error_bounds")
+    for name in names:
         assert torch.equal(getattr(again, name), getattr(res, name)), name
     for name in (
         "iterations",
@@ -104,6 +105,8 @@ def test_save_load_roundtrip(text_model: Any, tmp_path: Path) -> None:
         "target_positions",
         "prompts",
         "model_name",
+        "angle_bound",
+        "stop_rule",
     ):
         assert getattr(again, name) == getattr(res, name), name
     assert list(tmp_path.iterdir()) == [path]
@@ -123,8 +126,12 @@ def test_save_load_token_prompts(
 def test_to_pandas(models: dict[str, Any], tokens: torch.Tensor) -> None:
     res = tps.power_steer(models["native_bridge"], tokens, 0, 1, k=2)
     df = res.to_pandas()
-    assert list(df.columns) == ["source", "target", "rank", "singular_value", "residual"]
+    assert list(df.columns) == [
+        "source", "target", "rank", "singular_value", "error_bound", "residual"
+    ]  # fmt: skip
     assert df["singular_value"].tolist() == res.singular_values.tolist()
+    assert df["error_bound"].tolist() == res.error_bounds.tolist()
+    assert res.stop_rule == "tol" and bool((res.error_bounds <= 1e-4).all())
 
 
 def test_save_errors_leave_nothing(

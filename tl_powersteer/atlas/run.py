@@ -123,7 +123,8 @@ def sensitivity_atlas(
         checkpoint: a ``.safetensors`` path; finished source layers are saved there as
             they complete and a rerun with the same arguments resumes from it.
         seed: random start of the power method.
-        tol: relative change of the singular values that ends the power method.
+        tol: relative accuracy of the singular values at which the power method stops
+            (its a-posteriori error bound, see ``block_power_iteration``).
         max_iters: iteration cap of the power method.
         chunk_size: most columns per vmapped product (identity columns in the exact
             method, test-matrix columns in the sketch); bounds memory. ``None``: about

@@ -157,8 +157,8 @@ def _steer_options(
         "--tol",
         type=float,
         default=1e-4,
-        help="stop when the top-k singular values change less than this, relative "
-        "(default: %(default)s)",
+        help="relative accuracy of the singular values: stop once their error bounds are "
+        "below this (default: %(default)s)",
     )
     group.add_argument(
         "--max-iters", type=int, default=50, help="iteration cap (default: %(default)s)"
