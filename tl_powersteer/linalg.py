@@ -249,12 +249,14 @@ def block_power_iteration(
     # The small linear algebra runs in float64 whatever the operator's precision: it costs
     # little next to the products, and the bounds need residuals far below rounding of J.
     Q = torch.linalg.qr(start.to(op.device)).Q
-    rounding = _rounding(op.dtype)
+    # Unit round-off of the products: a half-precision operator's come back rounded to it.
+    rounding = float(torch.finfo(op.dtype).eps)
 
     n_matvec = n_rmatvec = 0
     earlier: tuple[Tensor, Tensor, Tensor] | None = None
     history: list[Tensor] = []
     met_at: dict[str, int] = {}
+    wanted = ("tol",) if angle_tol is None else ("tol", "angle_tol")
     iterations = 0
     while True:
         iterations += 1
@@ -280,7 +282,6 @@ def block_power_iteration(
                 met_at.setdefault(rule, iterations)
             else:
                 met_at.pop(rule, None)
-        wanted = ("tol",) if angle_tol is None else ("tol", "angle_tol")
         converged = all(rule in met_at for rule in wanted)
         if converged or iterations >= max_iters:
             break
@@ -316,12 +317,6 @@ def block_power_iteration(
         angle_bound=angle,
         stop_rule=stop_rule,
     )
-
-
-def _rounding(dtype: torch.dtype) -> float:
-    """Unit round-off of the operator's products: those of a half-precision operator come
-    back rounded to it."""
-    return float(torch.finfo(dtype).eps)
 
 
 def _two_iterate_space(
