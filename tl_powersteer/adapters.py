@@ -27,6 +27,7 @@ import json
 import operator
 import sys
 import warnings
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -112,15 +113,17 @@ def tensor_attributes_kept(model: nn.Module) -> Iterator[None]:
     """Undo tensors that a forward pass caches on modules (e.g. a bridge's last attention
     pattern): under torch.func they are transform wrappers that must not outlive the call,
     and the model must be left as it was."""
-    before = [
-        (module, {k: v for k, v in vars(module).items() if v is None or isinstance(v, Tensor)})
-        for module in model.modules()
-    ]
+    # Plain copies of each module's attributes, compared by identity afterwards: a bridge
+    # has well over a thousand modules, and a pass leaves nearly all of them untouched.
+    before = [(module, vars(module).copy()) for module in model.modules()]
     try:
         yield
     finally:
         for module, kept in before:
-            for key, value in list(vars(module).items()):
+            now = vars(module)
+            if now.keys() == kept.keys() and all(map(operator.is_, now.values(), kept.values())):
+                continue
+            for key, value in list(now.items()):
                 if not isinstance(value, Tensor):
                     continue
                 if key not in kept:
@@ -184,6 +187,12 @@ _ARCHITECTURE_FIELDS = (
 )
 
 
+# weights_fingerprint of each live model, with the parameter versions it was hashed at.
+_FINGERPRINTS: weakref.WeakKeyDictionary[Any, tuple[tuple[int, ...], str]] = (
+    weakref.WeakKeyDictionary()
+)
+
+
 class ModelAdapter:
     """A HookedTransformer or TransformerBridge seen through hook names and token batches."""
 
@@ -197,7 +206,6 @@ class ModelAdapter:
     def __init__(self, model: Any):
         self.kind: ModelKind = _model_kind(model)
         self.model = model
-        self._fingerprint: tuple[tuple[int, ...], str] | None = None
         self._affine_unembed: bool | None = None  # _affine_unembedding, once measured
         # Warnings already given through this adapter, so that one call gives each once.
         self.warned: set[str] = set()
@@ -590,11 +598,12 @@ class ModelAdapter:
         reinitialisation changes it, though an edit of a few chosen weights might not.
         """
         params = list(self.model.named_parameters())
-        # An adapter lives for one call (it is handed down, not kept), and hashes once while
-        # no parameter is replaced or edited in place (load_state_dict, optimiser steps).
+        # Hashed once per model while no parameter is replaced or edited in place
+        # (load_state_dict, optimiser steps and in-place edits all bump these counters).
         versions = tuple(v for _, p in params for v in (p._version, p.data_ptr()))
-        if self._fingerprint is not None and self._fingerprint[0] == versions:
-            return self._fingerprint[1]
+        known = _FINGERPRINTS.get(self.model)
+        if known is not None and known[0] == versions:
+            return known[1]
         digest = hashlib.sha256()
         with torch.no_grad():
             for name, param in params:
@@ -604,7 +613,7 @@ class ModelAdapter:
                 bits = _SAME_WIDTH_INT[sample.element_size()]
                 digest.update(sample.view(bits).numpy().tobytes())
         fingerprint = "sha256:" + digest.hexdigest()
-        self._fingerprint = (versions, fingerprint)
+        _FINGERPRINTS[self.model] = (versions, fingerprint)
         return fingerprint
 
     def config_hash(self) -> str:

@@ -535,6 +535,7 @@ class LayerJacobian(_StackedJacobian):
             primal_and_pullback = vjp(lambda v: readout(v, True), zero)
         target_value, self._pullback = primal_and_pullback[0], primal_and_pullback[1]
         self._transpose_pullback: Any = None
+        self._weights: list[torch.nn.Parameter] | None = None  # listed on first J V
         self.target_value: Float[Tensor, " n_out"] = target_value.detach()
 
     def readout(self, v: Float[Tensor, " d_model"]) -> Float[Tensor, " n_out"]:
@@ -544,7 +545,9 @@ class LayerJacobian(_StackedJacobian):
     def _matvec(self, V: Tensor) -> Tensor:
         if self.jvp_method == "forward":
             return self._in_chunks(vmap(self._forward_product), V, self.shape[0])
-        with _weights_marked_for_grad(_float_weights(self.adapter.model)):
+        if self._weights is None:
+            self._weights = _float_weights(self.adapter.model)
+        with _weights_marked_for_grad(self._weights):
             reverse = vmap(self._reverse_product())
             return self._in_chunks(lambda block: reverse(block)[0], V, self.shape[0])
 

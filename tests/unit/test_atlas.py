@@ -105,11 +105,12 @@ def test_auto_picks_a_method() -> None:
     layers = list(range(26))
     assert choose(2304, layers[:-1], layers[1:], k=4, sketch_rank=20) == "sketch"
     assert choose(8192, [3], [20], k=4, sketch_rank=20) == "power"
-    # Two targets for eight sources: each source's basis is filled by widening the two
-    # co-range sketches to 2r rows, which makes the sketch dearer than the power method on
-    # the 16 pairs (18 pairs tip it back).
-    assert choose(2304, layers[:8], [24, 25], k=4, sketch_rank=20) == "power"
-    assert choose(2304, layers[:9], [24, 25], k=4, sketch_rank=20) == "sketch"
+    # Few targets for many sources: each source's basis is filled by widening the
+    # co-range sketches to 2r rows, which makes the sketch dearer than the power method,
+    # with two targets for any number of sources, and with four for eight (nine tip it).
+    assert choose(2304, layers[:24], [24, 25], k=4, sketch_rank=20) == "power"
+    assert choose(2304, layers[:8], layers[22:], k=4, sketch_rank=20) == "power"
+    assert choose(2304, layers[:9], layers[22:], k=4, sketch_rank=20) == "sketch"
 
 
 def test_save_load(models: dict[str, Any], tokens: torch.Tensor, tmp_path: Path) -> None:

@@ -73,7 +73,16 @@ def test_fingerprint_follows_in_place_edits(models: dict[str, Any]) -> None:
     assert adapter.weights_fingerprint() == before
     with torch.no_grad():
         next(other.parameters()).add_(1.0)
-    assert adapter.weights_fingerprint() != before
+    edited = adapter.weights_fingerprint()
+    assert edited != before
+    # Kept per model, not per adapter: a later call's new adapter sees every edit too.
+    assert ModelAdapter(other).weights_fingerprint() == edited
+    first = next(other.parameters())
+    first.data = first.data - 1.0
+    assert ModelAdapter(other).weights_fingerprint() == before
+    state = {name: p + 0.5 for name, p in other.state_dict().items()}
+    other.load_state_dict(state)
+    assert ModelAdapter(other).weights_fingerprint() not in (before, edited)
 
 
 def test_steer_refuses_a_vector_of_another_layer_count(model: Any, tokens: torch.Tensor) -> None:

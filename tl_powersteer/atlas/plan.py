@@ -26,8 +26,9 @@ __all__ = ["ATLAS_METHODS", "AtlasPlan", "choose_method", "plan_atlas"]
 ATLAS_METHODS = ("auto", "exact", "power", "sketch")
 # "auto" runs the exact method up to this d_model.
 EXACT_UP_TO = 1024
-# Typical iterations of the power method at the default tolerance (Gemma 3 270M).
-POWER_ITERATIONS = 12
+# Typical iterations of the power method at the default tolerance (Gemma 3 270M: a
+# median of 6 and a mean of 6.8 over 18 pairs with k = 4).
+POWER_ITERATIONS = 7
 
 Layers = Sequence[int] | slice | None
 
