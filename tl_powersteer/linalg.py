@@ -17,7 +17,8 @@ holds to rounding error by construction; ``Z`` gives the other side for free,
 triplet is from a true singular triplet (it bounds the angle to the exact vector by
 residual / spectral gap). Oversampling (block b = k + 4 by default) makes the top-k
 converge at rate (σ_{b+1}/σ_i)² per step instead of (σ_{k+1}/σ_i)², which matters on
-the flat spectra of transformer layer Jacobians.
+the flat spectra of transformer layer Jacobians. The Rayleigh-Ritz step actually runs over
+the span of the last three iterates, a block Krylov space whose products are all at hand.
 
 Sign convention: singular vectors have no natural sign. Every right vector is flipped so
 that its entry of largest magnitude is positive (the first such entry on ties), and its
@@ -38,6 +39,7 @@ Example, on a plain matrix:
 from __future__ import annotations
 
 import math
+from collections import deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Protocol, runtime_checkable
@@ -63,6 +65,11 @@ __all__ = [
     "top_k_of_rows",
     "top_k_svd",
 ]
+
+
+# Rayleigh-Ritz runs over the span of this many latest iterates, at least 2: one alone
+# gives no evidence for the error bounds (measured: docs/concepts/power-iteration.md).
+RITZ_ITERATES = 3
 
 
 @runtime_checkable
@@ -221,7 +228,7 @@ def block_power_iteration(
 ) -> PowerIterationResult:
     """Top-``k`` singular triplets of ``operator`` by oversampled block power iteration.
 
-    Every step takes the Rayleigh-Ritz approximations from the span of the last two
+    Every step takes the Rayleigh-Ritz approximations from the span of the last three
     iterates (free: their products are at hand) and bounds their error from the
     residuals; it stops as soon as the bounds meet what was asked for. How the bounds
     are made, and what they assume: ``docs/concepts/power-iteration.md``.
@@ -253,7 +260,7 @@ def block_power_iteration(
     rounding = float(torch.finfo(op.dtype).eps)
 
     n_matvec = n_rmatvec = 0
-    earlier: tuple[Tensor, Tensor, Tensor] | None = None
+    iterates: deque[tuple[Tensor, Tensor, Tensor]] = deque(maxlen=RITZ_ITERATES)
     history: list[Tensor] = []
     met_at: dict[str, int] = {}
     wanted = ("tol",) if angle_tol is None else ("tol", "angle_tol")
@@ -264,14 +271,15 @@ def block_power_iteration(
         Z = op.rmatvec(Y.to(op.dtype)).double()
         n_matvec += b
         n_rmatvec += b
-        basis, JB, AB = _two_iterate_space(earlier, (Q, Y, Z), rounding)
+        iterates.append((Q, Y, Z))
+        basis, JB, AB = _krylov_space(iterates, rounding)
         Uy, s, Wt = torch.linalg.svd(JB, full_matrices=False)
         W = Wt.T
         # Residuals of the Gram problem, JᵀJ x − σ² x, one column per Ritz vector.
         R = AB @ W - (basis @ W) * s.square()
         complete = basis.shape[1] >= d
         bounds, angle, zero = _accuracy_bounds(s, R, k, complete=complete, rounding=rounding)
-        if earlier is None and not complete:
+        if len(iterates) == 1 and not complete:
             # One iterate from a random start tells too little of the rest of the
             # spectrum for the gap estimate: its further Ritz values are far from converged.
             bounds, angle = torch.full_like(bounds, math.inf), math.pi / 2
@@ -285,7 +293,6 @@ def block_power_iteration(
         converged = all(rule in met_at for rule in wanted)
         if converged or iterations >= max_iters:
             break
-        earlier = (Q, Y, Z)
         Q = torch.linalg.qr(Z).Q
 
     top = s[:k]
@@ -319,22 +326,20 @@ def block_power_iteration(
     )
 
 
-def _two_iterate_space(
-    earlier: tuple[Tensor, Tensor, Tensor] | None,
-    latest: tuple[Tensor, Tensor, Tensor],
-    rounding: float,
+def _krylov_space(
+    iterates: Sequence[tuple[Tensor, Tensor, Tensor]], rounding: float
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """An orthonormal basis B of span(Q_prev, Q) with J B and JᵀJ B, from the products
-    already made, (Q, J Q, JᵀJ Q) of each iterate.
+    """An orthonormal basis B of the span of the last iterates, with J B and JᵀJ B, from
+    the products already made: (Q, J Q, JᵀJ Q) of each iterate.
 
-    span(Q_prev, Q) = span(Q_prev, JᵀJ Q_prev) is a block Krylov space: its Ritz vectors
-    converge faster than those of Q alone, at no product. A direction the two iterates
-    barely add (singular value of [Q_prev, Q] below √rounding) is dropped: its products
-    would be the difference of nearly equal ones, rounding error amplified.
+    span(Q₁, Q₂, Q₃) = span(Q₁, JᵀJ Q₁, (JᵀJ)² Q₁) is a block Krylov space: its Ritz
+    vectors converge faster than those of the last Q alone, at no product. A direction
+    the iterates barely add (singular value of [Q₁, Q₂, Q₃] below √rounding) is dropped:
+    its products would be the difference of nearly equal ones, rounding error amplified.
     """
-    if earlier is None:
-        return latest
-    M, JM, AM = (torch.cat([a, b], dim=1) for a, b in zip(earlier, latest, strict=True))
+    if len(iterates) == 1:
+        return iterates[0]
+    M, JM, AM = (torch.cat(parts, dim=1) for parts in zip(*iterates, strict=True))
     _, sv, Vh = torch.linalg.svd(M, full_matrices=False)
     keep = sv > math.sqrt(rounding) * sv[0]
     C = Vh[keep].T / sv[keep]

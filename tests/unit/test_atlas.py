@@ -107,10 +107,10 @@ def test_auto_picks_a_method() -> None:
     assert choose(8192, [3], [20], k=4, sketch_rank=20) == "power"
     # Few targets for many sources: each source's basis is filled by widening the
     # co-range sketches to 2r rows, which makes the sketch dearer than the power method,
-    # with two targets for any number of sources, and with four for eight (nine tip it).
-    assert choose(2304, layers[:24], [24, 25], k=4, sketch_rank=20) == "power"
-    assert choose(2304, layers[:8], layers[22:], k=4, sketch_rank=20) == "power"
-    assert choose(2304, layers[:9], layers[22:], k=4, sketch_rank=20) == "sketch"
+    # with four targets for any number of sources, and with six for ten (eleven tip it).
+    assert choose(2304, layers[:22], layers[22:], k=4, sketch_rank=20) == "power"
+    assert choose(2304, layers[:10], layers[20:], k=4, sketch_rank=20) == "power"
+    assert choose(2304, layers[:11], layers[20:], k=4, sketch_rank=20) == "sketch"
 
 
 def test_save_load(models: dict[str, Any], tokens: torch.Tensor, tmp_path: Path) -> None:

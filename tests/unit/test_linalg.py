@@ -203,6 +203,20 @@ def test_stops_soon_after_the_accuracy_is_reached(name: str, tol: float) -> None
     assert oracle <= res.iterations <= oracle + slack
 
 
+@pytest.mark.parametrize("name", ["flat", "slowly decaying", "clustered"])
+def test_rayleigh_ritz_over_three_iterates_stops_sooner_than_over_two(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    J = matrix_with_spectrum(SPECTRA[name], n=60, seed=0)
+    three = block_power_iteration(J, K, tol=1e-6, max_iters=1000)
+    monkeypatch.setattr(linalg, "RITZ_ITERATES", 2)
+    two = block_power_iteration(J, K, tol=1e-6, max_iters=1000)
+    assert three.converged and two.converged
+    assert three.iterations < two.iterations
+    errors, _ = true_errors(three, J)
+    assert bool((errors <= 1e-6).all())
+
+
 def test_angle_tol_asks_for_the_subspace(decaying: torch.Tensor) -> None:
     loose = block_power_iteration(decaying, K, tol=1e-2)
     both = block_power_iteration(decaying, K, tol=1e-2, angle_tol=1e-9)
