@@ -65,7 +65,7 @@ trap 'rm -rf "$scratch"' EXIT
 echo "== notebooks, on tiny random copies of the embedded models"
 "$venv4/bin/python" scripts/tiny_model.py "$scratch/tiny-gemma"
 "$venv4/bin/python" scripts/tiny_model.py "$scratch/tiny-smollm2" smollm2-135m-instruct
-TL_POWERSTEER_NOTEBOOK_MODEL="$scratch/tiny-gemma" \
+TL_POWERSTEER_NOTEBOOK_MODEL="$scratch/tiny-gemma" TL_POWERSTEER_NOTEBOOK_QUICK=1 \
     TL_POWERSTEER_NOTEBOOK_CHAT_MODEL="$scratch/tiny-smollm2" \
     "$venv4/bin/python" -m pytest -q --nbmake notebooks
 echo "== docs (warnings are errors)"

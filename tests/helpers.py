@@ -7,6 +7,7 @@ up to 3.x, ``TransformerBridge`` from 3.x on.
 
 from __future__ import annotations
 
+import json
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -15,8 +16,11 @@ from typing import Any
 
 import pytest
 import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 from tl_powersteer.adapters import ModelAdapter
+from tl_powersteer.io import digest
 from tl_powersteer.jacobian import RecordedJacobian
 
 
@@ -161,3 +165,14 @@ def no_forward_pass(model: Any) -> Iterator[None]:
     with model.hooks(fwd_hooks=[("blocks.0.hook_resid_pre", spy)]):
         yield
     assert calls == [], "a forward pass ran before the error"
+
+
+def forge(path: Path, change: Any) -> None:
+    """Rewrite a file with ``change(tensors, fields)`` applied and a digest that matches,
+    as someone who knows the format would: only the invariants can catch it."""
+    with safe_open(str(path), framework="pt") as handle:
+        header = json.loads(handle.metadata()["tl_powersteer"])
+    tensors = load_file(str(path))
+    change(tensors, header["fields"])
+    header["digest"] = digest(header["kind"], tensors, header["fields"])
+    save_file(tensors, str(path), metadata={"tl_powersteer": json.dumps(header)})

@@ -56,6 +56,7 @@ __all__ = [
     "decode_token",
     "hook_layer",
     "steered_logits",
+    "steered_logits_with_grad",
     "steered_runs",
     "tensor_attributes_kept",
 ]
@@ -741,6 +742,39 @@ class ModelAdapter:
             )
         return int(ids[0])
 
+    def answer_pairs(self, answers: Any, n_prompts: int, what: str) -> list[tuple[int, int]]:
+        """One (A, B) token pair per prompt, from one pair for every prompt or a list of
+        ``n_prompts`` pairs, each answer one token's text or id."""
+        if answers is None:
+            raise ValueError(
+                f"a logit difference needs {what}=(A, B), two single tokens such as "
+                "(' great', ' terrible'), or one such pair per prompt"
+            )
+        single = (
+            isinstance(answers, Sequence)
+            and not isinstance(answers, str)
+            and len(answers) == 2
+            and all(isinstance(a, (str, int)) and not isinstance(a, bool) for a in answers)
+        )
+        pairs = [answers] * n_prompts if single else answers
+        if isinstance(pairs, str) or not isinstance(pairs, Sequence) or len(pairs) != n_prompts:
+            raise ValueError(
+                f"{what} must be one pair (A, B) or a list of {n_prompts} pairs, one per "
+                f"prompt; got {answers!r}"
+            )
+        out = []
+        for pair in pairs:
+            if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
+                raise ValueError(f"each of {what} must be a pair (A, B) of tokens, got {pair!r}")
+            a, b = (self.single_token(x, "answer") for x in pair)
+            if a == b:
+                raise ValueError(
+                    f"{what} {tuple(pair)!r} are the same token (id {a}), so logit(A) - "
+                    "logit(B) is 0 whatever the steering: give two different tokens"
+                )
+            out.append((a, b))
+        return out
+
 
 # transformers 5.24.0 breaks TransformerBridge.generate with its KV cache (TransformerLens 4.3).
 def boot(
@@ -870,18 +904,22 @@ def _steered_passes(
     last_only: bool,
     chunk: int,
     prefix: _BlockPrefix | None,
+    read: Tensor | None = None,
 ) -> Iterator[tuple[Tensor, bool]]:
     """``steered_logits``' passes, inside its no-grad and attribute guard: for each
     ``chunk`` of deltas, its logits (``[m, batch, vocab]``, or ``[m, batch, seq, vocab]``
     without ``last_only``) and False, or with ``last_only``, where the model allows it,
     the unembedding's input at each prompt's last token (``[m, batch, d_model]``) and
-    True."""
+    True. With ``read`` (``[batch, p]`` positions, and ``last_only``), the positions read
+    are those instead of the last token, kept as a dimension: ``[m, batch, p, ...]``."""
     model, tokens, hook_name = adapter.model, batch.tokens, hook
     if weights is None:
         weights = batch.mask.to(adapter.dtype)
     weights = weights.to(adapter.device, adapter.dtype)
     rows = torch.arange(tokens.shape[0], device=tokens.device)
     last = batch.lengths - 1
+    if read is not None:
+        rows, last = rows[:, None], read.to(tokens.device)
     # With a large vocabulary the unembedding of every position costs more than the
     # blocks: for the last token only, stop at the unembedding's input. Not where the
     # model caps its logits after the unembedding (the full pass applies the cap).
@@ -955,6 +993,45 @@ def steered_logits(
         return _logits_of(adapter.model, passes)
 
 
+def steered_logits_with_grad(
+    adapter: ModelAdapter,
+    batch: TokenBatch,
+    hook: str,
+    deltas: Float[Tensor, "batch d_model"],
+) -> Float[Tensor, "batch vocab"]:
+    """Each prompt's last-token logits with its own delta (``deltas[i]`` for prompt i)
+    added at ``hook`` on every real token, differentiable in ``deltas``: for gradients of
+    a metric or a KL with respect to the steering."""
+    model, tokens = adapter.model, batch.tokens
+    weights = batch.mask.to(adapter.dtype)[..., None]
+    rows = torch.arange(tokens.shape[0], device=tokens.device)
+    last = batch.lengths.to(tokens.device) - 1
+    shortcut = "unembed.hook_in" in model.hook_dict and not _softcapped(model)
+    seen: dict[str, Tensor] = {}
+
+    def add(act: Tensor, hook: Any) -> Tensor:
+        if act.shape[:2] != tokens.shape or act.shape[-1] != deltas.shape[-1]:
+            raise _NotResidual(hook.name, tuple(act.shape))
+        return act + deltas.to(act.dtype)[:, None, :] * weights
+
+    def grab(act: Tensor, hook: Any) -> None:
+        seen["x"] = act
+        raise _StopForward
+
+    fwd: list[tuple[str, Callable[..., Any]]] = [(hook, add)]
+    if shortcut:
+        fwd.append(("unembed.hook_in", grab))
+    with torch.enable_grad(), tensor_attributes_kept(model):
+        try:
+            with model.hooks(fwd_hooks=fwd):
+                logits = model(tokens)[rows, last]
+        except _StopForward:
+            logits = _unembedded(model, seen["x"][rows, last])
+        except _NotResidual as wrong:
+            raise adapter.not_residual(hook, wrong.shape, tokens) from None
+    return logits if logits.dtype == torch.float64 else logits.float()
+
+
 def _next_block_input(adapter: ModelAdapter, batch: TokenBatch, hook: str) -> str:
     """The next block's ``hook_resid_pre`` where a delta added at ``hook`` reaches it
     unchanged (a block's last addition to the residual stream, ``hook_mlp_out`` or
@@ -999,29 +1076,35 @@ class SteeredRun:
         weights: Tensor | None,
         chunk: int,
         prefix: _BlockPrefix | None,
+        read: Tensor | None = None,
     ):
         self._adapter, self._batch, self._hook = adapter, batch, hook
         self._weights, self._chunk, self._prefix = weights, chunk, prefix
+        self._read = read
+        # Steered sequences run so far: a method's cost in passes of one vector.
+        self.rows_run = 0
 
     def _passes(self, deltas: Tensor) -> Iterator[tuple[Tensor, bool]]:
+        self.rows_run += int(deltas.shape[0])
         return _steered_passes(
             self._adapter, self._batch, self._hook, deltas, self._weights, True, self._chunk,
-            self._prefix,
+            self._prefix, self._read,
         )  # fmt: skip
 
-    def __call__(self, deltas: Float[Tensor, "m d_model"]) -> Float[Tensor, "m batch vocab"]:
-        """Last-token logits with each delta added at the hook, as ``steered_logits``."""
+    def __call__(self, deltas: Float[Tensor, "m d_model"]) -> Float[Tensor, "m batch *read vocab"]:
+        """Last-token logits with each delta added at the hook, as ``steered_logits``
+        (``[m, batch, p, vocab]`` at the ``read`` positions where the run has them)."""
         return _logits_of(self._adapter.model, self._passes(deltas))
 
     def kl(
         self,
         deltas: Float[Tensor, "m d_model"],
-        base: Float[Tensor, "batch vocab"],
+        base: Float[Tensor, "batch *read vocab"],
         columns: Sequence[int],
-    ) -> tuple[Float[Tensor, "m batch"], Float[Tensor, "m batch columns"]]:
-        """KL(steered ‖ base) in nats at each prompt's last token for each delta, as
-        ``scales.kl_divergence`` of ``self(deltas)`` gives it (to the logits' rounding),
-        and the steered logits of ``columns`` there.
+    ) -> tuple[Float[Tensor, "m batch *read"], Float[Tensor, "m batch *read columns"]]:
+        """KL(steered ‖ base) in nats at each prompt's last token (or at each ``read``
+        position) for each delta, as ``scales.kl_divergence`` of ``self(deltas)`` gives it
+        (to the logits' rounding), and the steered logits of ``columns`` there.
 
         Where the unembedding is the affine map ``x @ W_U + b_U`` (checked once per
         adapter against the model's own), it is applied a slice of the vocabulary at a
@@ -1038,14 +1121,14 @@ class SteeredRun:
                 weight, bias = adapter.model.W_U.T, adapter.model.b_U
                 slices = (
                     (x @ weight[i : i + _VOCAB_SLICE].T + bias[i : i + _VOCAB_SLICE],
-                     base[:, i : i + _VOCAB_SLICE])
+                     base[..., i : i + _VOCAB_SLICE])
                     for i in range(0, weight.shape[0], _VOCAB_SLICE)
                 )  # fmt: skip
                 cols = x @ weight[picked].T + bias[picked]
             else:
                 logits = _unembedded(adapter.model, x) if hidden else x
                 slices = (
-                    (logits[..., i : i + _VOCAB_SLICE], base[:, i : i + _VOCAB_SLICE])
+                    (logits[..., i : i + _VOCAB_SLICE], base[..., i : i + _VOCAB_SLICE])
                     for i in range(0, logits.shape[-1], _VOCAB_SLICE)
                 )
                 cols = logits[..., picked]
@@ -1088,6 +1171,7 @@ def steered_runs(
     *,
     weights: Float[Tensor, "batch seq"] | None = None,
     chunk: int = 32,
+    read: Int[Tensor, "batch p"] | None = None,
 ) -> Iterator[SteeredRun]:
     """A ``SteeredRun`` on ``batch`` and ``hook``: ``run(deltas)`` gives last-token logits
     with each delta added at ``hook``, as ``steered_logits`` gives them, and ``run.kl``
@@ -1097,13 +1181,15 @@ def steered_runs(
     each pass replays their output and computes only the blocks from the hook's on, or
     from the next one where the delta reaches its input unchanged
     (``_next_block_input``). The model is guarded once for all the calls (the guard
-    walks every module).
+    walks every module). With ``read`` (positions per prompt), logits and KLs are those
+    at each of those positions instead of the last token: e.g. every token of a
+    continuation, teacher-forced.
     """
     with torch.no_grad(), tensor_attributes_kept(adapter.model):
         steered = _next_block_input(adapter, batch, hook)
         layer = hook_layer(steered)
         prefix = None if layer is None else _block_prefix(adapter, batch, layer)
-        yield SteeredRun(adapter, batch, steered, weights, chunk, prefix)
+        yield SteeredRun(adapter, batch, steered, weights, chunk, prefix, read)
 
 
 def activations(

@@ -1,6 +1,8 @@
 """Power Steering, MELBO and CAA on the same pair and prompts, compared like for like.
 
-``find_vectors`` runs the methods side by side; ``compare_methods`` then measures them.
+``find_vectors`` runs the methods side by side; ``compare_methods`` then measures them,
+and ``steerability`` measures them (and Power Steering's refinement) on held-out prompts
+against random directions at several KL budgets (``transfer``).
 
 Each method's vectors live at the same source hook. They are compared by what they cost
 (passes through the model and seconds), by their effect at the same KL budget
@@ -18,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .adapters import Model, ModelAdapter, Prompts
+from .adapters import Model, ModelAdapter, Prompts, decode_token
 from .baselines.caa import caa_vector, check_caa_options
 from .baselines.melbo import MelboResult, check_melbo_options, melbo
 from .checks import check_seed, is_int, plain_ints, renamed_options
@@ -26,7 +28,9 @@ from .effects import Metric, check_rank_options, rank_vectors
 from .jacobian import check_pair
 from .linalg import check_iteration_args
 from .power_steering import PowerSteeringResult, power_steer
+from .refine import refine_in_subspace
 from .scales import check_scale, typical_norm
+from .transfer import KL_BUDGETS, KL_OVER, TransferResult, transfer
 from .vectors import SteeringVector
 
 if TYPE_CHECKING:
@@ -39,9 +43,11 @@ __all__ = [
     "compare_methods",
     "cosine_table",
     "find_vectors",
+    "steerability",
 ]
 
 STEER_METHODS = ("power_steering", "melbo", "caa")
+REFINED = "refined_power_steering"
 # Former option names that still work for one release.
 RENAMED = {"positions": "target_positions"}
 
@@ -304,3 +310,104 @@ def cosine_table(vectors: Sequence[SteeringVector]) -> pd.DataFrame:
     U = torch.stack([v.direction.double() for v in vectors])
     names = [v.name for v in vectors]
     return pd.DataFrame((U @ U.T).abs().numpy(), index=names, columns=names)
+
+
+@plain_ints
+def steerability(
+    model: Model | ModelAdapter,
+    fit_prompts: Sequence[str],
+    eval_prompts: Sequence[str],
+    source: int,
+    target: int,
+    *,
+    answers: Any,
+    eval_answers: Any = None,
+    methods: Sequence[str] | None = None,
+    positive: Sequence[str] | None = None,
+    negative: Sequence[str] | None = None,
+    k: int = 8,
+    refine_kl: float = 0.25,
+    melbo_vectors: int = 4,
+    melbo_radius: float | None = None,
+    melbo_steps: int = 300,
+    kl_budgets: Sequence[float] = KL_BUDGETS,
+    controls: int = 16,
+    goal: int | None = None,
+    kl_over: str = "next_token",
+    source_site: str = "hook_mlp_out",
+    target_site: str = "hook_mlp_out",
+    target_positions: int = 4,
+    seed: int = 0,
+    checkpoint: str | None = None,
+    progress: bool = True,
+) -> TransferResult:
+    """From fork prompts to a held-out steerability report in one call: each method finds
+    its vectors for ``source -> target`` on ``fit_prompts``, and ``transfer`` measures
+    them on ``eval_prompts`` against ``controls`` random directions at every KL budget.
+
+    ``methods`` defaults to all four: Power Steering (``k`` vectors), its refinement
+    inside their span (``refine_in_subspace`` at ``refine_kl`` with the fit prompts'
+    ``answers``, labelled ``refined_power_steering``; its passes include Power
+    Steering's), MELBO (``melbo_vectors`` vectors, ``melbo_steps`` steps) and CAA, from
+    the ``positive``/``negative`` pairs or, without them, from each fit prompt followed by
+    its answer A against the same prompt followed by B (read at that answer token, as in
+    Rimsky et al., 2024). Plot the result with ``plot_steerability``;
+    ``result.summary()`` is the table.
+    """
+    chosen = list(methods) if methods is not None else ["power_steering", REFINED, "melbo", "caa"]
+    unknown = [m for m in chosen if m not in (*STEER_METHODS, REFINED)]
+    if unknown or not chosen:
+        raise ValueError(
+            f"unknown method(s) {unknown or chosen!r}; choose from "
+            f"{', '.join((*STEER_METHODS, REFINED))}"
+        )
+    if kl_over not in KL_OVER:
+        raise ValueError(f"kl_over must be one of {KL_OVER}, got {kl_over!r}")
+    adapter = ModelAdapter.of(model)
+    # The answers are checked before any method runs.
+    pairs = adapter.answer_pairs(answers, len(fit_prompts), "answers")
+    if "caa" in chosen and positive is None and negative is None:
+        words = [[decode_token(adapter.model, i) for i in pair] for pair in pairs]
+        positive = [p + a for p, (a, _) in zip(fit_prompts, words, strict=True)]
+        negative = [p + b for p, (_, b) in zip(fit_prompts, words, strict=True)]
+    found = [m for m in chosen if m not in (REFINED, "melbo")]
+    if REFINED in chosen and "power_steering" not in found:
+        found.insert(0, "power_steering")
+    common = dict(
+        source_site=source_site, target_site=target_site, target_positions=target_positions,
+        seed=seed, progress=progress,
+    )  # fmt: skip
+    runs = []
+    if found:
+        runs += find_vectors(
+            adapter, list(fit_prompts), source, target, methods=found, k=k, positive=positive,
+            negative=negative, **common,  # type: ignore[arg-type]
+        )  # fmt: skip
+    if "melbo" in chosen:
+        runs += find_vectors(
+            adapter, list(fit_prompts), source, target, methods=["melbo"], k=melbo_vectors,
+            melbo_radius=melbo_radius, melbo_steps=melbo_steps, **common,  # type: ignore[arg-type]
+        )  # fmt: skip
+    if REFINED in chosen:
+        (ps,) = [run for run in runs if run.method == "power_steering"]
+        refined = refine_in_subspace(
+            adapter, list(fit_prompts), ps.vectors, answers=answers, kl=refine_kl, goal=goal
+        )
+        meta = refined.metadata
+        runs.append(
+            MethodRun(
+                REFINED,
+                [refined],
+                ps.passes + int(meta["passes"]),
+                ps.seconds + float(meta["seconds"]),
+                f"{REFINED}: 1 vector in the span of {len(ps.vectors)}, "
+                f"{meta['passes']} passes beyond Power Steering's",
+            )
+        )
+        if "power_steering" not in chosen:
+            runs = [run for run in runs if run.method != "power_steering"]
+    return transfer(
+        adapter, fit_prompts, eval_prompts, runs, answers=answers, eval_answers=eval_answers,
+        kl_budgets=kl_budgets, controls=controls, goal=goal, kl_over=kl_over, seed=seed,
+        checkpoint=checkpoint, progress=progress,
+    )  # fmt: skip

@@ -48,7 +48,7 @@ from .atlas import SensitivityAtlas
 from .atlas.effects import check_atlas_model
 from .checks import check_seed, is_int, is_number, plain_ints
 from .effects import check_metric
-from .io import build_result, check_destination, read_fields, register, save
+from .io import check_destination, check_shapes, register, resumable, save
 from .positions import position_weights
 from .power_steering import power_steering_name
 from .scales import KL_PROBE_FRACTION, KL_SCALE_RANGE, kl_search, typical_norms
@@ -79,11 +79,7 @@ def _check_loaded(result: AtlasEffects) -> None:
         "control_matched": (n, controls, 2),
         "source_norms": (n,),
     }
-    for name, shape in shapes.items():
-        if tuple(getattr(result, name).shape) != shape:
-            raise ValueError(
-                f"the effect map's {name} has shape {tuple(getattr(result, name).shape)}, not {shape}"
-            )
+    check_shapes(result, shapes, "the effect map's")
 
 
 @register(check=_check_loaded)
@@ -366,21 +362,7 @@ def _vector_digest(atlas: SensitivityAtlas, s: int, top: int) -> str:
 
 def _resumed(fresh: AtlasEffects, path: Path) -> AtlasEffects:
     """The checkpoint at ``path``, if it was measured with the settings of ``fresh``."""
-    header, stored = read_fields(path)
-    if header.get("kind") != AtlasEffects.__name__:
-        raise ValueError(
-            f"the checkpoint {str(path)!r} holds a {header.get('kind')}, not an effect map; "
-            "use another checkpoint path"
-        )
-    saved: AtlasEffects = build_result(header, stored, path)
-    mine, theirs = fresh.settings(), saved.settings()
-    differ = [key for key in mine if mine[key] != theirs.get(key)]
-    if differ:
-        shown = "; ".join(f"{key}: {theirs.get(key)!r} there, {mine[key]!r} now" for key in differ)
-        raise ValueError(
-            f"the checkpoint {str(path)!r} was measured with other arguments ({shown}); "
-            "rerun with the same arguments or use another checkpoint path"
-        )
+    saved: AtlasEffects = resumable(fresh, path, "an effect map")
     changed = [
         s for s in saved.completed_sources
         if saved.vector_digests.get(str(s)) != fresh.vector_digests.get(str(s))

@@ -380,6 +380,7 @@ class RankOptions:
     fit: list[str]
     evaluate: list[TokenBatch]
     held_out: bool
+    fitted: list[TokenBatch]
 
 
 def check_rank_options(
@@ -420,9 +421,10 @@ def check_rank_options(
         fit, evaluate = split_prompts(prompts, holdout, seed)
         held_out = True
     singles = _single_prompts(adapter, evaluate)
-    for p in _single_prompts(adapter, fit) + singles:
+    fitted = _single_prompts(adapter, fit)
+    for p in fitted + singles:
         check_positions_fit(positions, int(p.lengths[0]))
-    return RankOptions(budget, sign_list, checked, fit, singles, held_out)
+    return RankOptions(budget, sign_list, checked, fit, singles, held_out, fitted)
 
 
 @plain_ints
@@ -443,15 +445,19 @@ def rank_vectors(
     seed: int = 0,
     progress: bool = True,
 ) -> pd.DataFrame:
-    """Screen vectors by their effect at a fixed KL budget, the best of both signs.
+    """Screen vectors by their effect at a fixed KL budget, the better of both signs.
 
     For each vector and sign, the scale that reaches ``kl`` nats is found on the fit
-    prompts and the effect (mean ``delta`` of the metric) is measured on the held-out
-    ones (``holdout`` of the prompts; with ``None`` or a single prompt, the same prompts,
-    and ``held_out`` is False). Random directions (``controls`` per hook) are ranked
-    alongside. Returns a DataFrame sorted by ``abs_effect``, one row per vector:
-    ``vector, method, layer, site, sign, absolute_scale, kl, effect, abs_effect,
-    held_out``. ``progress`` shows tqdm bars for the scale search and the prompts.
+    prompts, and the effect (mean ``delta`` of the metric) is measured there and on the
+    held-out ones (``holdout`` of the prompts; with ``None`` or a single prompt, the same
+    prompts, and ``held_out`` is False). Each vector's sign is the one with the larger
+    |effect| on the fit prompts: choosing it on the held-out prompts would select on what
+    is measured. Random directions (``controls`` per hook) are ranked alongside. Returns a
+    DataFrame sorted by ``abs_effect``, one row per vector: ``vector, method, layer,
+    site, sign, absolute_scale, kl, effect, abs_effect, fit_effect, held_out``, with
+    ``effect`` and ``kl`` on the held-out prompts, ``fit_effect`` on the fit ones.
+    ``progress`` shows tqdm bars for the scale search and the prompts. For several
+    budgets, intervals and per-prompt KL, see ``transfer``.
     """
     import pandas as pd
 
@@ -473,17 +479,24 @@ def rank_vectors(
         progress=progress,
     )  # fmt: skip
     plan = [(v, a) for (v, _), a in zip(combos, amounts, strict=True)]
-    totals = torch.zeros(len(plan), 2, dtype=torch.float64)
     from tqdm.auto import tqdm
 
-    for prompt in tqdm(singles, desc="effects", unit="prompt", disable=not progress):
-        measured, baseline = _measure(adapter, prompt, plan, checked, positions)
-        totals += torch.tensor([[k, val - baseline] for k, val in measured], dtype=torch.float64)
-    totals /= len(singles)
+    def mean_effects(prompts: list[TokenBatch], what: str) -> Tensor:
+        """(KL, delta) per row of the plan, averaged over ``prompts``."""
+        totals = torch.zeros(len(plan), 2, dtype=torch.float64)
+        for prompt in tqdm(prompts, desc=what, unit="prompt", disable=not progress):
+            measured, baseline = _measure(adapter, prompt, plan, checked, positions)
+            totals += torch.tensor(
+                [[k, val - baseline] for k, val in measured], dtype=torch.float64
+            )
+        return totals / len(prompts)
+
+    totals = mean_effects(singles, "effects")
+    chosen_on = mean_effects(ranking.fitted, "fit effects") if held_out else totals
     best: dict[int, int] = {}
     for i, (v, _) in enumerate(plan):
         j = best.get(id(v))
-        if j is None or abs(totals[i, 1]) > abs(totals[j, 1]):
+        if j is None or abs(chosen_on[i, 1]) > abs(chosen_on[j, 1]):
             best[id(v)] = i
     rows = []
     for v in items:
@@ -500,6 +513,7 @@ def rank_vectors(
                 "kl": float(totals[i, 0]),
                 "effect": float(totals[i, 1]),
                 "abs_effect": abs(float(totals[i, 1])),
+                "fit_effect": float(chosen_on[i, 1]),
                 "held_out": held_out,
             }
         )

@@ -33,7 +33,7 @@ import os
 import re
 import shutil
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -332,6 +332,36 @@ def load(path: str | os.PathLike[str]) -> Any:
     """Read a result written by ``save`` (or a result's ``save`` method)."""
     header, stored = read_fields(path)
     return build_result(header, stored, path)
+
+
+def check_shapes(result: Any, shapes: Mapping[str, tuple[int, ...]], what: str) -> None:
+    """Raise if a loaded result's tensors do not have the shapes its other fields imply."""
+    for name, shape in shapes.items():
+        found = tuple(getattr(result, name).shape)
+        if found != shape:
+            raise ValueError(f"{what} {name} has shape {found}, not {shape}")
+
+
+def resumable(fresh: Any, path: str | os.PathLike[str], what: str) -> Any:
+    """The checkpoint at ``path`` if it holds a result of ``fresh``'s kind (``what`` names
+    it for the message) measured with ``fresh.settings()``; a clear error otherwise."""
+    header, stored = read_fields(path)
+    kind = type(fresh).__name__
+    if header.get("kind") != kind:
+        raise ValueError(
+            f"the checkpoint {str(path)!r} holds a {header.get('kind')}, not {what}; "
+            "use another checkpoint path"
+        )
+    saved = build_result(header, stored, path)
+    mine, theirs = fresh.settings(), saved.settings()
+    differ = [key for key in mine if mine[key] != theirs.get(key)]
+    if differ:
+        shown = "; ".join(f"{key}: {theirs.get(key)!r} there, {mine[key]!r} now" for key in differ)
+        raise ValueError(
+            f"the checkpoint {str(path)!r} was measured with other arguments ({shown}); "
+            "rerun with the same arguments or use another checkpoint path"
+        )
+    return saved
 
 
 def build_result(

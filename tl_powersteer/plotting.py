@@ -52,6 +52,7 @@ from .atlas import SensitivityAtlas
 from .checks import is_int, plain_ints
 from .effect_map import SIGNS, AtlasEffects
 from .io import atomic_file, check_destination
+from .transfer import RANDOM, TransferResult
 
 __all__ = [
     "GAP_WARNING",
@@ -61,6 +62,7 @@ __all__ = [
     "atlas_page",
     "check_effect_map",
     "plot_atlas",
+    "plot_steerability",
 ]
 
 GAP_WARNING = 1.05
@@ -115,6 +117,96 @@ def check_effect_map(atlas: SensitivityAtlas, effect_map: AtlasEffects) -> None:
 
 
 @plain_ints
+def plot_steerability(result: TransferResult, *, interval: float = 0.95) -> Any:
+    """Steerability curves: held-out effect against KL budget, one line per method.
+
+    Each point is the method's vector and sign chosen on the fit prompts at that budget,
+    measured on the eval prompts (``TransferResult.to_pandas``), with its bootstrap
+    interval; a star marks the budget chosen on the fit prompts. The shaded band runs
+    from 0 to the random controls' 90th percentile of |effect| (at the hook of the first
+    candidate), the dotted line is their mean: a point inside the band does no more than
+    most random directions at the same KL. The ``"random"`` line is the best control
+    chosen on the fit prompts, measured like the methods.
+    """
+    import plotly.graph_objects as go
+
+    if not isinstance(result, TransferResult):
+        raise TypeError(f"plot_steerability needs a TransferResult, got {type(result).__name__}")
+    table = result.to_pandas(interval=interval)
+    budgets = list(result.kl_budgets)
+    fig = go.Figure()
+    layer = result.layers[0]
+    mean, q90 = result.random_band(layer, result.sites[0])
+    fig.add_trace(
+        go.Scatter(
+            x=budgets + budgets[::-1],
+            y=q90 + [0.0] * len(budgets),
+            mode="lines",
+            fill="toself",
+            fillcolor="rgba(150,150,150,0.25)",
+            line={"width": 0},
+            hoverinfo="skip",
+            name=f"random, 0 to 90th percentile (L{layer})",
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=budgets,
+            y=mean,
+            mode="lines",
+            line={"dash": "dot", "color": "grey"},
+            name="random mean |effect|",
+        )
+    )
+    for method in result.methods:
+        rows = table[table["method"] == method]
+        hover = [
+            f"{r.vector} ({'+' if r.sign > 0 else '−'})<br>held-out effect {r.effect:.3g} "
+            f"[{r.effect_low:.3g}, {r.effect_high:.3g}]<br>fit effect {r.fit_effect:.3g}"
+            f"<br>ratio to random {r.ratio:.2f}<br>KL {r.kl:.3g}"
+            for r in rows.itertuples()
+        ]
+        style = {"dash": "dash", "color": "grey"} if method == RANDOM else {}
+        fig.add_trace(
+            go.Scatter(
+                x=rows["budget"],
+                y=rows["effect"],
+                mode="lines+markers",
+                name=method,
+                line=style,
+                hovertext=hover,
+                hoverinfo="text",
+                error_y={
+                    "type": "data",
+                    "symmetric": False,
+                    "array": (rows["effect_high"] - rows["effect"]).tolist(),
+                    "arrayminus": (rows["effect"] - rows["effect_low"]).tolist(),
+                },
+            )
+        )
+        chosen = rows[rows["chosen_budget"]]
+        fig.add_trace(
+            go.Scatter(
+                x=chosen["budget"],
+                y=chosen["effect"],
+                mode="markers",
+                marker={"symbol": "star", "size": 14, "color": "black"},
+                showlegend=False,
+                hoverinfo="skip",
+            )
+        )
+    fig.update_layout(
+        title=(
+            f"Held-out steerability ({result.metric}; {len(result.fit_prompts)} fit, "
+            f"{len(result.eval_prompts)} eval prompts; ★ budget chosen on the fit prompts)"
+        ),
+        xaxis={"title": f"KL budget (nats, {result.kl_over.replace('_', ' ')})", "type": "log"},
+        yaxis={"title": "held-out effect, in the direction chosen on the fit prompts"},
+        height=520,
+    )
+    return fig
+
+
 def plot_atlas(
     atlas: SensitivityAtlas,
     rank: int = 0,

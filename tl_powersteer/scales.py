@@ -33,7 +33,15 @@ import torch
 from jaxtyping import Float
 from torch import Tensor
 
-from .adapters import Model, ModelAdapter, Prompts, TokenBatch, activations, steered_logits
+from .adapters import (
+    Model,
+    ModelAdapter,
+    Prompts,
+    SteeredRun,
+    TokenBatch,
+    activations,
+    steered_logits,
+)
 from .checks import is_number, plain_ints
 from .positions import Positions, position_weights
 from .vectors import SteeringVector, check_vector
@@ -48,6 +56,7 @@ __all__ = [
     "kl_scale",
     "kl_scales",
     "kl_search",
+    "matched_kl_search",
     "KL_PROBE_FRACTION",
     "resolve_scales",
     "robust_norm",
@@ -257,6 +266,41 @@ def kl_search(
         x[active] = torch.minimum(torch.maximum(guess, x_min[active]), x_max[active])
         active = active[keep]
     return best_x.exp(), best_kl, payloads
+
+
+def matched_kl_search(
+    run: SteeredRun,
+    base: Tensor,
+    directions: Float[Tensor, "rows d_model"],
+    goals: Float[Tensor, " rows"],
+    unit: float,
+    columns: Sequence[int],
+    *,
+    tol: float,
+    probe: Float[Tensor, " rows"] | None = None,
+    rounds: int = 30,
+) -> tuple[Tensor, Tensor, Tensor | None]:
+    """Per row, the scale along ``directions[row]`` at which ``run``'s KL against ``base``
+    (mean over its prompts and read positions) is ``goals[row]``, by ``kl_search`` from
+    ``probe`` (default ``unit`` × ``KL_PROBE_FRACTION``) between ``KL_SCALE_RANGE``
+    times ``unit``: (scales, KLs reached, and the steered logits of ``columns`` at the
+    first prompt's first read position there, ``[rows, columns]``, or None without
+    columns)."""
+
+    def kl_at(which: Tensor, scales: Tensor) -> tuple[Tensor, list[Any]]:
+        kls, cols = run.kl(scales[:, None] * directions[which], base, columns)
+        kls = kls.reshape(len(which), -1).mean(dim=1)
+        if not columns:
+            return kls, [None] * len(which)
+        return kls, list(cols.reshape(len(which), -1, len(columns))[:, 0].double())
+
+    full = torch.full((directions.shape[0],), float(unit), dtype=torch.float64)
+    low, high = KL_SCALE_RANGE
+    start = full * KL_PROBE_FRACTION if probe is None else probe
+    scales, kls, payloads = kl_search(
+        kl_at, start, goals, (full * low, full * high), tol=tol, rounds=rounds
+    )
+    return scales, kls, torch.stack(payloads) if columns else None
 
 
 def _inverse_quadratic(

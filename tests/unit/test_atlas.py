@@ -35,6 +35,25 @@ def test_exact_matches_per_pair_svd(model: Any, tokens: torch.Tensor) -> None:
     assert atlas.singular_values[~lower].isfinite().all()
 
 
+@pytest.mark.parametrize("method", ["exact", "power", "sketch"])
+def test_prompts_of_different_lengths_stack_their_jacobians(text_model: Any, method: str) -> None:
+    # Several prompts of one fork: each read at its own last tokens, pads neither steered
+    # nor read, and the pair's spectrum that of the stacked per-prompt Jacobians.
+    prompts = ["the movie was good", "i watched the film last night and it was", "the cat sat"]
+    options = {"sketch_rank": 16} if method == "sketch" else {"tol": 1e-10}
+    atlas = tps.sensitivity_atlas(text_model, prompts, k=3, method=method, target_positions=2,
+                                  progress=False, **options)  # fmt: skip
+    assert atlas.prompts == prompts
+    for s, t in atlas.pairs():
+        J = reference_jacobian(text_model, [text_model.to_tokens(p)[0] for p in prompts],
+                               f"blocks.{s}.hook_mlp_out", f"blocks.{t}.hook_mlp_out", 2)  # fmt: skip
+        S, Vh = torch.linalg.svd(J, full_matrices=False)[1:]
+        torch.testing.assert_close(atlas.singular_values[s, t].double(), S[:3], rtol=1e-6, atol=0)
+        assert principal_angles(atlas.vectors(s, t).double(), Vh[:3]).max() < 1e-4
+        result = tps.power_steer(text_model, prompts, s, t, k=3, target_positions=2, tol=1e-10)
+        torch.testing.assert_close(result.singular_values.double(), S[:3], rtol=1e-6, atol=0)
+
+
 def test_power_agrees_with_exact(models: dict[str, Any], tokens: torch.Tensor) -> None:
     model = models["native_bridge"]
     exact = tps.sensitivity_atlas(model, tokens, k=2, method="exact", progress=False)

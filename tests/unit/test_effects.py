@@ -115,6 +115,31 @@ def test_rank_vectors_at_a_kl_budget(text_model: Any) -> None:
     assert row["kl"] == pytest.approx(float(again["kl"].mean()), abs=1e-12)
 
 
+def test_rank_vectors_chooses_each_sign_on_the_fit_prompts(text_model: Any) -> None:
+    vs = [vector(text_model, 1, seed=s) for s in range(3)]
+    for i, v in enumerate(vs):
+        v.metadata["name"] = f"v{i}"
+    budget = 0.5 * float(tps.effect(text_model, PROMPTS, vs, [0.05])["kl"].min())
+    ranked = tps.rank_vectors(text_model, PROMPTS, vs, kl=budget, answers=("good", "bad"),
+                              controls=0, holdout=1 / 3)  # fmt: skip
+    fit, evaluate = split_prompts(PROMPTS, 1 / 3, 0)
+    for row in ranked.itertuples():
+        v = next(v for v in vs if v.name == row.vector)
+        fit_effects = {}
+        for sign in (1, -1):
+            scale = tps.scales.kl_scale(text_model, fit, v, budget, sign=sign)
+            table = tps.effect(text_model, fit, v, [scale], signs=[sign], metric="logit_diff",
+                               answers=("good", "bad"), progress=False)  # fmt: skip
+            fit_effects[sign] = float(table["delta"].mean())
+        # The sign is the one that moved the fit prompts more, whatever the held-out ones say
+        # (to the scale search's tolerance, in which near-mirror signs may tie).
+        assert abs(fit_effects[row.sign]) >= abs(fit_effects[-row.sign]) - 1e-6
+        assert row.fit_effect == pytest.approx(fit_effects[row.sign], abs=1e-6)
+        held = tps.effect(text_model, evaluate, v, [row.absolute_scale], signs=[row.sign],
+                          metric="logit_diff", answers=("good", "bad"), progress=False)  # fmt: skip
+        assert row.effect == pytest.approx(float(held["delta"].mean()), abs=1e-9)
+
+
 def test_bad_metric_input(text_model: Any) -> None:
     v = vector(text_model)
     for kwargs, message in [

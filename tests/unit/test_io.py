@@ -3,7 +3,6 @@ never accepted and never a raw traceback."""
 
 from __future__ import annotations
 
-import json
 import random
 import re
 from pathlib import Path
@@ -11,13 +10,12 @@ from typing import Any
 
 import pytest
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import tl_powersteer as tps
-from tests.helpers import WORDS, no_forward_pass
+from tests.helpers import WORDS, forge, no_forward_pass
 from tl_powersteer.atlas.checkpoint import load_checkpoint, save_checkpoint
-from tl_powersteer.io import digest, split_fields
+from tl_powersteer.io import split_fields
 
 
 def same(a: Any, b: Any) -> bool:
@@ -107,17 +105,6 @@ def test_malformed_headers_are_one_value_error(
     save_file(tensors, str(bad), metadata={"tl_powersteer": header})
     with pytest.raises(ValueError, match=re.escape(str(bad))):
         tps.load(bad)
-
-
-def forge(path: Path, change: Any) -> None:
-    """Rewrite a file with ``change(tensors, fields)`` applied and a digest that matches,
-    as someone who knows the format would: only the invariants can catch it."""
-    with safe_open(str(path), framework="pt") as handle:
-        header = json.loads(handle.metadata()["tl_powersteer"])
-    tensors = load_file(str(path))
-    change(tensors, header["fields"])
-    header["digest"] = digest(header["kind"], tensors, header["fields"])
-    save_file(tensors, str(path), metadata={"tl_powersteer": json.dumps(header)})
 
 
 def test_forged_contents_break_the_invariants(saved: list[tuple[Path, Any]]) -> None:
