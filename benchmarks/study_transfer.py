@@ -18,6 +18,14 @@ prompts, measured on the held-out prompts:
 * within reach of MELBO (at least 80% of its effect at the same budget) with at least 20x
   fewer passes.
 
+A second, lean configuration is measured beside it on the same prompts and controls
+(``transfer-<family>-lean.safetensors``): Power Steering stopped after ``--lean-iters``
+block iterations with a block of k (2 iterations: 4k JVPs and VJPs), refined from the
+surrogate's maximum alone (``starts="surrogate"``, no ascent rounds); and, as the control
+that says whether Power Steering's subspace matters, the same refinement inside
+``--subspaces`` random k-dimensional subspaces (``refined_random_subspace``, the one best
+on the fit prompts). Its targets are checked against the first run's CAA and MELBO.
+
     python benchmarks/study_transfer.py --model gemma-3-270m --out study-gemma
     python benchmarks/study_transfer.py --model smollm2-135m-instruct --out study-smollm2
     python benchmarks/study_transfer.py --model path/to/tiny --families sentiment --quick
@@ -33,23 +41,29 @@ from pathlib import Path
 from typing import Any
 
 import tl_powersteer as tps
-from tl_powersteer.forks import fork_families
+from tl_powersteer.compare import MethodRun, find_vectors
+from tl_powersteer.forks import ForkFamily, fork_families
 from tl_powersteer.transfer import KL_BUDGETS
 
 # Per embedded model: the layer pair (the demo's) and the target positions read.
-SETTINGS = {
+SETTINGS: dict[str, dict[str, Any]] = {
     "gemma-3-270m": {"pair": (8, 16), "target_positions": 4},
     "smollm2-135m-instruct": {"pair": (6, 18), "target_positions": 1},
 }
 PS_METHODS = ("power_steering", "refined_power_steering")
+SUBSPACE_CONTROL = "refined_random_subspace"
 
 
-def targets(result: tps.TransferResult) -> tuple[dict[str, Any], list[str]]:
-    """The best Power Steering-derived row at its fit-chosen budget, and the target lines."""
+def targets(
+    result: tps.TransferResult, baselines: tps.TransferResult | None = None
+) -> tuple[dict[str, Any], list[str]]:
+    """The best Power Steering-derived row at its fit-chosen budget, and the target lines
+    (CAA and MELBO read from ``baselines`` when given: the same prompts and controls)."""
     table = result.to_pandas()
     ours = table[table["method"].isin(PS_METHODS)]
     best = ours.loc[ours["fit_ratio"].idxmax()]
-    at = table[table["budget"] == best["budget"]].set_index("method")
+    others = table if baselines is None else baselines.to_pandas()
+    at = others[others["budget"] == best["budget"]].set_index("method")
     lines = [
         f"best Power Steering-derived: {best['method']} ({best['vector']}, sign "
         f"{int(best['sign']):+d}) at KL {best['budget']:g} (chosen on the fit prompts)",
@@ -68,10 +82,128 @@ def targets(result: tps.TransferResult) -> tuple[dict[str, Any], list[str]]:
         lines.append(
             f"  effect {best['effect']:.3f} vs MELBO {melbo['effect']:.3f} at the same KL "
             f"({best['effect'] / melbo['effect']:.0%} of it; target >= 80%: "
-            f"{best['effect'] >= 0.8 * melbo['effect']}), with {fewer:.1f}x fewer passes "
+            f"{best['effect'] > 0 and best['effect'] >= 0.8 * melbo['effect']}), with {fewer:.1f}x fewer passes "
             f"({int(best['passes'])} vs {int(melbo['passes'])}; target >= 20x: {fewer >= 20})"
         )
     return best.to_dict(), lines
+
+
+def lean_run(
+    model: Any,
+    family: ForkFamily,
+    size: int,
+    pair: tuple[int, int],
+    *,
+    k: int,
+    iters: int,
+    subspaces: int,
+    refine_kl: float,
+    target_positions: int,
+) -> list[MethodRun]:
+    """Power Steering after ``iters`` block iterations, its surrogate refinement, and the
+    same refinement inside ``subspaces`` random k-dimensional subspaces."""
+    source, target = pair
+    fit = family.fit[:size]
+    (ps,) = find_vectors(
+        model, fit, source, target, methods=["power_steering"], k=k, max_iters=iters,
+        block_size=k, target_positions=target_positions, progress=False,
+    )  # fmt: skip
+    options = dict(answers=family.answers, kl=refine_kl, starts="surrogate", rounds=0)
+    refined = tps.refine_in_subspace(model, fit, ps.vectors, **options)  # type: ignore[arg-type]
+    meta = refined.metadata
+    runs = [
+        ps,
+        MethodRun(
+            "refined_power_steering", [refined], ps.passes + meta["passes"],
+            ps.seconds + meta["seconds"], "refined in the span of the lean vectors",
+        ),
+    ]  # fmt: skip
+    controls, passes, seconds = [], [], []
+    d_model = ps.vectors[0].direction.shape[0]
+    for i in range(subspaces):
+        basis = tps.random_vectors(d_model, source, "hook_mlp_out", k, seed=1000 + i)
+        found = tps.refine_in_subspace(model, fit, basis, **options)  # type: ignore[arg-type]
+        found.metadata["name"] = f"refined random subspace {i}"
+        controls.append(found)
+        passes.append(found.metadata["passes"])
+        seconds.append(found.metadata["seconds"])
+    runs.append(
+        MethodRun(
+            SUBSPACE_CONTROL,
+            controls,
+            round(sum(passes) / subspaces),
+            sum(seconds) / subspaces,
+            f"{subspaces} random {k}-dimensional subspaces, each refined",
+        )
+    )
+    return runs
+
+
+def spread(result: tps.TransferResult, method: str) -> str:
+    """Each of a method's vectors on the held-out prompts, at the method's fit-chosen budget,
+    in the direction it moved the fit prompts further, as a ratio to random."""
+    row = result.summary().set_index("method").loc[method]
+    table = result.candidates_table()
+    mine = table[(table["method"] == method) & (table["budget"] == row["budget"])]
+    ratios = []
+    for _, rows in mine.groupby("vector", sort=False):
+        pick = rows.loc[rows["fit_effect"].abs().idxmax()]
+        way = 1 if pick["fit_effect"] >= 0 else -1
+        ratios.append(way * pick["effect"] / row["random_mean"])
+    return ", ".join(f"{r:.2f}" for r in ratios)
+
+
+def lean_report(
+    model: Any,
+    family: ForkFamily,
+    name: str,
+    baselines: tps.TransferResult,
+    args: argparse.Namespace,
+    out: Path,
+    size: int,
+    pair: tuple[int, int],
+) -> list[str]:
+    """The lean configuration and the random-subspace control, measured like the others."""
+    path = out / f"transfer-{name}-lean.safetensors"
+    began = time.perf_counter()
+    result = tps.load(path) if path.exists() else None
+    if result is None or not result.complete:
+        setting = SETTINGS.get(args.model, {"target_positions": 4})
+        runs = lean_run(
+            model, family, size, pair, k=args.k, iters=args.lean_iters,
+            subspaces=2 if args.quick else args.subspaces, refine_kl=0.25,
+            target_positions=setting["target_positions"],
+        )  # fmt: skip
+        result = tps.transfer(
+            model, family.fit[:size], family.eval[:size], runs, answers=family.answers,
+            eval_answers=family.eval_answers, kl_budgets=baselines.kl_budgets,
+            controls=len(baselines.control_layers), checkpoint=str(path),
+        )  # fmt: skip
+    summary = result.summary()
+    columns = ["method", "budget", "vector", "sign", "fit_effect", "effect", "effect_low",
+               "effect_high", "random_mean", "ratio", "ratio_low", "ratio_high", "passes"]  # fmt: skip
+    text = summary[columns].to_string(index=False, float_format=lambda x: f"{x:.3g}")
+    _, lines = targets(result, baselines)
+    each = spread(result, SUBSPACE_CONTROL)
+    lines.append(f"  {SUBSPACE_CONTROL}: each subspace's vector on the held-out prompts: {each}")
+    seconds = time.perf_counter() - began
+    print(f"\n== {name}, lean ({seconds:.0f} s)\n{text}\n" + "\n".join(lines), flush=True)
+    curve = result.to_pandas().pivot(index="budget", columns="method", values="ratio")
+    return [
+        f"### {name}: lean Power Steering ({args.lean_iters} block iterations, block {args.k}), "
+        "surrogate refinement, random-subspace control",
+        "",
+        "```",
+        text,
+        "```",
+        "",
+        "```",
+        curve.to_string(float_format=lambda x: f"{x:.2f}"),
+        "```",
+        "",
+        *[line.strip() for line in lines],
+        "",
+    ]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -86,6 +218,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--melbo-vectors", type=int, default=4)
     parser.add_argument("--melbo-steps", type=int, default=150)
     parser.add_argument("--controls", type=int, default=16)
+    parser.add_argument(
+        "--lean-iters", type=int, default=2, help="block iterations of the lean configuration"
+    )
+    parser.add_argument(
+        "--subspaces", type=int, default=4, help="random subspaces refined as the control"
+    )
     parser.add_argument(
         "--quick", action="store_true", help="a small run (4+4 prompts, 2 budgets, 4 controls)"
     )
@@ -157,6 +295,7 @@ def main(argv: list[str] | None = None) -> int:
             *[line.strip() for line in lines],
             "",
         ]
+        report += lean_report(model, family, name, result, args, out, size, (source, target))
     (out / "summary.md").write_text("\n".join(report))
     print(f"\nwritten: {out / 'summary.md'}")
     return 0

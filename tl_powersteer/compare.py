@@ -13,6 +13,7 @@ vectors (do Power Steering's directions match CAA's contrast direction? MELBO's?
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -23,12 +24,12 @@ import torch
 from .adapters import Model, ModelAdapter, Prompts, decode_token
 from .baselines.caa import caa_vector, check_caa_options
 from .baselines.melbo import MelboResult, check_melbo_options, melbo
-from .checks import check_seed, is_int, plain_ints, renamed_options
+from .checks import check_seed, is_int, is_number, plain_ints, renamed_options
 from .effects import Metric, check_rank_options, rank_vectors
 from .jacobian import check_pair
 from .linalg import check_iteration_args
 from .power_steering import PowerSteeringResult, power_steer
-from .refine import refine_in_subspace
+from .refine import STARTS, refine_in_subspace
 from .scales import check_scale, typical_norm
 from .transfer import KL_BUDGETS, KL_OVER, TransferResult, transfer
 from .vectors import SteeringVector
@@ -131,11 +132,13 @@ def find_vectors(
     jvp_method: str = "reverse",
     tol: float = 1e-4,
     max_iters: int = 50,
+    block_size: int | None = None,
     seed: int = 0,
     progress: bool = True,
 ) -> list[MethodRun]:
     """Steering vectors for the pair ``source -> target`` from each of ``methods`` (see
-    ``check_method_options``), all at the same source hook: ``k`` Power Steering vectors,
+    ``check_method_options``), all at the same source hook: ``k`` Power Steering vectors
+    (``tol``, ``max_iters``, ``block_size`` as ``power_steer`` takes them),
     ``k`` MELBO vectors of norm ``melbo_radius`` (default the source activation's
     ``typical_norm``), and one CAA vector from the ``positive``/``negative`` pairs."""
     chosen = check_method_options(
@@ -148,7 +151,9 @@ def find_vectors(
     check_seed(seed)
     check_pair(adapter, prompts, source, target, jvp_method=jvp_method, **site)  # type: ignore[arg-type]
     if "power_steering" in chosen:
-        check_iteration_args(k, adapter.d_model, block_size=None, tol=tol, max_iters=max_iters)
+        check_iteration_args(
+            k, adapter.d_model, block_size=block_size, tol=tol, max_iters=max_iters
+        )
     if "melbo" in chosen:
         check_melbo_options(adapter, n_vectors=k, radius=melbo_radius, steps=melbo_steps)
     if "caa" in chosen:
@@ -159,7 +164,7 @@ def find_vectors(
         began = time.perf_counter()
         ps = power_steer(
             adapter, prompts, source, target, k=k, jvp_method=jvp_method, tol=tol,
-            max_iters=max_iters, seed=seed, **site,  # type: ignore[arg-type]
+            max_iters=max_iters, block_size=block_size, seed=seed, **site,  # type: ignore[arg-type]
         )  # fmt: skip
         seconds = time.perf_counter() - began
         sigma = ", ".join(f"{x:.3g}" for x in ps.singular_values.tolist())
@@ -326,7 +331,12 @@ def steerability(
     positive: Sequence[str] | None = None,
     negative: Sequence[str] | None = None,
     k: int = 8,
+    tol: float = 1e-4,
+    max_iters: int = 50,
+    block_size: int | None = None,
     refine_kl: float = 0.25,
+    refine_starts: str = "all",
+    refine_rounds: int = 6,
     melbo_vectors: int = 4,
     melbo_radius: float | None = None,
     melbo_steps: int = 300,
@@ -345,10 +355,11 @@ def steerability(
     its vectors for ``source -> target`` on ``fit_prompts``, and ``transfer`` measures
     them on ``eval_prompts`` against ``controls`` random directions at every KL budget.
 
-    ``methods`` defaults to all four: Power Steering (``k`` vectors), its refinement
+    ``methods`` defaults to all four: Power Steering (``k`` vectors; ``tol``,
+    ``max_iters`` and ``block_size`` as ``power_steer`` takes them), its refinement
     inside their span (``refine_in_subspace`` at ``refine_kl`` with the fit prompts'
-    ``answers``, labelled ``refined_power_steering``; its passes include Power
-    Steering's), MELBO (``melbo_vectors`` vectors, ``melbo_steps`` steps) and CAA, from
+    ``answers``, ``refine_starts`` and ``refine_rounds``, labelled
+    ``refined_power_steering``; its passes include Power Steering's), MELBO (``melbo_vectors`` vectors, ``melbo_steps`` steps) and CAA, from
     the ``positive``/``negative`` pairs or, without them, from each fit prompt followed by
     its answer A against the same prompt followed by B (read at that answer token, as in
     Rimsky et al., 2024). Plot the result with ``plot_steerability``;
@@ -363,6 +374,13 @@ def steerability(
         )
     if kl_over not in KL_OVER:
         raise ValueError(f"kl_over must be one of {KL_OVER}, got {kl_over!r}")
+    if REFINED in chosen:
+        if not is_number(refine_kl) or not 0 < refine_kl < math.inf:
+            raise ValueError(f"refine_kl must be a positive number of nats, got {refine_kl!r}")
+        if refine_starts not in STARTS:
+            raise ValueError(f"refine_starts must be one of {STARTS}, got {refine_starts!r}")
+        if not is_int(refine_rounds) or refine_rounds < 0:
+            raise ValueError(f"refine_rounds must be a non-negative int, got {refine_rounds!r}")
     adapter = ModelAdapter.of(model)
     # The answers are checked before any method runs.
     pairs = adapter.answer_pairs(answers, len(fit_prompts), "answers")
@@ -381,7 +399,8 @@ def steerability(
     if found:
         runs += find_vectors(
             adapter, list(fit_prompts), source, target, methods=found, k=k, positive=positive,
-            negative=negative, **common,  # type: ignore[arg-type]
+            negative=negative, tol=tol, max_iters=max_iters, block_size=block_size,
+            **common,  # type: ignore[arg-type]
         )  # fmt: skip
     if "melbo" in chosen:
         runs += find_vectors(
@@ -391,8 +410,9 @@ def steerability(
     if REFINED in chosen:
         (ps,) = [run for run in runs if run.method == "power_steering"]
         refined = refine_in_subspace(
-            adapter, list(fit_prompts), ps.vectors, answers=answers, kl=refine_kl, goal=goal
-        )
+            adapter, list(fit_prompts), ps.vectors, answers=answers, kl=refine_kl, goal=goal,
+            starts=refine_starts, rounds=refine_rounds,
+        )  # fmt: skip
         meta = refined.metadata
         runs.append(
             MethodRun(

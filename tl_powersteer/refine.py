@@ -65,6 +65,8 @@ _FIRST_STEP = 0.25
 _SMALLEST_STEP = 1e-3
 # Scale searches while exploring only rank directions: a looser tolerance in log KL.
 _EXPLORE_TOL = 1e-2
+# What refine_in_subspace may measure to choose its start.
+STARTS = ("all", "surrogate")
 
 
 def subspace_surrogate(
@@ -216,6 +218,7 @@ def refine_in_subspace(
     kl: float = 0.25,
     goal: int | None = None,
     rounds: int = 6,
+    starts: str = "all",
     tol: float = 1e-3,
 ) -> SteeringVector:
     """The unit combination of ``vectors`` that moves logit(A) − logit(B) most on the fit
@@ -231,6 +234,11 @@ def refine_in_subspace(
         goal: +1 to raise the logit difference, −1 to lower it, None for whichever way
             moves it more.
         rounds: matched-KL ascent rounds after the linear start (0: the start only).
+        starts: the directions measured at ``kl`` to pick the start: ``"all"``, the
+            surrogate's maximum and each vector, each sign (2k + 2 directions, so the
+            result is never worse on the fit prompts than any one vector), or
+            ``"surrogate"``, its maximum with each sign only (2 directions, a sixth of the
+            passes at k = 8).
         tol: the final measurement's tolerance in log KL.
 
     Returns:
@@ -259,6 +267,8 @@ def refine_in_subspace(
         raise ValueError(f"goal must be +1 (raise the metric), -1 (lower it) or None, got {goal!r}")
     if not is_int(rounds) or rounds < 0:
         raise ValueError(f"rounds must be a non-negative int, got {rounds!r}")
+    if starts not in STARTS:
+        raise ValueError(f"starts must be one of {STARTS}, got {starts!r}")
     if not is_number(tol) or not 0 < tol < 1:
         raise ValueError(f"tol must be a number between 0 and 1 (in log KL), got {tol!r}")
     V = torch.stack([v.direction.double() for v in items])
@@ -277,11 +287,13 @@ def refine_in_subspace(
             dim1=1, dim2=2
         ).sum() * torch.eye(k, dtype=torch.float64)
         natural = torch.linalg.solve(mean_fisher, g.mean(dim=0))
-        starts = torch.cat([natural[None], torch.eye(k, dtype=torch.float64)])
-        linear, _ = subspace_surrogate(g, fisher, starts=torch.cat([starts, -starts]))
+        seeds = torch.cat([natural[None], torch.eye(k, dtype=torch.float64)])
+        linear, _ = subspace_surrogate(g, fisher, starts=torch.cat([seeds, -seeds]))
         # The surrogate is odd in c, so only a measurement at κ tells which way moves more.
-        basis = torch.eye(k, dtype=torch.float64)
-        candidates = torch.cat([linear[None], -linear[None], basis, -basis])
+        candidates = torch.stack([linear, -linear])
+        if starts == "all":
+            basis = torch.eye(k, dtype=torch.float64)
+            candidates = torch.cat([candidates, basis, -basis])
         effects, scales = fit.matched(candidates @ Q.T, kl, _EXPLORE_TOL)
         means = effects.mean(dim=1)
         score = means.abs() if goal is None else goal * means
@@ -328,6 +340,8 @@ def refine_in_subspace(
             "coefficients": (V @ direction).tolist(),
             "kl": float(kl),
             "goal": sign,
+            "starts": starts,
+            "rounds": rounds,
             "fit_effect": value,
             "passes": math.ceil(passes),
             "seconds": time.perf_counter() - began,

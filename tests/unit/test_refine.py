@@ -153,6 +153,33 @@ def test_rounds_improve_on_the_linear_start(text_model: Any) -> None:
     assert refined.metadata["passes"] > start.metadata["passes"]
 
 
+def test_the_surrogate_start_is_the_surrogate_maximum(
+    text_model: Any, fit: tuple[FitPrompts, torch.Tensor]
+) -> None:
+    prompts, Q = fit
+    vs = vectors(text_model)
+    kl = budget(text_model, vs)
+    lean = tps.refine_in_subspace(
+        text_model, FIT, vs, answers=ANSWERS, kl=kl, starts="surrogate", rounds=0
+    )
+    full = tps.refine_in_subspace(text_model, FIT, vs, answers=ANSWERS, kl=kl, rounds=0)
+    assert lean.metadata["starts"] == "surrogate" and lean.metadata["rounds"] == 0
+    # Its direction maximises |S| over the sphere, S from the independently checked terms.
+    g, fisher = linear_terms(prompts, Q)
+
+    def surrogate(c: torch.Tensor) -> torch.Tensor:
+        quad = torch.einsum("pij,ni,nj->np", fisher, c, c)
+        return ((c @ g.T) / quad.sqrt()).mean(dim=1)
+
+    c = torch.tensor(lean.metadata["coefficients"], dtype=torch.float64)
+    sphere = torch.randn(4000, 3, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    sphere = sphere / sphere.norm(dim=1, keepdim=True)
+    assert float(surrogate(c[None]).abs()) >= float(surrogate(sphere).abs().max()) * (1 - 1e-4)
+    # Two directions measured at the KL, not 2k + 2.
+    assert lean.metadata["passes"] < full.metadata["passes"]
+    assert lean.metadata["fit_effect"] <= full.metadata["fit_effect"] * (1 + 1e-2)
+
+
 def test_bad_input_is_refused_before_any_pass(text_model: Any) -> None:
     vs = vectors(text_model)
     elsewhere = tps.SteeringVector(vs[1].direction, 2, SITE, "custom")
@@ -163,6 +190,7 @@ def test_bad_input_is_refused_before_any_pass(text_model: Any) -> None:
         (vs, {"kl": 0}, "kl must be a positive number"),
         (vs, {"goal": 0}, r"goal must be \+1"),
         (vs, {"rounds": -1}, "rounds must be"),
+        (vs, {"starts": "basis"}, "starts must be one of"),
         (vs, {"answers": ("good",)}, "one pair"),
     ]
     for given, kwargs, message in cases:

@@ -324,3 +324,49 @@ def test_saved_results_load_and_plot(
     )
     with pytest.raises(ValueError, match=r"its eval_effects has shape .* not \("):
         tps.load(tmp_path / "t.safetensors")
+
+
+def test_steerability_runs_each_method_as_alone(text_model: Any) -> None:
+    budgets = budgets_for(text_model, tps.random_vectors(16, 1, "hook_mlp_out", 3))
+    lean = dict(k=3, max_iters=1, block_size=3)
+    result = tps.steerability(
+        text_model, FIT, HELD, 1, 3, answers=ANSWERS, kl_budgets=budgets, controls=2,
+        methods=["power_steering", "refined_power_steering", "caa"], refine_kl=budgets[0],
+        positive=["the movie was good", "i liked the film"],
+        negative=["the movie was bad", "i liked it not"],
+        refine_starts="surrogate", refine_rounds=0, progress=False, **lean,
+    )  # fmt: skip
+    assert sorted(result.methods) == sorted(
+        ["power_steering", "refined_power_steering", "caa", RANDOM]
+    )
+    # The same vectors as each method run alone, and what each one spent.
+    ps = tps.power_steer(text_model, FIT, 1, 3, **lean)
+    assert result.passes["power_steering"] == ps.n_jvp + ps.n_vjp == 2 * 3
+    names = [v.name for v in ps.steering_vectors()]
+    for v in ps.steering_vectors():
+        torch.testing.assert_close(
+            result.directions[result.names.index(v.name)], v.direction.double()
+        )
+    alone = tps.refine_in_subspace(
+        text_model, FIT, ps.steering_vectors(), answers=ANSWERS, kl=budgets[0],
+        starts="surrogate", rounds=0,
+    )  # fmt: skip
+    assert alone.metadata["basis"] == names
+    at = result.labels.index("refined_power_steering")
+    torch.testing.assert_close(result.directions[at], alone.direction.double(), atol=1e-5, rtol=0)
+    assert result.passes["refined_power_steering"] == 6 + alone.metadata["passes"]
+    assert result.passes["caa"] == 2 * 2
+
+
+def test_steerability_refuses_bad_options_before_any_pass(text_model: Any) -> None:
+    cases: list[tuple[dict[str, Any], str]] = [
+        ({"methods": ["probe"]}, "unknown method"),
+        ({"refine_starts": "basis"}, "refine_starts must be one of"),
+        ({"refine_rounds": -1}, "refine_rounds must be"),
+        ({"refine_kl": 0}, "refine_kl must be a positive number"),
+        ({"block_size": 2}, "block_size"),
+        ({"kl_over": "all"}, "kl_over must be one of"),
+    ]
+    for kwargs, message in cases:
+        with no_forward_pass(text_model), pytest.raises(ValueError, match=message):
+            tps.steerability(text_model, FIT, HELD, 1, 3, **{"answers": ANSWERS, "k": 3, **kwargs})
