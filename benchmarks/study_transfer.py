@@ -26,8 +26,17 @@ that says whether Power Steering's subspace matters, the same refinement inside
 ``--subspaces`` random k-dimensional subspaces (``refined_random_subspace``, the one best
 on the fit prompts). Its targets are checked against the first run's CAA and MELBO.
 
+A third part, the control for the default configuration
+(``transfer-<family>-control.safetensors``), refines the same random subspaces the full way
+(every start, 6 ascent rounds, as ``refined_power_steering`` is refined in the converged
+subspace): it says how much of the refined vector's transfer the unsupervised subspace
+adds over a random one. ``--parts`` measures only some of the three; every part whose file
+is in ``--out`` and complete is read and reported too, and the lean and control parts
+compare with the default part's result when there is one.
+
     python benchmarks/study_transfer.py --model gemma-3-270m --out study-gemma
     python benchmarks/study_transfer.py --model smollm2-135m-instruct --out study-smollm2
+    python benchmarks/study_transfer.py --model gemma-3-270m --out study-gemma --parts control
     python benchmarks/study_transfer.py --model path/to/tiny --families sentiment --quick
 """
 
@@ -37,6 +46,7 @@ import argparse
 import sys
 import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +62,25 @@ SETTINGS: dict[str, dict[str, Any]] = {
 }
 PS_METHODS = ("power_steering", "refined_power_steering")
 SUBSPACE_CONTROL = "refined_random_subspace"
+PARTS = ("default", "lean", "control")
+# The refinement's budget, in every part: matched KL at 0.25 nats on the fit prompts.
+REFINE_KL = 0.25
+
+
+@dataclass
+class Study:
+    """What every part of one run shares."""
+
+    model: Any
+    args: argparse.Namespace
+    out: Path
+    source: int
+    target: int
+    size: int  # fit and held-out prompts per family
+    budgets: tuple[float, ...]
+    controls: int
+    subspaces: int
+    target_positions: int
 
 
 def targets(
@@ -97,7 +126,6 @@ def lean_run(
     k: int,
     iters: int,
     subspaces: int,
-    refine_kl: float,
     target_positions: int,
 ) -> list[MethodRun]:
     """Power Steering after ``iters`` block iterations, its surrogate refinement, and the
@@ -108,7 +136,7 @@ def lean_run(
         model, fit, source, target, methods=["power_steering"], k=k, max_iters=iters,
         block_size=k, target_positions=target_positions, progress=False,
     )  # fmt: skip
-    options = dict(answers=family.answers, kl=refine_kl, starts="surrogate", rounds=0)
+    options = dict(answers=family.answers, kl=REFINE_KL, starts="surrogate", rounds=0)
     refined = tps.refine_in_subspace(model, fit, ps.vectors, **options)  # type: ignore[arg-type]
     meta = refined.metadata
     runs = [
@@ -118,84 +146,131 @@ def lean_run(
             ps.seconds + meta["seconds"], "refined in the span of the lean vectors",
         ),
     ]  # fmt: skip
-    controls, passes, seconds = [], [], []
     d_model = ps.vectors[0].direction.shape[0]
+    return [*runs, random_subspaces(model, fit, source, d_model, k, subspaces, options)]
+
+
+def random_subspaces(
+    model: Any,
+    fit: list[str],
+    source: int,
+    d_model: int,
+    k: int,
+    subspaces: int,
+    options: dict[str, Any],
+) -> MethodRun:
+    """``refine_in_subspace`` with ``options`` inside ``subspaces`` random k-dimensional
+    subspaces at the source's MLP output; the same subspaces in every part (seeds 1000...),
+    so that the lean and the full refinement are compared inside the same ones."""
+    controls, passes, seconds = [], [], []
     for i in range(subspaces):
         basis = tps.random_vectors(d_model, source, "hook_mlp_out", k, seed=1000 + i)
-        found = tps.refine_in_subspace(model, fit, basis, **options)  # type: ignore[arg-type]
+        found = tps.refine_in_subspace(model, fit, basis, **options)
         found.metadata["name"] = f"refined random subspace {i}"
         controls.append(found)
         passes.append(found.metadata["passes"])
         seconds.append(found.metadata["seconds"])
-    runs.append(
-        MethodRun(
-            SUBSPACE_CONTROL,
-            controls,
-            round(sum(passes) / subspaces),
-            sum(seconds) / subspaces,
-            f"{subspaces} random {k}-dimensional subspaces, each refined",
-        )
+    how = "surrogate start" if options.get("starts") == "surrogate" else "full refinement"
+    return MethodRun(
+        SUBSPACE_CONTROL,
+        controls,
+        round(sum(passes) / subspaces),
+        sum(seconds) / subspaces,
+        f"{subspaces} random {k}-dimensional subspaces, each refined ({how})",
     )
-    return runs
 
 
-def spread(result: tps.TransferResult, method: str) -> str:
+def ratios(result: tps.TransferResult, method: str) -> list[float]:
     """Each of a method's vectors on the held-out prompts, at the method's fit-chosen budget,
     in the direction it moved the fit prompts further, as a ratio to random."""
     row = result.summary().set_index("method").loc[method]
     table = result.candidates_table()
     mine = table[(table["method"] == method) & (table["budget"] == row["budget"])]
-    ratios = []
+    found = []
     for _, rows in mine.groupby("vector", sort=False):
         pick = rows.loc[rows["fit_effect"].abs().idxmax()]
         way = 1 if pick["fit_effect"] >= 0 else -1
-        ratios.append(way * pick["effect"] / row["random_mean"])
-    return ", ".join(f"{r:.2f}" for r in ratios)
+        found.append(way * pick["effect"] / row["random_mean"])
+    return found
 
 
-def lean_report(
-    model: Any,
-    family: ForkFamily,
-    name: str,
-    baselines: tps.TransferResult,
-    args: argparse.Namespace,
-    out: Path,
-    size: int,
-    pair: tuple[int, int],
-) -> list[str]:
-    """The lean configuration and the random-subspace control, measured like the others."""
-    path = out / f"transfer-{name}-lean.safetensors"
+def spread(result: tps.TransferResult, method: str) -> str:
+    return ", ".join(f"{r:.2f}" for r in ratios(result, method))
+
+
+def measured(study: Study, family: ForkFamily, path: Path, runs: Any) -> tps.TransferResult:
+    """The result in ``path``, measured (or finished) first unless it is complete there;
+    ``runs`` is called only then."""
+    result = tps.load(path) if path.exists() else None
+    if result is None or not result.complete:
+        result = tps.transfer(
+            study.model, family.fit[: study.size], family.eval[: study.size], runs(),
+            answers=family.answers, eval_answers=family.eval_answers,
+            kl_budgets=study.budgets, controls=study.controls, checkpoint=str(path),
+        )  # fmt: skip
+    return result
+
+
+def table_text(result: tps.TransferResult) -> str:
+    columns = ["method", "budget", "vector", "sign", "fit_effect", "effect", "effect_low",
+               "effect_high", "random_mean", "ratio", "ratio_low", "ratio_high", "passes"]  # fmt: skip
+    return result.summary()[columns].to_string(index=False, float_format=lambda x: f"{x:.3g}")
+
+
+def section(heading: str, result: tps.TransferResult, lines: list[str]) -> list[str]:
+    curve = result.to_pandas().pivot(index="budget", columns="method", values="ratio")
+    return [
+        heading, "", "```", table_text(result), "```", "", "```",
+        curve.to_string(float_format=lambda x: f"{x:.2f}"), "```", "",
+        *[line.strip() for line in lines], "",
+    ]  # fmt: skip
+
+
+def wanted(args: argparse.Namespace, part: str, path: Path) -> bool:
+    """A part is measured when asked for, and reported too when its file is complete."""
+    return part in args.parts or (path.exists() and tps.load(path).complete)
+
+
+def default_report(
+    study: Study, family: ForkFamily, name: str
+) -> tuple[tps.TransferResult, list[str]]:
+    """Every method found by ``tps.steerability`` and measured, with its figure."""
+    args, out, size = study.args, study.out, study.size
+    path = out / f"transfer-{name}.safetensors"
     began = time.perf_counter()
     result = tps.load(path) if path.exists() else None
     if result is None or not result.complete:
-        setting = SETTINGS.get(args.model, {"target_positions": 4})
-        runs = lean_run(
-            model, family, size, pair, k=args.k, iters=args.lean_iters,
-            subspaces=2 if args.quick else args.subspaces, refine_kl=0.25,
-            target_positions=setting["target_positions"],
+        result = tps.steerability(
+            study.model, family.fit[:size], family.eval[:size], study.source, study.target,
+            answers=family.answers, eval_answers=family.eval_answers, k=args.k,
+            melbo_vectors=args.melbo_vectors, melbo_steps=args.melbo_steps,
+            kl_budgets=study.budgets, controls=study.controls,
+            target_positions=study.target_positions, checkpoint=str(path),
         )  # fmt: skip
-        result = tps.transfer(
-            model, family.fit[:size], family.eval[:size], runs, answers=family.answers,
-            eval_answers=family.eval_answers, kl_budgets=baselines.kl_budgets,
-            controls=len(baselines.control_layers), checkpoint=str(path),
-        )  # fmt: skip
+    tps.plot_steerability(result).write_html(out / f"steerability-{name}.html")
     summary = result.summary()
     columns = ["method", "budget", "vector", "sign", "fit_effect", "effect", "effect_low",
-               "effect_high", "random_mean", "ratio", "ratio_low", "ratio_high", "passes"]  # fmt: skip
+               "effect_high", "random_mean", "random_q90", "ratio", "passes"]  # fmt: skip
     text = summary[columns].to_string(index=False, float_format=lambda x: f"{x:.3g}")
-    _, lines = targets(result, baselines)
-    each = spread(result, SUBSPACE_CONTROL)
-    lines.append(f"  {SUBSPACE_CONTROL}: each subspace's vector on the held-out prompts: {each}")
+    _, lines = targets(result)
     seconds = time.perf_counter() - began
-    print(f"\n== {name}, lean ({seconds:.0f} s)\n{text}\n" + "\n".join(lines), flush=True)
+    print(f"\n== {name} ({seconds:.0f} s)\n{text}\n" + "\n".join(lines), flush=True)
     curve = result.to_pandas().pivot(index="budget", columns="method", values="ratio")
-    return [
-        f"### {name}: lean Power Steering ({args.lean_iters} block iterations, block {args.k}), "
-        "surrogate refinement, random-subspace control",
+    return result, [
+        f"## {name}",
+        "",
+        f"Fit answers {result.fit_answers[0] if result.fit_answers else None}, held-out "
+        f"answers {result.eval_answers[0] if result.eval_answers else None}; "
+        f"{len(result.fit_prompts)} fit and {len(result.eval_prompts)} held-out prompts.",
+        "",
+        "Each method at its budget chosen on the fit prompts (held-out effect, bootstrap "
+        "95% interval, random controls' mean and 90th percentile |effect|):",
         "",
         "```",
         text,
         "```",
+        "",
+        "Held-out ratio to random at every budget:",
         "",
         "```",
         curve.to_string(float_format=lambda x: f"{x:.2f}"),
@@ -204,6 +279,71 @@ def lean_report(
         *[line.strip() for line in lines],
         "",
     ]
+
+
+def lean_report(
+    study: Study, family: ForkFamily, name: str, baselines: tps.TransferResult | None
+) -> list[str]:
+    """The lean configuration and the random-subspace control, measured like the others."""
+    began = time.perf_counter()
+    args = study.args
+    result = measured(
+        study, family, study.out / f"transfer-{name}-lean.safetensors",
+        lambda: lean_run(
+            study.model, family, study.size, (study.source, study.target), k=args.k,
+            iters=args.lean_iters, subspaces=study.subspaces,
+            target_positions=study.target_positions,
+        ),
+    )  # fmt: skip
+    _, lines = targets(result, baselines)
+    each = spread(result, SUBSPACE_CONTROL)
+    lines.append(f"  {SUBSPACE_CONTROL}: each subspace's vector on the held-out prompts: {each}")
+    seconds = time.perf_counter() - began
+    print(f"\n== {name}, lean ({seconds:.0f} s)", table_text(result), *lines, sep="\n", flush=True)
+    heading = (
+        f"### {name}: lean Power Steering ({args.lean_iters} block iterations, block "
+        f"{args.k}), surrogate refinement, random-subspace control"
+    )
+    return section(heading, result, lines)
+
+
+def control_report(
+    study: Study, family: ForkFamily, name: str, baselines: tps.TransferResult | None
+) -> list[str]:
+    """The full refinement inside random subspaces: the control for the default part's
+    refined vector, measured on the same prompts against the same random directions."""
+    began = time.perf_counter()
+    fit = family.fit[: study.size]
+    d_model = study.model.cfg.d_model
+    options = dict(answers=family.answers, kl=REFINE_KL)
+    result = measured(
+        study, family, study.out / f"transfer-{name}-control.safetensors",
+        lambda: [random_subspaces(
+            study.model, fit, study.source, d_model, study.args.k, study.subspaces, options
+        )],
+    )  # fmt: skip
+    row = result.summary().set_index("method").loc[SUBSPACE_CONTROL]
+    lines = [
+        f"{SUBSPACE_CONTROL} (full refinement): pick at KL {row['budget']:g} (chosen on the fit "
+        f"prompts), ratio to random {row['ratio']:.2f} [{row['ratio_low']:.2f}, "
+        f"{row['ratio_high']:.2f}], {int(row['passes'])} passes per subspace",
+        f"  each subspace's vector on the held-out prompts: {spread(result, SUBSPACE_CONTROL)}",
+    ]
+    if baselines is not None and "refined_power_steering" in baselines.methods:
+        ours = baselines.summary().set_index("method").loc["refined_power_steering"]
+        lines.append(
+            f"  refined_power_steering (the converged subspace, refined the same way): ratio "
+            f"{ours['ratio']:.2f} [{ours['ratio_low']:.2f}, {ours['ratio_high']:.2f}] at KL "
+            f"{ours['budget']:g}; above the random subspaces' pick: "
+            f"{bool(ours['ratio'] > row['ratio'])}, above each: "
+            f"{bool(ours['ratio'] > max(ratios(result, SUBSPACE_CONTROL)))}"
+        )
+    seconds = time.perf_counter() - began
+    print(
+        f"\n== {name}, control ({seconds:.0f} s)", table_text(result), *lines, sep="\n", flush=True
+    )
+    heading = f"### {name}: the full refinement inside random subspaces (control)"
+    return section(heading, result, lines)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -227,6 +367,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--quick", action="store_true", help="a small run (4+4 prompts, 2 budgets, 4 controls)"
     )
+    parser.add_argument(
+        "--parts",
+        nargs="+",
+        choices=PARTS,
+        default=list(PARTS),
+        help="the parts to measure (default: all three); those already in --out are reported",
+    )
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
     model = tps.load_model(args.model)
@@ -245,57 +392,25 @@ def main(argv: list[str] | None = None) -> int:
         source, target = round(n * 4 / 9), round(n * 8 / 9)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    budgets = (0.1, 0.5) if args.quick else KL_BUDGETS
-    size = 4 if args.quick else 8
-    controls = 4 if args.quick else args.controls
-    print(f"model {args.model}: L{source} -> L{target}, families {chosen}, budgets {budgets}")
+    study = Study(
+        model, args, out, source, target, size=4 if args.quick else 8,
+        budgets=(0.1, 0.5) if args.quick else KL_BUDGETS,
+        controls=4 if args.quick else args.controls,
+        subspaces=2 if args.quick else args.subspaces,
+        target_positions=setting["target_positions"],
+    )  # fmt: skip
+    print(f"model {args.model}: L{source} -> L{target}, families {chosen}, budgets {study.budgets}")
     report = [f"# Held-out steerability on {args.model}, L{source} -> L{target}", ""]
     for name in chosen:
         family = families[name]
-        path = out / f"transfer-{name}.safetensors"
-        began = time.perf_counter()
-        result = tps.load(path) if path.exists() else None
-        if result is None or not result.complete:
-            result = tps.steerability(
-                model, family.fit[:size], family.eval[:size], source, target,
-                answers=family.answers, eval_answers=family.eval_answers, k=args.k,
-                melbo_vectors=args.melbo_vectors, melbo_steps=args.melbo_steps,
-                kl_budgets=budgets, controls=controls,
-                target_positions=setting["target_positions"], checkpoint=str(path),
-            )  # fmt: skip
-        tps.plot_steerability(result).write_html(out / f"steerability-{name}.html")
-        summary = result.summary()
-        columns = ["method", "budget", "vector", "sign", "fit_effect", "effect", "effect_low",
-                   "effect_high", "random_mean", "random_q90", "ratio", "passes"]  # fmt: skip
-        text = summary[columns].to_string(index=False, float_format=lambda x: f"{x:.3g}")
-        _, lines = targets(result)
-        seconds = time.perf_counter() - began
-        print(f"\n== {name} ({seconds:.0f} s)\n{text}\n" + "\n".join(lines), flush=True)
-        curve = result.to_pandas().pivot(index="budget", columns="method", values="ratio")
-        report += [
-            f"## {name}",
-            "",
-            f"Fit answers {result.fit_answers[0] if result.fit_answers else None}, held-out "
-            f"answers {result.eval_answers[0] if result.eval_answers else None}; "
-            f"{len(result.fit_prompts)} fit and {len(result.eval_prompts)} held-out prompts.",
-            "",
-            "Each method at its budget chosen on the fit prompts (held-out effect, bootstrap "
-            "95% interval, random controls' mean and 90th percentile |effect|):",
-            "",
-            "```",
-            text,
-            "```",
-            "",
-            "Held-out ratio to random at every budget:",
-            "",
-            "```",
-            curve.to_string(float_format=lambda x: f"{x:.2f}"),
-            "```",
-            "",
-            *[line.strip() for line in lines],
-            "",
-        ]
-        report += lean_report(model, family, name, result, args, out, size, (source, target))
+        result = None
+        if wanted(args, "default", out / f"transfer-{name}.safetensors"):
+            result, lines = default_report(study, family, name)
+            report += lines
+        if wanted(args, "lean", out / f"transfer-{name}-lean.safetensors"):
+            report += lean_report(study, family, name, result)
+        if wanted(args, "control", out / f"transfer-{name}-control.safetensors"):
+            report += control_report(study, family, name, result)
     (out / "summary.md").write_text("\n".join(report))
     print(f"\nwritten: {out / 'summary.md'}")
     return 0

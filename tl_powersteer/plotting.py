@@ -200,7 +200,13 @@ def plot_steerability(result: TransferResult, *, interval: float = 0.95) -> Any:
             f"Held-out steerability ({result.metric}; {len(result.fit_prompts)} fit, "
             f"{len(result.eval_prompts)} eval prompts; ★ budget chosen on the fit prompts)"
         ),
-        xaxis={"title": f"KL budget (nats, {result.kl_over.replace('_', ' ')})", "type": "log"},
+        # Ticks at the budgets only: a log axis otherwise labels 0.05 as a bare "5".
+        xaxis={
+            "title": f"KL budget (nats, {result.kl_over.replace('_', ' ')})",
+            "type": "log",
+            "tickvals": budgets,
+            "ticktext": [f"{b:g}" for b in budgets],
+        },
         yaxis={"title": "held-out effect, in the direction chosen on the fit prompts"},
         height=520,
     )

@@ -313,6 +313,8 @@ def test_saved_results_load_and_plot(
     table = result.to_pandas().set_index("method").loc["mine"]
     assert list(line.x) == list(table["budget"]) and list(line.y) == list(table["effect"])
     assert fig.layout.xaxis.type == "log"
+    assert list(fig.layout.xaxis.tickvals) == list(result.kl_budgets)
+    assert list(fig.layout.xaxis.ticktext) == [f"{b:g}" for b in result.kl_budgets]
     mean, q90 = result.random_band(1, SITE)
     assert list(fig.data[1].y) == mean and list(fig.data[0].y[: len(q90)]) == q90
     with pytest.raises(TypeError, match="needs a TransferResult"):
